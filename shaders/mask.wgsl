@@ -1,0 +1,162 @@
+// Masks: keep thresholds from scores, Bernoulli samples packed 32 to a word, unpacking,
+// Hamming distance, and the server's aggregation of client masks.
+//
+// A keep threshold is p = sigmoid(s) quantised to 16 bits: t = min(round(p * 65536), 65535).
+// Element i is kept when its 16-bit uniform is below t, so P(keep) = t / 65536. Two thresholds
+// share a word (`keep`), which halves what the training kernels read per weight. Sampling from
+// thresholds is integer-exact, so the CPU twin (src/kernels/mask.rs) gives the same bits.
+//% include "common.wgsl"
+//% include "rng.wgsl"
+
+struct Params {
+    n: u32,          // number of weights
+    key: u32,        // random stream of the sample
+    clients: u32,    // aggregate: number of masks
+    mode: u32,       // aggregate: 0 mean of smoothed masks, 1 persistent Beta prior
+    lo: f32,         // aggregate: smoothed value of a 0 bit (0.01)
+    hi: f32,         // aggregate: smoothed value of a 1 bit (0.99)
+    mix: u32,        // aggregate: 0 replace, 1 MADA blend with lambda from `count`
+    _pad: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> scores: array<f32>;
+@group(0) @binding(2) var<storage, read_write> keep: array<u32>;
+@group(0) @binding(3) var<storage, read> keep_in: array<u32>;
+@group(0) @binding(4) var<storage, read_write> bits: array<u32>;
+@group(0) @binding(5) var<storage, read> bits_a: array<u32>;
+@group(0) @binding(6) var<storage, read> bits_b: array<u32>;
+@group(0) @binding(7) var<storage, read_write> count: array<atomic<u32>>;
+@group(0) @binding(8) var<storage, read_write> values: array<f32>;
+@group(0) @binding(9) var<storage, read_write> scores_out: array<f32>;
+@group(0) @binding(10) var<storage, read_write> prior: array<vec2<f32>>;
+
+fn threshold(s: f32) -> u32 {
+    return min(u32(round(sigmoid(s) * 65536.0)), 65535u);
+}
+
+fn keep_bit(i: u32, key: u32) -> u32 {
+    let t = (keep_in[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
+    return select(0u, 1u, rng_u16(key, i) < t);
+}
+
+// keep[j] <- thresholds of elements 2j and 2j+1.
+@compute @workgroup_size(256)
+fn thresholds(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
+    let j = linear_workgroup(wid, nwg) * 256u + li;
+    let i = 2u * j;
+    if (i >= p.n) {
+        return;
+    }
+    var word = threshold(scores[i]);
+    if (i + 1u < p.n) {
+        word |= threshold(scores[i + 1u]) << 16u;
+    }
+    keep[j] = word;
+}
+
+// bits[w] <- one Bernoulli sample of elements 32w .. 32w+31 from the thresholds `keep_in`.
+@compute @workgroup_size(256)
+fn sample_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let w = linear_workgroup(wid, nwg) * 256u + li;
+    let i0 = 32u * w;
+    if (i0 >= p.n) {
+        return;
+    }
+    var word = 0u;
+    for (var b = 0u; b < 32u; b++) {
+        if (i0 + b < p.n) {
+            word |= keep_bit(i0 + b, p.key) << b;
+        }
+    }
+    bits[w] = word;
+}
+
+// values[i] <- bit i of bits_a, as 0.0 or 1.0.
+@compute @workgroup_size(256)
+fn unpack(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let i = linear_workgroup(wid, nwg) * 256u + li;
+    if (i >= p.n) {
+        return;
+    }
+    values[i] = f32((bits_a[i >> 5u] >> (i & 31u)) & 1u);
+}
+
+// bits[w] <- (scores[i] > 0) for i in the word: the thresholded (most likely) mask, p > 0.5.
+@compute @workgroup_size(256)
+fn pack_positive(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let w = linear_workgroup(wid, nwg) * 256u + li;
+    let i0 = 32u * w;
+    if (i0 >= p.n) {
+        return;
+    }
+    var word = 0u;
+    for (var b = 0u; b < 32u; b++) {
+        if (i0 + b < p.n && scores[i0 + b] > 0.0) {
+            word |= 1u << b;
+        }
+    }
+    bits[w] = word;
+}
+
+var<workgroup> partial: atomic<u32>;
+
+// count[0] += number of positions where bits_a and bits_b differ (words 0 .. ceil(n/32)).
+// Bits past n must be zero in both (all packers here leave them zero).
+@compute @workgroup_size(256)
+fn hamming(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) li: u32) {
+    if (li == 0u) {
+        atomicStore(&partial, 0u);
+    }
+    workgroupBarrier();
+    let w = linear_workgroup(wid, nwg) * 256u + li;
+    let words = (p.n + 31u) / 32u;
+    if (w < words) {
+        atomicAdd(&partial, countOneBits(bits_a[w] ^ bits_b[w]));
+    }
+    workgroupBarrier();
+    if (li == 0u) {
+        atomicAdd(&count[0], atomicLoad(&partial));
+    }
+}
+
+// Server aggregation of `clients` packed masks (bits_a holds them one after another, each
+// ceil(n/32) words). Mode 0: theta = mean of smoothed bits (FedPM with a Beta(1,1) prior reset
+// every round). Mode 1: persistent Beta prior, `prior` = (alpha, beta) per weight, updated in
+// place, theta = alpha / (alpha + beta). The new scores logit(theta) go to `values`; with
+// `mix` = 1 (MADA), scores_out[i] <- lambda * logit(theta) + (1 - lambda) * scores[i] where
+// lambda = count[0] / n (the Hamming fraction measured just before).
+@compute @workgroup_size(256)
+fn aggregate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) li: u32) {
+    let i = linear_workgroup(wid, nwg) * 256u + li;
+    if (i >= p.n) {
+        return;
+    }
+    let words = (p.n + 31u) / 32u;
+    var ones = 0u;
+    for (var c = 0u; c < p.clients; c++) {
+        ones += (bits_a[c * words + (i >> 5u)] >> (i & 31u)) & 1u;
+    }
+    let k = f32(p.clients);
+    var theta: f32;
+    if (p.mode == 0u) {
+        theta = (p.hi * f32(ones) + p.lo * f32(p.clients - ones)) / k;
+    } else {
+        let ab = prior[i] + vec2<f32>(f32(ones), f32(p.clients - ones));
+        prior[i] = ab;
+        theta = clamp(ab.x / (ab.x + ab.y), p.lo, p.hi);
+    }
+    let s_hat = log(theta / (1.0 - theta));
+    values[i] = s_hat;
+    if (p.mix == 1u) {
+        let lambda = f32(atomicLoad(&count[0])) / f32(p.n);
+        scores_out[i] = lambda * s_hat + (1.0 - lambda) * scores[i];
+    } else {
+        scores_out[i] = s_hat;
+    }
+}

@@ -1,0 +1,411 @@
+// Masked 2-D convolution as an implicit GEMM, weights regenerated in the kernel (weights.wgsl),
+// any kernel size, stride and padding. Layouts: x [batch, cin, h, w], y [batch, cout, oh, ow],
+// weights [cout, cin, kh, kw] (PyTorch's). Entry points:
+//   forward      y = conv(x, w * m)        M = batch*oh*ow, N = cout, K = cin*kh*kw
+//   grad_input   dx = conv^T(dy, w * m)    M = batch*h*w,   N = cin,  K = cout*kh*kw
+//   grad_score   partial sums of dL/dw_eff = sum over (b, oy, ox) of dy x, split along K
+//                into `splits` slices        M = cout,        N = cin*kh*kw
+//   reduce_score sums the slices and applies the chain rule w * f(p) (as in masked_matmul)
+// A transposed convolution is the same three products with roles exchanged (src/kernels/conv.rs).
+//
+// Tiling and row sharing as in masked_matmul.wgsl (octet.wgsl). The K index is the same for
+// every lane, so its decomposition into (channel, ky, kx) advances incrementally and costs no
+// divisions; each lane decomposes its own rows or columns once, before the loop.
+//% include "common.wgsl"
+//% include "weights.wgsl"
+//% include "octet.wgsl"
+//% import "octet.wgsl" as octet
+
+const R: u32 = {{ rows }}u;
+
+struct Params {
+    g: WeightGen,
+    batch: u32,
+    cin: u32,
+    cout: u32,
+    tiles_n: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    stride: u32,
+    pad: u32,
+    tiles_total: u32,  // tiles of one K slice
+    estimator: u32,
+    om: u32,
+    on: u32,
+    splits: u32,       // grad_score: number of K slices
+    k_chunk: u32,      // grad_score: K indices per slice
+    _pad0: u32,
+    _pad1: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read> dy: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(10) var<storage, read> scores: array<f32>;
+@group(0) @binding(11) var<storage, read_write> grad: array<f32>;
+@group(0) @binding(12) var<storage, read_write> partial: array<f32>;
+@group(0) @binding(13) var<storage, read> partial_in: array<f32>;
+
+// A position (channel, ky, kx) of the K index, advanced one step at a time.
+struct KPos {
+    c: u32,
+    ky: u32,
+    kx: u32,
+}
+
+fn kpos_next(k: KPos) -> KPos {
+    var n = k;
+    n.kx += 1u;
+    if (n.kx == p.kw) {
+        n.kx = 0u;
+        n.ky += 1u;
+        if (n.ky == p.kh) {
+            n.ky = 0u;
+            n.c += 1u;
+        }
+    }
+    return n;
+}
+
+// forward: x at output position (row) and K position, zero in the padding.
+// Row info: (offset of image b in x, oy * stride - pad, ox * stride - pad).
+fn fwd_row(m: u32) -> vec3<i32> {
+    let mm = min(m, p.batch * p.oh * p.ow - 1u);
+    let b = mm / (p.oh * p.ow);
+    let r = mm % (p.oh * p.ow);
+    let oy = r / p.ow;
+    let ox = r % p.ow;
+    return vec3<i32>(i32(b * p.cin * p.h * p.w), i32(oy * p.stride) - i32(p.pad), i32(ox * p.stride) - i32(p.pad));
+}
+
+fn fwd_gather(ri: vec3<i32>, k: KPos) -> f32 {
+    let iy = ri.y + i32(k.ky);
+    let ix = ri.z + i32(k.kx);
+    if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
+        return 0.0;
+    }
+    return x[u32(ri.x) + k.c * p.h * p.w + u32(iy) * p.w + u32(ix)];
+}
+
+fn fwd_gather4(ri: vec3<i32>, k0: KPos, k1: KPos, k2: KPos, k3: KPos) -> vec4<f32> {
+    return vec4<f32>(fwd_gather(ri, k0), fwd_gather(ri, k1), fwd_gather(ri, k2), fwd_gather(ri, k3));
+}
+
+@compute @workgroup_size(64)
+fn forward({{ octet.entry_args() }}) {
+    let tile = linear_workgroup(wid, nwg);
+    if (tile >= p.tiles_total) {
+        return;
+    }
+{{ octet.lane_setup() }}
+    let m = p.batch * p.oh * p.ow;
+    let n = p.cout;
+    let k = p.cin * p.kh * p.kw;
+    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
+    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+    let c0 = min(col0, n - 1u);
+    let c1 = min(col0 + 1u, n - 1u);
+    let c2 = min(col0 + 2u, n - 1u);
+    let c3 = min(col0 + 3u, n - 1u);
+    let mkey = step_mask_key(p.g);
+//% if row_share == "direct"
+    var row_info: array<vec3<i32>, {{ rows }}>;
+    for (var r = 0u; r < R; r++) {
+        row_info[r] = fwd_row(row0 + r);
+    }
+//% else
+//% for j in range(rows // 8)
+    let ri{{ j }} = fwd_row(row0 + lane.lane8 + {{ 8 * j }}u);
+//% endfor
+//% endif
+//% for r in range(rows)
+    var acc{{ r }} = vec4<f32>(0.0);
+//% endfor
+    var kp = KPos(0u, 0u, 0u);
+//% if aligned
+    var sw0 = 0u;
+    var sw1 = 0u;
+    var sw2 = 0u;
+    var sw3 = 0u;
+    for (var i = 0u; i < k; i += 4u) {
+        let k0 = kp;
+        let k1 = kpos_next(k0);
+        let k2 = kpos_next(k1);
+        let k3 = kpos_next(k2);
+        kp = kpos_next(k3);
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = fwd_gather4(ri{{ j }}, k0, k1, k2, k3);
+//% endfor
+//% endif
+//% if source != "dense"
+        if (((c0 * k + i) & 31u) == 0u || i == 0u) { sw0 = sign_word(p.g, c0 * k + i); }
+        if (((c1 * k + i) & 31u) == 0u || i == 0u) { sw1 = sign_word(p.g, c1 * k + i); }
+        if (((c2 * k + i) & 31u) == 0u || i == 0u) { sw2 = sign_word(p.g, c2 * k + i); }
+        if (((c3 * k + i) & 31u) == 0u || i == 0u) { sw3 = sign_word(p.g, c3 * k + i); }
+//% endif
+        let w0 = weff4_word(p.g, c0 * k + i, mkey, sw0);
+        let w1 = weff4_word(p.g, c1 * k + i, mkey, sw1);
+        let w2 = weff4_word(p.g, c2 * k + i, mkey, sw2);
+        let w3 = weff4_word(p.g, c3 * k + i, mkey, sw3);
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let xr = fwd_gather4(row_info[{{ r }}], k0, k1, k2, k3);
+//% else
+            let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+            acc{{ r }} += vec4<f32>(dot(xr, w0), dot(xr, w1), dot(xr, w2), dot(xr, w3));
+        }
+//% endfor
+    }
+//% else
+    for (var i = 0u; i < k; i++) {
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = fwd_gather(ri{{ j }}, kp);
+//% endfor
+//% endif
+        let wv = vec4<f32>(weff1(p.g, c0 * k + i, mkey), weff1(p.g, c1 * k + i, mkey),
+                           weff1(p.g, c2 * k + i, mkey), weff1(p.g, c3 * k + i, mkey));
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let xr = fwd_gather(row_info[{{ r }}], kp);
+//% else
+            let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+            acc{{ r }} += xr * wv;
+        }
+//% endfor
+        kp = kpos_next(kp);
+    }
+//% endif
+    // Store: row m = (b, oy, ox), column co -> y[b, co, oy, ox].
+    let ohw = p.oh * p.ow;
+//% for r in range(rows)
+    if (row0 + {{ r }}u < m) {
+        let mm = row0 + {{ r }}u;
+        let base = (mm / ohw) * n * ohw + mm % ohw;
+        for (var q = 0u; q < 4u; q++) {
+            if (col0 + q < n) {
+                y[base + (col0 + q) * ohw] = acc{{ r }}[q];
+            }
+        }
+    }
+//% endfor
+}
+
+//% if source != "dense"
+// grad_input: row m = (b, iy, ix) of dx; K = (co, ky, kx). Row info: (offset of image b in dy,
+// iy + pad, ix + pad); dy contributes where (iy + pad - ky) is a multiple of the stride.
+fn bwd_row(m: u32) -> vec3<i32> {
+    let mm = min(m, p.batch * p.h * p.w - 1u);
+    let b = mm / (p.h * p.w);
+    let r = mm % (p.h * p.w);
+    let iy = r / p.w;
+    let ix = r % p.w;
+    return vec3<i32>(i32(b * p.cout * p.oh * p.ow), i32(iy + p.pad), i32(ix + p.pad));
+}
+
+fn bwd_gather(ri: vec3<i32>, k: KPos) -> f32 {
+    let ty = ri.y - i32(k.ky);
+    let tx = ri.z - i32(k.kx);
+    let s = i32(p.stride);
+    if (ty < 0 || tx < 0 || ty % s != 0 || tx % s != 0) {
+        return 0.0;
+    }
+    let oy = ty / s;
+    let ox = tx / s;
+    if (oy >= i32(p.oh) || ox >= i32(p.ow)) {
+        return 0.0;
+    }
+    return dy[u32(ri.x) + k.c * p.oh * p.ow + u32(oy) * p.ow + u32(ox)];
+}
+
+@compute @workgroup_size(64)
+fn grad_input({{ octet.entry_args() }}) {
+    let tile = linear_workgroup(wid, nwg);
+    if (tile >= p.tiles_total) {
+        return;
+    }
+{{ octet.lane_setup() }}
+    let m = p.batch * p.h * p.w;
+    let n = p.cin;
+    let khw = p.kh * p.kw;
+    let k = p.cout * khw;
+    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
+    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+    let c0 = min(col0, n - 1u);
+    let c1 = min(col0 + 1u, n - 1u);
+    let c2 = min(col0 + 2u, n - 1u);
+    let c3 = min(col0 + 3u, n - 1u);
+    let mkey = step_mask_key(p.g);
+//% if row_share == "direct"
+    var row_info: array<vec3<i32>, {{ rows }}>;
+    for (var r = 0u; r < R; r++) {
+        row_info[r] = bwd_row(row0 + r);
+    }
+//% else
+//% for j in range(rows // 8)
+    let ri{{ j }} = bwd_row(row0 + lane.lane8 + {{ 8 * j }}u);
+//% endfor
+//% endif
+//% for r in range(rows)
+    var acc{{ r }} = vec4<f32>(0.0);
+//% endfor
+    var kp = KPos(0u, 0u, 0u);
+    for (var i = 0u; i < k; i++) {
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = bwd_gather(ri{{ j }}, kp);
+//% endfor
+//% endif
+        // Weight [co, ci, ky, kx] for the lane's four ci.
+        let wi = kp.c * n * khw + kp.ky * p.kw + kp.kx;
+        let wv = vec4<f32>(weff1(p.g, wi + c0 * khw, mkey), weff1(p.g, wi + c1 * khw, mkey),
+                           weff1(p.g, wi + c2 * khw, mkey), weff1(p.g, wi + c3 * khw, mkey));
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let d = bwd_gather(row_info[{{ r }}], kp);
+//% else
+            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+            acc{{ r }} += d * wv;
+        }
+//% endfor
+        kp = kpos_next(kp);
+    }
+    let hw = p.h * p.w;
+//% for r in range(rows)
+    if (row0 + {{ r }}u < m) {
+        let mm = row0 + {{ r }}u;
+        let base = (mm / hw) * n * hw + mm % hw;
+        for (var q = 0u; q < 4u; q++) {
+            if (col0 + q < n) {
+                dx[base + (col0 + q) * hw] = acc{{ r }}[q];
+            }
+        }
+    }
+//% endfor
+}
+
+// grad_score: row co, column n = (ci, ky, kx), K = (b, oy, ox) split into slices. Column info:
+// (ci * h * w, ky - pad, kx - pad).
+fn col_info(n: u32) -> vec3<i32> {
+    let khw = p.kh * p.kw;
+    let nn = min(n, p.cin * khw - 1u);
+    let ci = nn / khw;
+    let r = nn % khw;
+    return vec3<i32>(i32(ci * p.h * p.w), i32(r / p.kw) - i32(p.pad), i32(r % p.kw) - i32(p.pad));
+}
+
+fn score_gather(ci: vec3<i32>, img: u32, oy: u32, ox: u32) -> f32 {
+    let iy = i32(oy * p.stride) + ci.y;
+    let ix = i32(ox * p.stride) + ci.z;
+    if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
+        return 0.0;
+    }
+    return x[img + u32(ci.x) + u32(iy) * p.w + u32(ix)];
+}
+
+@compute @workgroup_size(64)
+fn grad_score({{ octet.entry_args() }}) {
+    let lin = linear_workgroup(wid, nwg);
+    if (lin >= p.tiles_total * p.splits) {
+        return;
+    }
+    let split = lin / p.tiles_total;
+    let tile = lin % p.tiles_total;
+{{ octet.lane_setup() }}
+    let m = p.cout;
+    let n = p.cin * p.kh * p.kw;
+    let ohw = p.oh * p.ow;
+    let k_total = p.batch * ohw;
+    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
+    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+    let ci0 = col_info(col0);
+    let ci1 = col_info(col0 + 1u);
+    let ci2 = col_info(col0 + 2u);
+    let ci3 = col_info(col0 + 3u);
+//% for r in range(rows)
+    var acc{{ r }} = vec4<f32>(0.0);
+//% endfor
+    let k_begin = split * p.k_chunk;
+    let k_end = min(k_total, k_begin + p.k_chunk);
+    // (b, oy, ox) of k_begin, then advanced incrementally.
+    var b = k_begin / ohw;
+    var oy = (k_begin % ohw) / p.ow;
+    var ox = k_begin % p.ow;
+    for (var i = k_begin; i < k_end; i++) {
+        let img = b * p.cin * p.h * p.w;
+        let dbase = b * p.cout * ohw + oy * p.ow + ox;
+        let xv = vec4<f32>(score_gather(ci0, img, oy, ox), score_gather(ci1, img, oy, ox),
+                           score_gather(ci2, img, oy, ox), score_gather(ci3, img, oy, ox));
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = dy[dbase + min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * ohw];
+//% endfor
+//% endif
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let d = dy[dbase + min(row0 + {{ r }}u, m - 1u) * ohw];
+//% else
+            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+            acc{{ r }} += d * xv;
+        }
+//% endfor
+        ox += 1u;
+        if (ox == p.ow) {
+            ox = 0u;
+            oy += 1u;
+            if (oy == p.oh) {
+                oy = 0u;
+                b += 1u;
+            }
+        }
+    }
+    let slice = split * m * n;
+//% for r in range(rows)
+    if (row0 + {{ r }}u < m) {
+        for (var q = 0u; q < 4u; q++) {
+            if (col0 + q < n) {
+                partial[slice + (row0 + {{ r }}u) * n + col0 + q] = acc{{ r }}[q];
+            }
+        }
+    }
+//% endfor
+}
+
+fn score_factor(s: f32) -> f32 {
+    let q = sigmoid(s);
+    if (p.estimator == 0u) {
+        return q * q * (1.0 - q);
+    }
+    return q * (1.0 - q);
+}
+
+// grad[i] <- (sum over slices of partial) * w[i] * f(p[i]), one invocation per weight.
+@compute @workgroup_size(256)
+fn reduce_score(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) li: u32) {
+    let i = linear_workgroup(wid, nwg) * 256u + li;
+    let total = p.cout * p.cin * p.kh * p.kw;
+    if (i >= total) {
+        return;
+    }
+    var acc = 0.0;
+    for (var s = 0u; s < p.splits; s++) {
+        acc += partial_in[s * total + i];
+    }
+    grad[i] = acc * frozen1(p.g, i) * score_factor(scores[i]);
+}
+//% endif

@@ -1,0 +1,313 @@
+// Masked dense layer: y = x (w * m)^T with w regenerated from the seed inside the kernel and
+// m from the weight source (weights.wgsl). Three entry points:
+//   forward     y[b, o]  = sum_i x[b, i]  weff[o, i]          (M = batch,   N = outputs, K = inputs)
+//   grad_input  dx[b, i] = sum_o dy[b, o] weff[o, i]          (M = batch,   N = inputs,  K = outputs)
+//   grad_score  g[o, i]  = sum_b dy[b, o] x[b, i] * w[o, i] * f(p[o, i])
+//                                                             (M = outputs, N = inputs,  K = batch)
+// where f is p^2 (1 - p) for the reference's p-scaled estimator (estimator 0) and p (1 - p) for
+// the plain straight-through one (estimator 1), p = sigmoid(score). No w * m tensor exists in
+// memory: each weight is regenerated where it is multiplied.
+//
+// Tiling. A workgroup is 64 lanes = 8 octets of 8 lanes, arranged om x on (parameters). An octet
+// computes `rows` x 32 outputs; each lane owns 4 adjacent columns and accumulates them for all
+// the octet's rows. The rows' operand values are loaded once per octet and shared:
+//   broadcast - lane j loads rows j, j+8, ...; subgroupBroadcast with constant ids hands them to
+//               the other lanes (subgroups of exactly 8 lanes, e.g. lavapipe on AVX2);
+//   shuffle   - the same with subgroupShuffle inside each group of 8 (any multiple of 8);
+//   direct    - every lane loads the rows itself (no subgroups; GPUs broadcast same-address
+//               loads in hardware).
+// A generated weight is reused for all `rows` rows of the octet, which is what makes the
+// generation cost small next to the multiply-adds.
+//
+// `aligned` (inputs and outputs multiples of 4) reads operands as vec4 and takes one sign draw
+// per 32 weights; otherwise a scalar loop handles any shape.
+//% include "common.wgsl"
+//% include "weights.wgsl"
+//% include "octet.wgsl"
+//% import "octet.wgsl" as octet
+
+const R: u32 = {{ rows }}u;
+
+struct Params {
+    g: WeightGen,
+    batch: u32,
+    inputs: u32,
+    outputs: u32,
+    tiles_n: u32,      // tiles along N of this entry point's problem
+    tiles_total: u32,  // tiles in all
+    estimator: u32,    // grad_score: 0 p-scaled (reference), 1 straight-through
+    om: u32,           // octets along M and along N (om * on = 8)
+    on: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+//% if aligned
+@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> dy: array<vec4<f32>>;
+//% else
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(4) var<storage, read> dy: array<f32>;
+//% endif
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(10) var<storage, read> scores: array<f32>;
+@group(0) @binding(11) var<storage, read_write> grad: array<f32>;
+
+fn store_y(out_index: u32, col0: u32, n: u32, v: vec4<f32>) {
+    for (var q = 0u; q < 4u; q++) {
+        if (col0 + q < n) {
+            y[out_index + q] = v[q];
+        }
+    }
+}
+
+fn store_dx(out_index: u32, col0: u32, n: u32, v: vec4<f32>) {
+    for (var q = 0u; q < 4u; q++) {
+        if (col0 + q < n) {
+            dx[out_index + q] = v[q];
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn forward({{ octet.entry_args() }}) {
+    let tile = linear_workgroup(wid, nwg);
+    if (tile >= p.tiles_total) {
+        return;
+    }
+{{ octet.lane_setup() }}
+    let m = p.batch;
+    let n = p.outputs;
+    let k = p.inputs;
+    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
+    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+    // Columns past n are computed on clamped indices and never stored.
+    let c0 = min(col0, n - 1u);
+    let c1 = min(col0 + 1u, n - 1u);
+    let c2 = min(col0 + 2u, n - 1u);
+    let c3 = min(col0 + 3u, n - 1u);
+    let mkey = step_mask_key(p.g);
+//% for r in range(rows)
+    var acc{{ r }} = vec4<f32>(0.0);
+//% endfor
+//% if aligned
+    let k4n = k / 4u;
+    var sw0 = 0u;
+    var sw1 = 0u;
+    var sw2 = 0u;
+    var sw3 = 0u;
+    for (var k4 = 0u; k4 < k4n; k4++) {
+        let i = k4 * 4u;
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = x[min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * k4n + k4];
+//% endfor
+//% endif
+//% if source != "dense"
+        // One sign draw covers 32 weights of a row: refresh when a column enters a new block.
+        if (((c0 * k + i) & 31u) == 0u || k4 == 0u) { sw0 = sign_word(p.g, c0 * k + i); }
+        if (((c1 * k + i) & 31u) == 0u || k4 == 0u) { sw1 = sign_word(p.g, c1 * k + i); }
+        if (((c2 * k + i) & 31u) == 0u || k4 == 0u) { sw2 = sign_word(p.g, c2 * k + i); }
+        if (((c3 * k + i) & 31u) == 0u || k4 == 0u) { sw3 = sign_word(p.g, c3 * k + i); }
+//% endif
+        let w0 = weff4_word(p.g, c0 * k + i, mkey, sw0);
+        let w1 = weff4_word(p.g, c1 * k + i, mkey, sw1);
+        let w2 = weff4_word(p.g, c2 * k + i, mkey, sw2);
+        let w3 = weff4_word(p.g, c3 * k + i, mkey, sw3);
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let xr = x[min(row0 + {{ r }}u, m - 1u) * k4n + k4];
+//% else
+            let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+            acc{{ r }} += vec4<f32>(dot(xr, w0), dot(xr, w1), dot(xr, w2), dot(xr, w3));
+        }
+//% endfor
+    }
+//% else
+    for (var i = 0u; i < k; i++) {
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = x[min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * k + i];
+//% endfor
+//% endif
+        let wv = vec4<f32>(weff1(p.g, c0 * k + i, mkey), weff1(p.g, c1 * k + i, mkey),
+                           weff1(p.g, c2 * k + i, mkey), weff1(p.g, c3 * k + i, mkey));
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let xr = x[min(row0 + {{ r }}u, m - 1u) * k + i];
+//% else
+            let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+            acc{{ r }} += xr * wv;
+        }
+//% endfor
+    }
+//% endif
+//% for r in range(rows)
+    if (row0 + {{ r }}u < m) {
+        store_y((row0 + {{ r }}u) * n + col0, col0, n, acc{{ r }});
+    }
+//% endfor
+}
+
+//% if source != "dense"
+@compute @workgroup_size(64)
+fn grad_input({{ octet.entry_args() }}) {
+    let tile = linear_workgroup(wid, nwg);
+    if (tile >= p.tiles_total) {
+        return;
+    }
+{{ octet.lane_setup() }}
+    let m = p.batch;
+    let n = p.inputs;
+    let k = p.outputs;
+    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
+    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+    let mkey = step_mask_key(p.g);
+//% for r in range(rows)
+    var acc{{ r }} = vec4<f32>(0.0);
+//% endfor
+//% if aligned
+    let k4n = k / 4u;
+    // First of this lane's 4 columns, clamped to the last whole group of 4.
+    let ci = min(col0, n - 4u);
+    for (var k4 = 0u; k4 < k4n; k4++) {
+        let o = k4 * 4u;
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = dy[min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * k4n + k4];
+//% endfor
+//% endif
+        let w0 = weff4(p.g, o * n + ci, mkey);
+        let w1 = weff4(p.g, (o + 1u) * n + ci, mkey);
+        let w2 = weff4(p.g, (o + 2u) * n + ci, mkey);
+        let w3 = weff4(p.g, (o + 3u) * n + ci, mkey);
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let d = dy[min(row0 + {{ r }}u, m - 1u) * k4n + k4];
+//% else
+            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+            acc{{ r }} += d.x * w0 + d.y * w1 + d.z * w2 + d.w * w3;
+        }
+//% endfor
+    }
+//% else
+    let c0 = min(col0, n - 1u);
+    let c1 = min(col0 + 1u, n - 1u);
+    let c2 = min(col0 + 2u, n - 1u);
+    let c3 = min(col0 + 3u, n - 1u);
+    for (var o = 0u; o < k; o++) {
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = dy[min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * k + o];
+//% endfor
+//% endif
+        let wv = vec4<f32>(weff1(p.g, o * n + c0, mkey), weff1(p.g, o * n + c1, mkey),
+                           weff1(p.g, o * n + c2, mkey), weff1(p.g, o * n + c3, mkey));
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let d = dy[min(row0 + {{ r }}u, m - 1u) * k + o];
+//% else
+            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+            acc{{ r }} += d * wv;
+        }
+//% endfor
+    }
+//% endif
+//% for r in range(rows)
+    if (row0 + {{ r }}u < m) {
+        store_dx((row0 + {{ r }}u) * n + col0, col0, n, acc{{ r }});
+    }
+//% endfor
+}
+
+fn score_factor(s: f32) -> f32 {
+    let q = sigmoid(s);
+    if (p.estimator == 0u) {
+        return q * q * (1.0 - q);
+    }
+    return q * (1.0 - q);
+}
+
+@compute @workgroup_size(64)
+fn grad_score({{ octet.entry_args() }}) {
+    let tile = linear_workgroup(wid, nwg);
+    if (tile >= p.tiles_total) {
+        return;
+    }
+{{ octet.lane_setup() }}
+    let m = p.outputs;
+    let n = p.inputs;
+    let k = p.batch;
+    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
+    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+//% for r in range(rows)
+    var acc{{ r }} = vec4<f32>(0.0);
+//% endfor
+//% if aligned
+    let m4 = m / 4u;
+    let n4 = n / 4u;
+    let cv = min(col0 / 4u, n4 - 1u);
+    for (var b = 0u; b < k; b++) {
+        let xv = x[b * n4 + cv];
+//% if row_share != "direct"
+        // Lanes 0 .. rows/4-1 load 4 consecutive rows each; the others load a clamped copy.
+        let a = dy[b * m4 + min(row0 / 4u + lane.lane8, m4 - 1u)];
+//% endif
+//% for v in range(rows // 4)
+        {
+//% if row_share == "direct"
+            let d = dy[b * m4 + min(row0 / 4u + {{ v }}u, m4 - 1u)];
+//% else
+            let d = {{ octet.share("a", v) | trim }};
+//% endif
+            acc{{ 4 * v }} += d.x * xv;
+            acc{{ 4 * v + 1 }} += d.y * xv;
+            acc{{ 4 * v + 2 }} += d.z * xv;
+            acc{{ 4 * v + 3 }} += d.w * xv;
+        }
+//% endfor
+    }
+//% else
+    let c0 = min(col0, n - 1u);
+    let c1 = min(col0 + 1u, n - 1u);
+    let c2 = min(col0 + 2u, n - 1u);
+    let c3 = min(col0 + 3u, n - 1u);
+    for (var b = 0u; b < k; b++) {
+        let xv = vec4<f32>(x[b * n + c0], x[b * n + c1], x[b * n + c2], x[b * n + c3]);
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = dy[b * m + min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u)];
+//% endfor
+//% endif
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let d = dy[b * m + min(row0 + {{ r }}u, m - 1u)];
+//% else
+            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+            acc{{ r }} += d * xv;
+        }
+//% endfor
+    }
+//% endif
+    // Epilogue: chain rule through w_eff = w * m and the estimator of dm/ds.
+//% for r in range(rows)
+    if (row0 + {{ r }}u < m) {
+        for (var q = 0u; q < 4u; q++) {
+            if (col0 + q < n) {
+                let idx = (row0 + {{ r }}u) * n + col0 + q;
+                grad[idx] = acc{{ r }}[q] * frozen1(p.g, idx) * score_factor(scores[idx]);
+            }
+        }
+    }
+//% endfor
+}
+//% endif

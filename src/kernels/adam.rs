@@ -1,0 +1,108 @@
+//! Adam on the scores, fused with the refresh of the keep thresholds (`shaders/adam.wgsl`).
+
+use super::{check, groups_for, mask::keep_words, u32_of};
+use crate::error::Result;
+use crate::gpu::shader::ShaderKey;
+use crate::gpu::{DType, Gpu, Kernel, Tensor};
+
+/// Adam's hyperparameters. PRISM's defaults: lr 0.1, betas (0.5, 0.999), eps 1e-8.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self {
+            lr: 0.1,
+            beta1: 0.5,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    ln_beta1: f32,
+    ln_beta2: f32,
+    _pad: u32,
+}
+
+/// Tensors of one Adam step on a layer's scores.
+pub struct AdamIo<'a> {
+    pub step: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub scores: &'a Tensor,
+    /// (m, v) per score: 2n f32.
+    pub moments: &'a Tensor,
+    /// Keep thresholds written for the next step.
+    pub keep: &'a Tensor,
+}
+
+/// One Adam step (t = step.step + 1) on `n` scores, refreshing the keep thresholds.
+pub fn step(gpu: &Gpu, cfg: &AdamConfig, io: &AdamIo) -> Result<Kernel> {
+    let n = io.scores.len();
+    check(io.step, 4, DType::U32, "step state")?;
+    check(io.grad, n, DType::F32, "gradient")?;
+    check(io.moments, 2 * n, DType::F32, "Adam moments")?;
+    check(io.keep, keep_words(n), DType::U32, "keep thresholds")?;
+    let p = Params {
+        n: u32_of(n, "scores")?,
+        lr: cfg.lr,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        ln_beta1: (cfg.beta1 as f64).ln() as f32,
+        ln_beta2: (cfg.beta2 as f64).ln() as f32,
+        _pad: 0,
+    };
+    Ok(gpu
+        .kernel(ShaderKey::new("adam.wgsl"), "step_scores")
+        .params(&p)
+        .bind("step", io.step)
+        .bind("grad", io.grad)
+        .bind("scores", io.scores)
+        .bind("moments", io.moments)
+        .bind("keep", io.keep)
+        .groups(groups_for(keep_words(n), 256)?)
+        .build()?)
+}
+
+/// Increments `step.step` on the GPU.
+pub fn advance(gpu: &Gpu, step: &Tensor) -> Result<Kernel> {
+    check(step, 4, DType::U32, "step state")?;
+    Ok(gpu
+        .kernel(ShaderKey::new("adam.wgsl"), "advance")
+        .bind("step_out", step)
+        .groups(1)
+        .build()?)
+}
+
+/// CPU twin.
+pub mod cpu {
+    use super::AdamConfig;
+
+    /// One Adam step with bias correction at step `t` (1-based); moments interleaved (m, v).
+    pub fn step(cfg: &AdamConfig, t: u32, grad: &[f32], scores: &mut [f32], moments: &mut [f32]) {
+        let c1 = (1.0 - (cfg.beta1 as f64).powi(t as i32)) as f32;
+        let c2 = (1.0 - (cfg.beta2 as f64).powi(t as i32)) as f32;
+        for i in 0..scores.len() {
+            let g = grad[i];
+            let m = cfg.beta1 * moments[2 * i] + (1.0 - cfg.beta1) * g;
+            let v = cfg.beta2 * moments[2 * i + 1] + (1.0 - cfg.beta2) * g * g;
+            moments[2 * i] = m;
+            moments[2 * i + 1] = v;
+            scores[i] -= cfg.lr * (m / c1) / ((v / c2).sqrt() + cfg.eps);
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Masked dense layer (`shaders/masked_matmul.wgsl`): forward, gradient with respect to the
+//! input, and gradient with respect to the scores, with weights regenerated in the kernel.
+
+use super::{check, u32_of, LayerWeights, MaskSource, Tiling, WeightGen};
+use crate::error::{Error, Result};
+use crate::gpu::shader::ShaderKey;
+use crate::gpu::{DType, Gpu, Kernel, Tensor};
+
+/// Shape of a dense layer: x [batch, inputs] -> y [batch, outputs], weights [outputs, inputs].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    pub batch: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+impl LinearShape {
+    pub fn weights(&self) -> usize {
+        self.inputs * self.outputs
+    }
+
+    /// Multiply-adds of one forward pass.
+    pub fn macs(&self) -> u64 {
+        (self.batch * self.inputs * self.outputs) as u64
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.batch == 0 || self.inputs == 0 || self.outputs == 0 {
+            return Err(Error::invalid(format!("empty linear layer {self:?}")));
+        }
+        u32_of(self.weights(), "weights of a layer")?;
+        u32_of(
+            self.batch * self.inputs.max(self.outputs),
+            "activations of a layer",
+        )?;
+        Ok(())
+    }
+
+    fn aligned(&self) -> bool {
+        self.inputs % 4 == 0 && self.outputs % 4 == 0
+    }
+}
+
+/// The score-gradient estimator (PRISM.md section 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Estimator {
+    /// The reference code's: dm/dp treated as p, so dL/ds = dL/dw_eff * w * p^2 (1 - p).
+    PScaled,
+    /// Plain straight-through: dm/dp = 1, so dL/ds = dL/dw_eff * w * p (1 - p).
+    StraightThrough,
+}
+
+impl Estimator {
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Estimator::PScaled => 0,
+            Estimator::StraightThrough => 1,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    g: WeightGen,
+    batch: u32,
+    inputs: u32,
+    outputs: u32,
+    tiles_n: u32,
+    tiles_total: u32,
+    estimator: u32,
+    om: u32,
+    on: u32,
+}
+
+fn params(s: &LinearShape, g: WeightGen, t: &Tiling, m: usize, n: usize, est: u32) -> Params {
+    let (tiles_n, tiles_total) = t.grid(m as u32, n as u32);
+    Params {
+        g,
+        batch: s.batch as u32,
+        inputs: s.inputs as u32,
+        outputs: s.outputs as u32,
+        tiles_n,
+        tiles_total,
+        estimator: est,
+        om: t.om,
+        on: t.on,
+    }
+}
+
+fn shader(s: &LinearShape, source: &str, t: &Tiling) -> ShaderKey {
+    ShaderKey::new("masked_matmul.wgsl")
+        .def("source", source)
+        .def("rows", t.rows)
+        .def("aligned", s.aligned())
+}
+
+/// y <- x (w * m)^T.
+pub fn forward(
+    gpu: &Gpu,
+    s: &LinearShape,
+    layer: &LayerWeights,
+    source: &MaskSource,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<Kernel> {
+    s.validate()?;
+    source.check(s.weights())?;
+    check(x, s.batch * s.inputs, DType::F32, "linear input")?;
+    check(y, s.batch * s.outputs, DType::F32, "linear output")?;
+    let t = Tiling::choose(s.batch as u32, s.outputs as u32);
+    let p = params(s, layer.gen(), &t, s.batch, s.outputs, 0);
+    let k = gpu
+        .kernel(shader(s, source.name(), &t), "forward")
+        .params(&p)
+        .bind("x", x)
+        .bind("y", y)
+        .groups(p.tiles_total);
+    Ok(source.bind(k).build()?)
+}
+
+/// dx <- dy (w * m).
+pub fn grad_input(
+    gpu: &Gpu,
+    s: &LinearShape,
+    layer: &LayerWeights,
+    source: &MaskSource,
+    dy: &Tensor,
+    dx: &Tensor,
+) -> Result<Kernel> {
+    s.validate()?;
+    source.check(s.weights())?;
+    if matches!(source, MaskSource::Dense(_)) {
+        return Err(Error::invalid("grad_input is not built for dense weights"));
+    }
+    check(dy, s.batch * s.outputs, DType::F32, "output gradient")?;
+    check(dx, s.batch * s.inputs, DType::F32, "input gradient")?;
+    let t = Tiling::choose(s.batch as u32, s.inputs as u32);
+    let p = params(s, layer.gen(), &t, s.batch, s.inputs, 0);
+    let k = gpu
+        .kernel(shader(s, source.name(), &t), "grad_input")
+        .params(&p)
+        .bind("dy", dy)
+        .bind("dx", dx)
+        .groups(p.tiles_total);
+    Ok(source.bind(k).build()?)
+}
+
+/// grad <- (dy^T x) * w * f(sigmoid(scores)), the gradient of the loss with respect to the
+/// scores through the chosen estimator.
+#[allow(clippy::too_many_arguments)]
+pub fn grad_score(
+    gpu: &Gpu,
+    s: &LinearShape,
+    layer: &LayerWeights,
+    estimator: Estimator,
+    x: &Tensor,
+    dy: &Tensor,
+    scores: &Tensor,
+    grad: &Tensor,
+) -> Result<Kernel> {
+    s.validate()?;
+    check(x, s.batch * s.inputs, DType::F32, "linear input")?;
+    check(dy, s.batch * s.outputs, DType::F32, "output gradient")?;
+    check(scores, s.weights(), DType::F32, "scores")?;
+    check(grad, s.weights(), DType::F32, "score gradient")?;
+    let t = Tiling::choose(s.outputs as u32, s.inputs as u32);
+    let p = params(s, layer.gen(), &t, s.outputs, s.inputs, estimator.code());
+    Ok(gpu
+        .kernel(shader(s, "frozen", &t), "grad_score")
+        .params(&p)
+        .bind("x", x)
+        .bind("dy", dy)
+        .bind("scores", scores)
+        .bind("grad", grad)
+        .groups(p.tiles_total)
+        .build()?)
+}
+
+/// CPU references (f64 accumulation).
+pub mod cpu {
+    use super::{Estimator, LinearShape};
+
+    /// y = x weff^T with weff [outputs, inputs].
+    pub fn forward(s: &LinearShape, x: &[f32], weff: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; s.batch * s.outputs];
+        for b in 0..s.batch {
+            for o in 0..s.outputs {
+                let mut acc = 0f64;
+                for i in 0..s.inputs {
+                    acc += x[b * s.inputs + i] as f64 * weff[o * s.inputs + i] as f64;
+                }
+                y[b * s.outputs + o] = acc as f32;
+            }
+        }
+        y
+    }
+
+    /// dx = dy weff.
+    pub fn grad_input(s: &LinearShape, dy: &[f32], weff: &[f32]) -> Vec<f32> {
+        let mut dx = vec![0f32; s.batch * s.inputs];
+        for b in 0..s.batch {
+            for i in 0..s.inputs {
+                let mut acc = 0f64;
+                for o in 0..s.outputs {
+                    acc += dy[b * s.outputs + o] as f64 * weff[o * s.inputs + i] as f64;
+                }
+                dx[b * s.inputs + i] = acc as f32;
+            }
+        }
+        dx
+    }
+
+    /// dL/dw_eff = dy^T x.
+    pub fn grad_weight(s: &LinearShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let mut g = vec![0f32; s.weights()];
+        for o in 0..s.outputs {
+            for i in 0..s.inputs {
+                let mut acc = 0f64;
+                for b in 0..s.batch {
+                    acc += dy[b * s.outputs + o] as f64 * x[b * s.inputs + i] as f64;
+                }
+                g[o * s.inputs + i] = acc as f32;
+            }
+        }
+        g
+    }
+
+    /// The estimator's factor df/ds at score s.
+    pub fn score_factor(estimator: Estimator, s: f32) -> f32 {
+        let p = 1.0 / (1.0 + (-s).exp());
+        match estimator {
+            Estimator::PScaled => p * p * (1.0 - p),
+            Estimator::StraightThrough => p * (1.0 - p),
+        }
+    }
+
+    /// dL/ds from dL/dw_eff, the frozen weights and the scores.
+    pub fn grad_score(
+        estimator: Estimator,
+        grad_weight: &[f32],
+        frozen: &[f32],
+        scores: &[f32],
+    ) -> Vec<f32> {
+        grad_weight
+            .iter()
+            .zip(frozen)
+            .zip(scores)
+            .map(|((g, w), s)| g * w * score_factor(estimator, *s))
+            .collect()
+    }
+}

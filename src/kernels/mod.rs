@@ -1,0 +1,127 @@
+//! Kernel launchers, one module per shader file, each with the CPU reference it is tested
+//! against (`cpu` submodules).
+//!
+//! A launcher checks shapes, picks the shader variant and returns a [`Kernel`]: built once,
+//! recorded as often as needed.
+
+pub mod adam;
+pub mod conv;
+// pub mod elementwise;
+pub mod mask;
+pub mod matmul;
+// pub mod norm;
+pub mod weights;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Tensor};
+
+pub use weights::{Init, LayerWeights, MaskSource, WeightGen};
+
+/// Per-step state read by training kernels (`StepState` in shaders/common.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StepState {
+    /// Client id: part of the mask and latent keys.
+    pub client: u32,
+    /// The client's step counter, running on across rounds (Adam's t is step + 1).
+    pub step: u32,
+    /// Round number.
+    pub round: u32,
+    /// Run seed.
+    pub seed: u32,
+}
+
+/// Workgroups needed for `n` items at `per_group` items per workgroup.
+pub(crate) fn groups_for(n: usize, per_group: usize) -> Result<u32> {
+    u32::try_from(n.div_ceil(per_group))
+        .map_err(|_| Error::invalid(format!("{n} items is more than one launch can cover")))
+}
+
+/// Checks that a tensor holds `expect` elements of type `dtype`.
+pub(crate) fn check(t: &Tensor, expect: usize, dtype: DType, what: &str) -> Result<()> {
+    if t.len() != expect || t.dtype() != dtype {
+        return Err(Error::invalid(format!(
+            "{what}: expected {expect} elements of {dtype:?}, got {} of {:?} (shape {:?})",
+            t.len(),
+            t.dtype(),
+            t.shape()
+        )));
+    }
+    Ok(())
+}
+
+/// Converts a size to u32, refusing what kernels cannot index.
+pub(crate) fn u32_of(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::invalid(format!("{what} = {n} exceeds 2^32 - 1")))
+}
+
+/// How a matmul-like kernel tiles its M x N output (see shaders/masked_matmul.wgsl): octets of
+/// 8 lanes compute `rows` x 32 each, arranged `om` x `on` in a workgroup of 64 lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiling {
+    pub rows: u32,
+    pub om: u32,
+    pub on: u32,
+}
+
+impl Tiling {
+    /// The tiling that wastes least work on an M x N output.
+    pub fn choose(m: u32, n: u32) -> Tiling {
+        let rows = if m <= 8 { 8 } else { 32 };
+        let mut best = Tiling { rows, om: 1, on: 8 };
+        let mut best_cost = u64::MAX;
+        for (om, on) in [(1, 8), (2, 4), (4, 2), (8, 1)] {
+            let t = Tiling { rows, om, on };
+            let cost = (m.div_ceil(t.tile_m()) * t.tile_m()) as u64
+                * (n.div_ceil(t.tile_n()) * t.tile_n()) as u64;
+            if cost < best_cost {
+                best = t;
+                best_cost = cost;
+            }
+        }
+        best
+    }
+
+    pub fn tile_m(&self) -> u32 {
+        self.rows * self.om
+    }
+
+    pub fn tile_n(&self) -> u32 {
+        32 * self.on
+    }
+
+    /// (tiles along N, tiles in all) for an M x N output.
+    pub fn grid(&self, m: u32, n: u32) -> (u32, u32) {
+        let tn = n.div_ceil(self.tile_n());
+        (tn, m.div_ceil(self.tile_m()) * tn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tiling;
+
+    #[test]
+    fn tiling_prefers_the_least_padding() {
+        assert_eq!(
+            Tiling::choose(64, 1024),
+            Tiling {
+                rows: 32,
+                om: 1,
+                on: 8
+            }
+        );
+        assert_eq!(
+            Tiling::choose(65536, 64),
+            Tiling {
+                rows: 32,
+                om: 8,
+                on: 1
+            }
+        );
+        assert_eq!(Tiling::choose(1, 784).rows, 8);
+        let t = Tiling::choose(100, 100);
+        let (tn, total) = t.grid(100, 100);
+        assert!(tn * t.tile_n() >= 100 && total * t.tile_m() * t.tile_n() >= 100 * 100);
+    }
+}

@@ -1,0 +1,75 @@
+//! Shared helpers of the GPU tests.
+//!
+//! GPU tests need an adapter. Where there is none they fail with a message that says how to get
+//! one; they never pass silently.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+
+use prism::gpu::{Gpu, GpuOptions};
+use prism::rng::HostRng;
+
+fn open(portable: bool) -> Arc<Gpu> {
+    match Gpu::new(GpuOptions {
+        portable,
+        ..Default::default()
+    }) {
+        Ok(g) => Arc::new(g),
+        Err(e) => panic!(
+            "GPU tests need a wgpu adapter and none could be opened: {e}\n\
+             On a Linux machine without a GPU run `.ci/setup` (it installs Mesa's software \
+             Vulkan driver, lavapipe) or `apt-get install -y mesa-vulkan-drivers libvulkan1`."
+        ),
+    }
+}
+
+/// The default device (subgroup kernels where the adapter has them).
+pub fn gpu() -> Arc<Gpu> {
+    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
+    G.get_or_init(|| open(false)).clone()
+}
+
+/// The same adapter restricted to the portable kernel forms (no subgroups, no f16), which is
+/// what the GL backend and WebGPU without subgroups get.
+pub fn portable() -> Arc<Gpu> {
+    static G: OnceLock<Arc<Gpu>> = OnceLock::new();
+    G.get_or_init(|| open(true)).clone()
+}
+
+/// Both devices, for tests that must cover every kernel form.
+pub fn devices() -> Vec<Arc<Gpu>> {
+    vec![gpu(), portable()]
+}
+
+/// Uniform values in [-1, 1).
+pub fn uniform(rng: &mut HostRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.unit_f64() * 2.0 - 1.0) as f32)
+        .collect()
+}
+
+/// Standard normal values.
+pub fn normal(rng: &mut HostRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+/// Asserts |a - b| <= atol + rtol * |b| elementwise, reporting the worst element.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let mut worst = (0usize, 0f32);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        if !(excess <= 0.0) && (excess > worst.1 || worst.1 == 0.0) {
+            worst = (i, excess.max(f32::MIN_POSITIVE));
+        }
+        assert!(g.is_finite(), "{what}: element {i} is {g}");
+    }
+    if worst.1 > 0.0 {
+        let i = worst.0;
+        panic!(
+            "{what}: element {i} is {} but should be {} (atol {atol}, rtol {rtol})",
+            got[i], want[i]
+        );
+    }
+}

@@ -1,0 +1,338 @@
+//! Weight regeneration and mask kernels against their CPU twins: bit-exact where the
+//! arithmetic is integer (hash, weights, masks), close where it goes through exp/log.
+
+mod common;
+
+use common::{assert_close, devices, normal};
+use prism::gpu::DType;
+use prism::kernels::mask::{self, AggregateIo, AggregateOptions, Aggregation};
+use prism::kernels::weights::{self, cpu as wcpu, Init, LayerWeights, MaskSource};
+use prism::kernels::{adam, StepState};
+use prism::rng::{self, HostRng};
+
+const SIZES: &[usize] = &[1, 31, 32, 33, 1000, 4099, 70_001];
+
+#[test]
+fn frozen_weights_are_bit_identical_to_cpu() {
+    for gpu in devices() {
+        for init in [Init::SignedConstant, Init::KaimingNormal] {
+            for &n in SIZES {
+                let layer = LayerWeights {
+                    seed: 1234,
+                    layer: 3,
+                    init,
+                    fan_in: 77,
+                };
+                let out = gpu.tensor(&[n], DType::F32, "w").unwrap();
+                let k = weights::materialize(&gpu, &layer, n, &MaskSource::Frozen, &out).unwrap();
+                gpu.run(&[&k]).unwrap();
+                let got = gpu.read_f32(&out).unwrap();
+                let want = wcpu::frozen_all(&layer, n);
+                let got_bits: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
+                let want_bits: Vec<u32> = want.iter().map(|x| x.to_bits()).collect();
+                assert_eq!(got_bits, want_bits, "{init:?} n={n}");
+            }
+        }
+    }
+}
+
+#[test]
+fn weight_statistics_match_kaiming() {
+    let n = 200_000;
+    let fan_in = 50;
+    for init in [Init::SignedConstant, Init::KaimingNormal] {
+        let layer = LayerWeights {
+            seed: 9,
+            layer: 0,
+            init,
+            fan_in,
+        };
+        let w = wcpu::frozen_all(&layer, n);
+        let mean = w.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+        let var = w.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 0.003, "{init:?} mean {mean}");
+        assert!(
+            (var / (2.0 / fan_in as f64) - 1.0).abs() < 0.02,
+            "{init:?} var {var}"
+        );
+    }
+    // Different layers and seeds give unrelated weights.
+    let a = wcpu::frozen_all(
+        &LayerWeights {
+            seed: 1,
+            layer: 0,
+            init: Init::SignedConstant,
+            fan_in: 4,
+        },
+        10_000,
+    );
+    let b = wcpu::frozen_all(
+        &LayerWeights {
+            seed: 1,
+            layer: 1,
+            init: Init::SignedConstant,
+            fan_in: 4,
+        },
+        10_000,
+    );
+    let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    assert!((4_700..5_300).contains(&agree), "{agree}");
+}
+
+#[test]
+fn thresholds_match_cpu_and_training_masks_are_exact() {
+    let mut rng = HostRng::new(5, &[1]);
+    for gpu in devices() {
+        for &n in SIZES {
+            let scores: Vec<f32> = normal(&mut rng, n).iter().map(|x| x * 3.0).collect();
+            let s = gpu.upload_f32(&scores, &[n], "scores").unwrap();
+            let keep = gpu
+                .tensor(&[mask::keep_words(n)], DType::U32, "keep")
+                .unwrap();
+            gpu.run(&[&mask::thresholds(&gpu, &s, &keep).unwrap()])
+                .unwrap();
+            let got = gpu.read_u32(&keep).unwrap();
+            // sigmoid is not exactly rounded on GPUs: thresholds may differ by one unit.
+            for i in 0..n {
+                let g = wcpu::threshold_of(&got, i) as i64;
+                let w = mask::cpu::threshold(scores[i]) as i64;
+                assert!((g - w).abs() <= 1, "threshold {i}: {g} vs {w}");
+            }
+            // Given the thresholds, the training mask is integer arithmetic: exact.
+            let step = StepState {
+                client: 4,
+                step: 17,
+                round: 2,
+                seed: 0,
+            };
+            let st = gpu
+                .upload_u32(bytemuck::cast_slice(&[step]), &[4], "step")
+                .unwrap();
+            let layer = LayerWeights {
+                seed: 77,
+                layer: 1,
+                init: Init::SignedConstant,
+                fan_in: 9,
+            };
+            let out = gpu.tensor(&[n], DType::F32, "weff").unwrap();
+            let src = MaskSource::Train {
+                keep: &keep,
+                step: &st,
+            };
+            gpu.run(&[&weights::materialize(&gpu, &layer, n, &src, &out).unwrap()])
+                .unwrap();
+            let want = wcpu::effective(&layer, n, &wcpu::Source::Train { keep: &got, step });
+            assert_eq!(gpu.read_f32(&out).unwrap(), want, "train mask n={n}");
+        }
+    }
+}
+
+#[test]
+fn packed_samples_are_exact_and_have_the_right_rate() {
+    let mut rng = HostRng::new(6, &[1]);
+    let gpu = common::gpu();
+    for &n in SIZES {
+        let scores = normal(&mut rng, n);
+        let keep_cpu = mask::cpu::thresholds(&scores);
+        let keep = gpu
+            .upload_u32(&keep_cpu, &[keep_cpu.len()], "keep")
+            .unwrap();
+        let bits = gpu
+            .tensor(&[mask::packed_words(n)], DType::U32, "bits")
+            .unwrap();
+        let key = rng::key_path(3, &[rng::stream::UPLOAD, 1, 2]);
+        gpu.run(&[&mask::sample_packed(&gpu, n, &keep, key, &bits).unwrap()])
+            .unwrap();
+        let got = gpu.read_u32(&bits).unwrap();
+        assert_eq!(got, mask::cpu::sample_packed(n, &keep_cpu, key), "n={n}");
+        // Unpack round trip, and the packed mask as a weight source.
+        let vals = gpu.tensor(&[n], DType::F32, "vals").unwrap();
+        gpu.run(&[&mask::unpack(&gpu, n, &bits, &vals).unwrap()])
+            .unwrap();
+        let unpacked: Vec<bool> = gpu
+            .read_f32(&vals)
+            .unwrap()
+            .iter()
+            .map(|&v| v == 1.0)
+            .collect();
+        assert_eq!(mask::cpu::pack(&unpacked), got);
+        let layer = LayerWeights {
+            seed: 2,
+            layer: 5,
+            init: Init::SignedConstant,
+            fan_in: 3,
+        };
+        let out = gpu.tensor(&[n], DType::F32, "weff").unwrap();
+        gpu.run(&[
+            &weights::materialize(&gpu, &layer, n, &MaskSource::Packed(&bits), &out).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            gpu.read_f32(&out).unwrap(),
+            wcpu::effective(&layer, n, &wcpu::Source::Packed(&got))
+        );
+    }
+    // The sample's rate follows the probabilities.
+    let n = 400_000;
+    let p = 0.3f32;
+    let s = (p / (1.0 - p)).ln();
+    let keep_cpu = mask::cpu::thresholds(&vec![s; n]);
+    let ones: u32 = mask::cpu::sample_packed(n, &keep_cpu, 99)
+        .iter()
+        .map(|w| w.count_ones())
+        .sum();
+    assert!((ones as f64 / n as f64 - 0.3).abs() < 0.003, "{ones}");
+}
+
+#[test]
+fn pack_positive_and_hamming() {
+    let mut rng = HostRng::new(7, &[1]);
+    let gpu = common::gpu();
+    for &n in SIZES {
+        let a = normal(&mut rng, n);
+        let b = normal(&mut rng, n);
+        let ta = gpu.upload_f32(&a, &[n], "a").unwrap();
+        let tb = gpu.upload_f32(&b, &[n], "b").unwrap();
+        let ba = gpu
+            .tensor(&[mask::packed_words(n)], DType::U32, "ba")
+            .unwrap();
+        let bb = gpu
+            .tensor(&[mask::packed_words(n)], DType::U32, "bb")
+            .unwrap();
+        let count = gpu.zeros(&[1], DType::U32, "count").unwrap();
+        let ks = [
+            mask::pack_positive(&gpu, &ta, &ba).unwrap(),
+            mask::pack_positive(&gpu, &tb, &bb).unwrap(),
+            mask::hamming(&gpu, n, &ba, &bb, &count).unwrap(),
+        ];
+        gpu.run(&ks.iter().collect::<Vec<_>>()).unwrap();
+        let pa = mask::cpu::pack(&a.iter().map(|&x| x > 0.0).collect::<Vec<_>>());
+        let pb = mask::cpu::pack(&b.iter().map(|&x| x > 0.0).collect::<Vec<_>>());
+        assert_eq!(gpu.read_u32(&ba).unwrap(), pa);
+        assert_eq!(
+            gpu.read_u32(&count).unwrap()[0],
+            mask::cpu::hamming(&pa, &pb),
+            "n={n}"
+        );
+    }
+}
+
+#[test]
+fn aggregation_matches_cpu_for_every_rule() {
+    let mut rng = HostRng::new(8, &[1]);
+    for gpu in devices() {
+        for &n in &[1usize, 100, 5000] {
+            for rule in [Aggregation::MeanOfSmoothed, Aggregation::PersistentPrior] {
+                for mada in [false, true] {
+                    let clients = 7;
+                    let masks: Vec<Vec<u32>> = (0..clients)
+                        .map(|_| {
+                            mask::cpu::pack(
+                                &(0..n).map(|_| rng.unit_f64() < 0.4).collect::<Vec<_>>(),
+                            )
+                        })
+                        .collect();
+                    let flat: Vec<u32> = masks.concat();
+                    let scores = normal(&mut rng, n);
+                    let mut prior: Vec<f32> = (0..2 * n)
+                        .map(|_| 1.0 + rng.unit_f64() as f32 * 3.0)
+                        .collect();
+                    let lambda_count = (n / 5) as u32;
+                    let tm = gpu.upload_u32(&flat, &[flat.len()], "masks").unwrap();
+                    let ts = gpu.upload_f32(&scores, &[n], "scores").unwrap();
+                    let tc = gpu.upload_u32(&[lambda_count], &[1], "count").unwrap();
+                    let th = gpu.tensor(&[n], DType::F32, "s_hat").unwrap();
+                    let to = gpu.tensor(&[n], DType::F32, "out").unwrap();
+                    let tp = gpu.upload_f32(&prior, &[2 * n], "prior").unwrap();
+                    let opts = AggregateOptions {
+                        rule,
+                        lo: 0.01,
+                        hi: 0.99,
+                        mada,
+                    };
+                    let io = AggregateIo {
+                        masks: &tm,
+                        scores: &ts,
+                        count: &tc,
+                        s_hat: &th,
+                        scores_out: &to,
+                        prior: &tp,
+                    };
+                    gpu.run(&[&mask::aggregate(&gpu, n, clients, &opts, &io).unwrap()])
+                        .unwrap();
+                    let lambda = lambda_count as f32 / n as f32;
+                    let (want_hat, want_out) =
+                        mask::cpu::aggregate(n, &masks, &scores, lambda, &opts, &mut prior);
+                    assert_close("s_hat", &gpu.read_f32(&th).unwrap(), &want_hat, 1e-5, 1e-5);
+                    assert_close(
+                        "new scores",
+                        &gpu.read_f32(&to).unwrap(),
+                        &want_out,
+                        1e-5,
+                        1e-5,
+                    );
+                    if rule == Aggregation::PersistentPrior {
+                        assert_close("prior", &gpu.read_f32(&tp).unwrap(), &prior, 0.0, 0.0);
+                    }
+                    // Without the persistent prior, |s_hat| <= logit(0.99).
+                    if rule == Aggregation::MeanOfSmoothed {
+                        assert!(want_hat.iter().all(|s| s.abs() <= 4.5952));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn adam_matches_cpu_and_refreshes_thresholds() {
+    let mut rng = HostRng::new(10, &[1]);
+    let gpu = common::gpu();
+    let n = 3001;
+    let cfg = adam::AdamConfig::default();
+    let mut scores = normal(&mut rng, n);
+    let mut moments = vec![0f32; 2 * n];
+    let ts = gpu.upload_f32(&scores, &[n], "scores").unwrap();
+    let tm = gpu.upload_f32(&moments, &[2 * n], "moments").unwrap();
+    let tk = gpu
+        .tensor(&[mask::keep_words(n)], DType::U32, "keep")
+        .unwrap();
+    let step = StepState {
+        client: 0,
+        step: 0,
+        round: 0,
+        seed: 0,
+    };
+    let tst = gpu
+        .upload_u32(bytemuck::cast_slice(&[step]), &[4], "step")
+        .unwrap();
+    let tg = gpu.tensor(&[n], DType::F32, "grad").unwrap();
+    let io = adam::AdamIo {
+        step: &tst,
+        grad: &tg,
+        scores: &ts,
+        moments: &tm,
+        keep: &tk,
+    };
+    let k_step = adam::step(&gpu, &cfg, &io).unwrap();
+    let k_adv = adam::advance(&gpu, &tst).unwrap();
+    for t in 1..=5u32 {
+        let grad = normal(&mut rng, n);
+        gpu.write_f32(&tg, &grad).unwrap();
+        gpu.run(&[&k_step, &k_adv]).unwrap();
+        adam::cpu::step(&cfg, t, &grad, &mut scores, &mut moments);
+    }
+    assert_close("scores", &gpu.read_f32(&ts).unwrap(), &scores, 1e-5, 1e-4);
+    assert_close("moments", &gpu.read_f32(&tm).unwrap(), &moments, 1e-6, 1e-4);
+    assert_eq!(
+        gpu.read_u32(&tst).unwrap()[1],
+        5,
+        "step counter advanced once per step"
+    );
+    let keep = gpu.read_u32(&tk).unwrap();
+    for i in 0..n {
+        let g = wcpu::threshold_of(&keep, i) as i64;
+        let w = mask::cpu::threshold(scores[i]) as i64;
+        assert!((g - w).abs() <= 2, "threshold {i}: {g} vs {w}");
+    }
+}

@@ -1,0 +1,86 @@
+//! Every shader variant the launchers can request renders from its template and passes naga's
+//! validation. Needs no GPU.
+
+use prism::gpu::shader::{capabilities, compile, ShaderKey, SOURCES};
+
+/// Device-wide variants: (row_share, subgroups capability, f16).
+const DEVICE: &[(&str, bool, bool)] = &[
+    ("broadcast", true, true),
+    ("shuffle", true, false),
+    ("direct", false, false),
+];
+
+fn check(key: ShaderKey) {
+    for &(share, sg, f16) in DEVICE {
+        let k = key
+            .clone()
+            .def("row_share", share)
+            .def("subgroups", sg)
+            .def("f16", f16);
+        if let Err(e) = compile(&k, capabilities(sg, f16)) {
+            panic!("{e}");
+        }
+    }
+}
+
+#[test]
+fn matmul_variants_validate() {
+    for source in ["dense", "train", "packed", "frozen"] {
+        for rows in [8u32, 32] {
+            for aligned in [false, true] {
+                check(
+                    ShaderKey::new("masked_matmul.wgsl")
+                        .def("source", source)
+                        .def("rows", rows)
+                        .def("aligned", aligned),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_variants_validate() {
+    for source in ["dense", "train", "packed", "frozen"] {
+        for rows in [8u32, 32] {
+            for aligned in [false, true] {
+                check(
+                    ShaderKey::new("masked_conv.wgsl")
+                        .def("source", source)
+                        .def("rows", rows)
+                        .def("aligned", aligned),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn weight_mask_and_adam_kernels_validate() {
+    for source in ["dense", "train", "packed", "frozen"] {
+        check(
+            ShaderKey::new("weights.wgsl")
+                .def("standalone", true)
+                .def("source", source),
+        );
+    }
+    check(ShaderKey::new("mask.wgsl"));
+    check(ShaderKey::new("adam.wgsl"));
+}
+
+#[test]
+fn every_shader_file_is_listed_and_exists() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".wgsl"))
+        .collect();
+    on_disk.sort();
+    let mut listed: Vec<String> = SOURCES.iter().map(|(n, _)| n.to_string()).collect();
+    listed.sort();
+    assert_eq!(
+        on_disk, listed,
+        "shaders/ and gpu::shader::SOURCES disagree"
+    );
+}
