@@ -288,11 +288,8 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e| sink.record(e)));
         let sink = errors.clone();
         device.set_device_lost_callback(move |reason, message| {
-            // A deliberate destroy (at drop) is not a fault.
-            if reason != wgpu::DeviceLostReason::Destroyed {
-                *sink.lost.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((format!("{reason:?}"), message));
-            }
+            *sink.lost.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((format!("{reason:?}"), message));
         });
 
         let subgroups = required

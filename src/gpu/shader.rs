@@ -29,8 +29,11 @@ pub const SOURCES: &[(&str, &str)] = &[
         "masked_conv.wgsl",
         include_str!("../../shaders/masked_conv.wgsl"),
     ),
-    // ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
-    // ("elementwise.wgsl", include_str!("../../shaders/elementwise.wgsl")),
+    ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
+    (
+        "elementwise.wgsl",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
     ("adam.wgsl", include_str!("../../shaders/adam.wgsl")),
 ];
 

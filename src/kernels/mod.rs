@@ -6,10 +6,10 @@
 
 pub mod adam;
 pub mod conv;
-// pub mod elementwise;
+pub mod elementwise;
 pub mod mask;
 pub mod matmul;
-// pub mod norm;
+pub mod norm;
 pub mod weights;
 
 use crate::error::{Error, Result};

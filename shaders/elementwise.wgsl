@@ -1,0 +1,131 @@
+// Elementwise and layout operations the generator needs around its masked layers: ReLU, tanh,
+// nearest 2x upsampling and its adjoint, residual adds, scaling, and Gaussian latents drawn
+// from the counter-based hash (rng.wgsl).
+//% include "common.wgsl"
+//% include "rng.wgsl"
+
+struct Params {
+    n: u32,        // elements of the output
+    h: u32,        // upsample: input height and width
+    w: u32,
+    key: u32,      // latent: base key (seed, LATENT); the step adds client and step
+    alpha: f32,    // scale / axpy factor
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> step: StepState;
+
+fn index(wid: vec3<u32>, nwg: vec3<u32>, li: u32) -> u32 {
+    return linear_workgroup(wid, nwg) * 256u + li;
+}
+
+// out = max(a, 0)
+@compute @workgroup_size(256)
+fn relu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i < p.n) {
+        out[i] = max(a[i], 0.0);
+    }
+}
+
+// out = a (upstream gradient) where b (the ReLU's output) > 0, else 0
+@compute @workgroup_size(256)
+fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i < p.n) {
+        out[i] = select(0.0, a[i], b[i] > 0.0);
+    }
+}
+
+// out = tanh(a)
+@compute @workgroup_size(256)
+fn tanh_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i < p.n) {
+        out[i] = tanh(a[i]);
+    }
+}
+
+// out = a * (1 - b^2) with b = tanh output
+@compute @workgroup_size(256)
+fn tanh_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i < p.n) {
+        out[i] = a[i] * (1.0 - b[i] * b[i]);
+    }
+}
+
+// Nearest 2x upsampling: out [planes, 2h, 2w] from a [planes, h, w]; p.n = output elements.
+@compute @workgroup_size(256)
+fn upsample2x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i >= p.n) {
+        return;
+    }
+    let ow = 2u * p.w;
+    let plane = i / (4u * p.h * p.w);
+    let r = i % (4u * p.h * p.w);
+    let oy = r / ow;
+    let ox = r % ow;
+    out[i] = a[(plane * p.h + oy / 2u) * p.w + ox / 2u];
+}
+
+// Adjoint of upsample2x: out [planes, h, w] = sum of the 2x2 block of a [planes, 2h, 2w];
+// p.n = output elements.
+@compute @workgroup_size(256)
+fn upsample2x_adjoint(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i >= p.n) {
+        return;
+    }
+    let plane = i / (p.h * p.w);
+    let r = i % (p.h * p.w);
+    let y0 = 2u * (r / p.w);
+    let x0 = 2u * (r % p.w);
+    let ow = 2u * p.w;
+    let base = plane * 4u * p.h * p.w;
+    out[i] = a[base + y0 * ow + x0] + a[base + y0 * ow + x0 + 1u]
+           + a[base + (y0 + 1u) * ow + x0] + a[base + (y0 + 1u) * ow + x0 + 1u];
+}
+
+// out = a + b
+@compute @workgroup_size(256)
+fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i < p.n) {
+        out[i] = a[i] + b[i];
+    }
+}
+
+// out = alpha * a
+@compute @workgroup_size(256)
+fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i < p.n) {
+        out[i] = p.alpha * a[i];
+    }
+}
+
+// out = standard normal latents of this step: element i of the stream
+// key(key(base, client), step), by Box-Muller.
+@compute @workgroup_size(256)
+fn latent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i < p.n) {
+        out[i] = rng_normal_bm(rng_key(rng_key(p.key, step.client), step.step), i);
+    }
+}

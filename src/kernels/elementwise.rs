@@ -1,0 +1,196 @@
+//! Elementwise and layout kernels (`shaders/elementwise.wgsl`): ReLU, tanh, nearest 2x
+//! upsampling and its adjoint, add, scale, and Gaussian latents.
+
+use super::{check, groups_for, u32_of};
+use crate::error::{Error, Result};
+use crate::gpu::shader::ShaderKey;
+use crate::gpu::{DType, Gpu, Kernel, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    h: u32,
+    w: u32,
+    key: u32,
+    alpha: f32,
+    _pad: [u32; 3],
+}
+
+fn launch(
+    gpu: &Gpu,
+    entry: &str,
+    p: Params,
+    inputs: &[(&str, &Tensor)],
+    out: &Tensor,
+) -> Result<Kernel> {
+    let mut k = gpu
+        .kernel(ShaderKey::new("elementwise.wgsl"), entry)
+        .params(&p)
+        .bind("out", out)
+        .groups(groups_for(p.n as usize, 256)?);
+    for (name, t) in inputs {
+        k = k.bind(name, t);
+    }
+    Ok(k.build()?)
+}
+
+fn unary(gpu: &Gpu, entry: &str, a: &Tensor, out: &Tensor) -> Result<Kernel> {
+    let n = a.len();
+    check(out, n, DType::F32, entry)?;
+    check(a, n, DType::F32, entry)?;
+    let p = Params {
+        n: u32_of(n, "elements")?,
+        ..Default::default()
+    };
+    launch(gpu, entry, p, &[("a", a)], out)
+}
+
+fn binary(gpu: &Gpu, entry: &str, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<Kernel> {
+    let n = a.len();
+    check(b, n, DType::F32, entry)?;
+    check(out, n, DType::F32, entry)?;
+    let p = Params {
+        n: u32_of(n, "elements")?,
+        ..Default::default()
+    };
+    launch(gpu, entry, p, &[("a", a), ("b", b)], out)
+}
+
+/// out <- max(x, 0).
+pub fn relu(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<Kernel> {
+    unary(gpu, "relu", x, out)
+}
+
+/// dx <- dy where y > 0 (y: the ReLU's output).
+pub fn relu_backward(gpu: &Gpu, dy: &Tensor, y: &Tensor, dx: &Tensor) -> Result<Kernel> {
+    binary(gpu, "relu_backward", dy, y, dx)
+}
+
+/// out <- tanh(x).
+pub fn tanh(gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<Kernel> {
+    unary(gpu, "tanh_forward", x, out)
+}
+
+/// dx <- dy (1 - y^2) (y: the tanh output).
+pub fn tanh_backward(gpu: &Gpu, dy: &Tensor, y: &Tensor, dx: &Tensor) -> Result<Kernel> {
+    binary(gpu, "tanh_backward", dy, y, dx)
+}
+
+/// out <- a + b.
+pub fn add(gpu: &Gpu, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<Kernel> {
+    binary(gpu, "add", a, b, out)
+}
+
+/// out <- alpha * a.
+pub fn scale(gpu: &Gpu, alpha: f32, a: &Tensor, out: &Tensor) -> Result<Kernel> {
+    let n = a.len();
+    check(out, n, DType::F32, "scale")?;
+    let p = Params {
+        n: u32_of(n, "elements")?,
+        alpha,
+        ..Default::default()
+    };
+    launch(gpu, "scale", p, &[("a", a)], out)
+}
+
+/// Nearest 2x upsampling of `planes` images of h x w.
+pub fn upsample2x(
+    gpu: &Gpu,
+    planes: usize,
+    h: usize,
+    w: usize,
+    x: &Tensor,
+    out: &Tensor,
+) -> Result<Kernel> {
+    check(x, planes * h * w, DType::F32, "upsample input")?;
+    check(out, 4 * planes * h * w, DType::F32, "upsample output")?;
+    let p = Params {
+        n: u32_of(4 * planes * h * w, "elements")?,
+        h: h as u32,
+        w: w as u32,
+        ..Default::default()
+    };
+    launch(gpu, "upsample2x", p, &[("a", x)], out)
+}
+
+/// Adjoint of [`upsample2x`]: sums each 2x2 block (h, w: the small size).
+pub fn upsample2x_adjoint(
+    gpu: &Gpu,
+    planes: usize,
+    h: usize,
+    w: usize,
+    dy: &Tensor,
+    dx: &Tensor,
+) -> Result<Kernel> {
+    check(
+        dy,
+        4 * planes * h * w,
+        DType::F32,
+        "upsample output gradient",
+    )?;
+    check(dx, planes * h * w, DType::F32, "upsample input gradient")?;
+    let p = Params {
+        n: u32_of(planes * h * w, "elements")?,
+        h: h as u32,
+        w: w as u32,
+        ..Default::default()
+    };
+    launch(gpu, "upsample2x_adjoint", p, &[("a", dy)], dx)
+}
+
+/// out <- standard normal latents of the current step: stream key(key(base, client), step).
+pub fn latent(gpu: &Gpu, base_key: u32, step: &Tensor, out: &Tensor) -> Result<Kernel> {
+    check(step, 4, DType::U32, "step state")?;
+    if out.dtype() != DType::F32 {
+        return Err(Error::invalid("latents are f32"));
+    }
+    let p = Params {
+        n: u32_of(out.len(), "latents")?,
+        key: base_key,
+        ..Default::default()
+    };
+    Ok(gpu
+        .kernel(ShaderKey::new("elementwise.wgsl"), "latent")
+        .params(&p)
+        .bind("out", out)
+        .bind("step", step)
+        .groups(groups_for(out.len(), 256)?)
+        .build()?)
+}
+
+/// CPU twins.
+pub mod cpu {
+    use crate::kernels::StepState;
+    use crate::rng;
+
+    pub fn upsample2x(planes: usize, h: usize, w: usize, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; 4 * planes * h * w];
+        for p in 0..planes {
+            for oy in 0..2 * h {
+                for ox in 0..2 * w {
+                    out[(p * 2 * h + oy) * 2 * w + ox] = x[(p * h + oy / 2) * w + ox / 2];
+                }
+            }
+        }
+        out
+    }
+
+    pub fn upsample2x_adjoint(planes: usize, h: usize, w: usize, dy: &[f32]) -> Vec<f32> {
+        let mut dx = vec![0f32; planes * h * w];
+        for p in 0..planes {
+            for oy in 0..2 * h {
+                for ox in 0..2 * w {
+                    dx[(p * h + oy / 2) * w + ox / 2] += dy[(p * 2 * h + oy) * 2 * w + ox];
+                }
+            }
+        }
+        dx
+    }
+
+    /// Latents of a step.
+    pub fn latent(base_key: u32, step: &StepState, n: usize) -> Vec<f32> {
+        let key = rng::key(rng::key(base_key, step.client), step.step);
+        (0..n as u32).map(|i| rng::normal_bm(key, i)).collect()
+    }
+}

@@ -1,0 +1,243 @@
+//! BatchNorm, ReLU, tanh, upsampling, add/scale and latents against CPU twins, with
+//! finite-difference checks of every backward.
+
+mod common;
+
+use common::{assert_close, devices, normal, uniform};
+use prism::gpu::{DType, Gpu, Tensor};
+use prism::kernels::elementwise as ew;
+use prism::kernels::norm::{self, NormShape};
+use prism::kernels::StepState;
+use prism::rng::{self, HostRng};
+
+fn up(gpu: &Gpu, v: &[f32]) -> Tensor {
+    gpu.upload_f32(v, &[v.len()], "t").unwrap()
+}
+
+fn out(gpu: &Gpu, n: usize) -> Tensor {
+    gpu.tensor(&[n], DType::F32, "out").unwrap()
+}
+
+#[test]
+fn batchnorm_matches_cpu() {
+    let mut rng = HostRng::new(41, &[]);
+    let shapes = [
+        NormShape {
+            batch: 1,
+            channels: 3,
+            size: 5,
+        },
+        NormShape {
+            batch: 64,
+            channels: 512,
+            size: 1,
+        },
+        NormShape {
+            batch: 7,
+            channels: 5,
+            size: 49,
+        },
+        NormShape {
+            batch: 64,
+            channels: 4,
+            size: 256,
+        },
+    ];
+    for gpu in devices() {
+        for s in shapes {
+            // A large common offset checks that the variance is computed accurately.
+            let x: Vec<f32> = normal(&mut rng, s.len())
+                .iter()
+                .map(|v| 3.0 * v + 50.0)
+                .collect();
+            let dy = uniform(&mut rng, s.len());
+            let (tx, ty, tst, tdy, tdx) = (
+                up(&gpu, &x),
+                out(&gpu, s.len()),
+                out(&gpu, 2 * s.channels),
+                up(&gpu, &dy),
+                out(&gpu, s.len()),
+            );
+            let f = norm::forward(&gpu, &s, &tx, &ty, &tst).unwrap();
+            let b = norm::backward(&gpu, &s, &tdy, &ty, &tst, &tdx).unwrap();
+            gpu.run(&[&f, &b]).unwrap();
+            let (y, stats) = norm::cpu::forward(&s, &x);
+            let y_gpu = gpu.read_f32(&ty).unwrap();
+            let tol = if s.batch * s.size == 1 { 1e-2 } else { 2e-4 };
+            assert_close(&format!("bn forward {s:?}"), &y_gpu, &y, tol, 1e-3);
+            assert_close(
+                &format!("bn stats {s:?}"),
+                &gpu.read_f32(&tst).unwrap(),
+                &stats,
+                1e-4,
+                1e-4,
+            );
+            let dx = norm::cpu::backward(&s, &dy, &y_gpu, &gpu.read_f32(&tst).unwrap());
+            assert_close(
+                &format!("bn backward {s:?}"),
+                &gpu.read_f32(&tdx).unwrap(),
+                &dx,
+                2e-4,
+                1e-3,
+            );
+        }
+    }
+}
+
+#[test]
+fn backward_kernels_finite_differences() {
+    let gpu = common::gpu();
+    let mut rng = HostRng::new(42, &[]);
+    let s = NormShape {
+        batch: 4,
+        channels: 3,
+        size: 6,
+    };
+    let n = s.len();
+    let x: Vec<f32> = uniform(&mut rng, n)
+        .iter()
+        .map(|v| v * 2.0 + 0.05)
+        .collect();
+    let r = uniform(&mut rng, n);
+    let tx = up(&gpu, &x);
+    let ty = out(&gpu, n);
+    let tst = out(&gpu, 2 * s.channels);
+    let tr = up(&gpu, &r);
+    let tdx = out(&gpu, n);
+    // (name, forward kernel, backward kernel)
+    let cases: Vec<(&str, Vec<prism::gpu::Kernel>, prism::gpu::Kernel)> = vec![
+        (
+            "batchnorm",
+            vec![norm::forward(&gpu, &s, &tx, &ty, &tst).unwrap()],
+            norm::backward(&gpu, &s, &tr, &ty, &tst, &tdx).unwrap(),
+        ),
+        (
+            "relu",
+            vec![ew::relu(&gpu, &tx, &ty).unwrap()],
+            ew::relu_backward(&gpu, &tr, &ty, &tdx).unwrap(),
+        ),
+        (
+            "tanh",
+            vec![ew::tanh(&gpu, &tx, &ty).unwrap()],
+            ew::tanh_backward(&gpu, &tr, &ty, &tdx).unwrap(),
+        ),
+    ];
+    let h = 1e-3f32;
+    for (name, fwd, bwd) in &cases {
+        let loss = |xv: &[f32]| -> f64 {
+            gpu.write_f32(&tx, xv).unwrap();
+            gpu.run(&fwd.iter().collect::<Vec<_>>()).unwrap();
+            gpu.read_f32(&ty)
+                .unwrap()
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum()
+        };
+        loss(&x);
+        gpu.run(&[bwd]).unwrap();
+        let dx = gpu.read_f32(&tdx).unwrap();
+        for i in 0..n {
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp[i] += h;
+            xm[i] -= h;
+            let fd = (loss(&xp) - loss(&xm)) / (2.0 * h as f64);
+            assert!(
+                (fd - dx[i] as f64).abs() < 5e-3 * (1.0 + fd.abs()),
+                "{name} dx[{i}]: fd {fd} vs {}",
+                dx[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn upsampling_and_its_adjoint() {
+    let mut rng = HostRng::new(43, &[]);
+    for gpu in devices() {
+        for (planes, h, w) in [(1, 1, 1), (3, 4, 5), (64, 8, 8)] {
+            let x = uniform(&mut rng, planes * h * w);
+            let r = uniform(&mut rng, 4 * planes * h * w);
+            let (tx, ty, tr, tdx) = (
+                up(&gpu, &x),
+                out(&gpu, r.len()),
+                up(&gpu, &r),
+                out(&gpu, x.len()),
+            );
+            let f = ew::upsample2x(&gpu, planes, h, w, &tx, &ty).unwrap();
+            let b = ew::upsample2x_adjoint(&gpu, planes, h, w, &tr, &tdx).unwrap();
+            gpu.run(&[&f, &b]).unwrap();
+            assert_eq!(
+                gpu.read_f32(&ty).unwrap(),
+                ew::cpu::upsample2x(planes, h, w, &x)
+            );
+            let dx = gpu.read_f32(&tdx).unwrap();
+            assert_close(
+                "upsample adjoint",
+                &dx,
+                &ew::cpu::upsample2x_adjoint(planes, h, w, &r),
+                1e-6,
+                1e-6,
+            );
+            // <up(x), r> = <x, up^T(r)>: the adjoint is the gradient.
+            let lhs: f64 = ew::cpu::upsample2x(planes, h, w, &x)
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum();
+            let rhs: f64 = x
+                .iter()
+                .zip(&dx)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum();
+            assert!((lhs - rhs).abs() < 1e-4);
+        }
+    }
+}
+
+#[test]
+fn add_scale_and_latents() {
+    let gpu = common::gpu();
+    let mut rng = HostRng::new(44, &[]);
+    let a = uniform(&mut rng, 1001);
+    let b = uniform(&mut rng, 1001);
+    let (ta, tb, to, ts) = (up(&gpu, &a), up(&gpu, &b), out(&gpu, 1001), out(&gpu, 1001));
+    let k1 = ew::add(&gpu, &ta, &tb, &to).unwrap();
+    let k2 = ew::scale(&gpu, -2.5, &ta, &ts).unwrap();
+    gpu.run(&[&k1, &k2]).unwrap();
+    assert_eq!(
+        gpu.read_f32(&to).unwrap(),
+        a.iter().zip(&b).map(|(x, y)| x + y).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        gpu.read_f32(&ts).unwrap(),
+        a.iter().map(|x| -2.5 * x).collect::<Vec<_>>()
+    );
+
+    let step = StepState {
+        client: 3,
+        step: 9,
+        round: 0,
+        seed: 1,
+    };
+    let tstep = gpu
+        .upload_u32(bytemuck::cast_slice(&[step]), &[4], "step")
+        .unwrap();
+    let n = 64 * 128;
+    let base = rng::key_path(1, &[rng::stream::LATENT]);
+    let tz = out(&gpu, n);
+    gpu.run(&[&ew::latent(&gpu, base, &tstep, &tz).unwrap()])
+        .unwrap();
+    let z = gpu.read_f32(&tz).unwrap();
+    // Box-Muller goes through log/cos: close to the CPU twin, not bit-identical.
+    assert_close("latents", &z, &ew::cpu::latent(base, &step, n), 1e-5, 1e-5);
+    let mean = z.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+    let var = z.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+    assert!(
+        mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+        "{mean} {var}"
+    );
+    // Another step gives other latents.
+    let z2 = ew::cpu::latent(base, &StepState { step: 10, ..step }, n);
+    assert!(z.iter().zip(&z2).filter(|(a, b)| a == b).count() < 5);
+}
