@@ -13,6 +13,7 @@ use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
 use prism::kernels::StepState;
 use prism::rng::HostRng;
 
+#[allow(clippy::too_many_arguments)]
 fn cs(
     batch: usize,
     cin: usize,

@@ -93,9 +93,9 @@ fn thresholds_match_cpu_and_training_masks_are_exact() {
                 .unwrap();
             let got = gpu.read_u32(&keep).unwrap();
             // sigmoid is not exactly rounded on GPUs: thresholds may differ by one unit.
-            for i in 0..n {
+            for (i, &s) in scores.iter().enumerate() {
                 let g = wcpu::threshold_of(&got, i) as i64;
-                let w = mask::cpu::threshold(scores[i]) as i64;
+                let w = mask::cpu::threshold(s) as i64;
                 assert!((g - w).abs() <= 1, "threshold {i}: {g} vs {w}");
             }
             // Given the thresholds, the training mask is integer arithmetic: exact.
@@ -330,9 +330,9 @@ fn adam_matches_cpu_and_refreshes_thresholds() {
         "step counter advanced once per step"
     );
     let keep = gpu.read_u32(&tk).unwrap();
-    for i in 0..n {
+    for (i, &s) in scores.iter().enumerate() {
         let g = wcpu::threshold_of(&keep, i) as i64;
-        let w = mask::cpu::threshold(scores[i]) as i64;
+        let w = mask::cpu::threshold(s) as i64;
         assert!((g - w).abs() <= 2, "threshold {i}: {g} vs {w}");
     }
 }

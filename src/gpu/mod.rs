@@ -8,6 +8,7 @@ mod kernel;
 mod pipeline;
 mod pool;
 pub mod shader;
+mod timing;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 pub use buffer::{DType, Tensor};
 pub use kernel::{fold_workgroups, Kernel, KernelBuilder};
 pub use pool::{PoolStats, PooledBuffer};
+pub use timing::Clock;
 
 use crate::error::GpuError;
 use pipeline::PipelineCache;

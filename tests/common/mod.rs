@@ -60,7 +60,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
     let mut worst = (0usize, 0f32);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let excess = (g - w).abs() - (atol + rtol * w.abs());
-        if !(excess <= 0.0) && (excess > worst.1 || worst.1 == 0.0) {
+        // NaN counts as a failure.
+        if (excess.is_nan() || excess > 0.0) && (excess > worst.1 || worst.1 == 0.0) {
             worst = (i, excess.max(f32::MIN_POSITIVE));
         }
         assert!(g.is_finite(), "{what}: element {i} is {g}");

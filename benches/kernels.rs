@@ -1,0 +1,323 @@
+//! Kernel benchmarks: dense f32 matmul against masked matmul with seed-regenerated weights
+//! (training mode: a fresh Bernoulli mask per step; inference mode: a packed mask), and masked
+//! convolution at the paper's layer shapes against the same convolution on dense weights.
+//!
+//! Every kernel is checked against the CPU reference before it is timed. Times come from GPU
+//! timestamps where the adapter has them. Criterion reports throughput in elements/s where one
+//! element is one floating-point operation, so "Gelem/s" reads as GFLOP/s; a summary table with
+//! the masked/dense ratio measured in the same run is printed at the end.
+//!
+//! `PRISM_BENCH_QUICK=1` runs small sizes only (the smoke test of .ci/run).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use prism::gpu::{DType, Gpu, Kernel, Tensor};
+use prism::kernels::conv::{self, ConvShape};
+use prism::kernels::mask;
+use prism::kernels::matmul::{self, LinearShape};
+use prism::kernels::weights::{self, cpu as wcpu, Init, LayerWeights, MaskSource};
+use prism::kernels::StepState;
+use prism::rng::HostRng;
+
+fn quick() -> bool {
+    std::env::var("PRISM_BENCH_QUICK").is_ok_and(|v| v != "0")
+}
+
+fn open_gpu() -> Gpu {
+    Gpu::new(Default::default()).unwrap_or_else(|e| panic!("benchmarks need a GPU adapter: {e}"))
+}
+
+/// Rows of the summary table: (benchmark, variant, GFLOP/s).
+static SUMMARY: Mutex<Vec<(String, String, f64)>> = Mutex::new(Vec::new());
+
+/// GFLOP/s of a kernel from a direct timed run (10 repetitions, best of 3).
+fn gflops(gpu: &Gpu, k: &Kernel, flops: f64) -> f64 {
+    let reps = 10;
+    let best = (0..3)
+        .map(|_| gpu.time_kernels(&[k], reps).expect("timing failed"))
+        .min()
+        .unwrap_or(Duration::MAX);
+    flops * reps as f64 / best.as_secs_f64() / 1e9
+}
+
+/// The three weight sources of a layer of `n` weights, with their CPU effective weights.
+struct Sources {
+    dense: Tensor,
+    keep: Tensor,
+    step: Tensor,
+    bits: Tensor,
+    weff_dense: Vec<f32>,
+    weff_train: Vec<f32>,
+    weff_packed: Vec<f32>,
+}
+
+fn sources(gpu: &Gpu, layer: &LayerWeights, n: usize, rng: &mut HostRng) -> Sources {
+    let scores: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let keep_cpu = mask::cpu::thresholds(&scores);
+    let bits_cpu = mask::cpu::sample_packed(n, &keep_cpu, 99);
+    let step = StepState {
+        client: 0,
+        step: 1,
+        round: 0,
+        seed: layer.seed,
+    };
+    let dense = gpu.tensor(&[n], DType::F32, "dense weights").unwrap();
+    gpu.run(&[&weights::materialize(gpu, layer, n, &MaskSource::Frozen, &dense).unwrap()])
+        .unwrap();
+    Sources {
+        weff_dense: gpu.read_f32(&dense).unwrap(),
+        dense,
+        keep: gpu
+            .upload_u32(&keep_cpu, &[keep_cpu.len()], "keep")
+            .unwrap(),
+        step: gpu
+            .upload_u32(bytemuck::cast_slice(&[step]), &[4], "step")
+            .unwrap(),
+        bits: gpu
+            .upload_u32(&bits_cpu, &[bits_cpu.len()], "bits")
+            .unwrap(),
+        weff_train: wcpu::effective(
+            layer,
+            n,
+            &wcpu::Source::Train {
+                keep: &keep_cpu,
+                step,
+            },
+        ),
+        weff_packed: wcpu::effective(layer, n, &wcpu::Source::Packed(&bits_cpu)),
+    }
+}
+
+fn assert_near(what: &str, got: f32, want: f64) {
+    assert!(
+        (got as f64 - want).abs() <= 1e-3 * (1.0 + want.abs()),
+        "{what}: GPU {got} but CPU {want}; not timing a wrong kernel"
+    );
+}
+
+fn bench_matmul(c: &mut Criterion) {
+    let gpu = open_gpu();
+    let mut rng = HostRng::new(1, &[]);
+    let sizes: &[usize] = if quick() { &[256] } else { &[256, 512, 1024] };
+    let mut group = c.benchmark_group("matmul");
+    for &n in sizes {
+        let s = LinearShape {
+            batch: n,
+            inputs: n,
+            outputs: n,
+        };
+        let layer = LayerWeights {
+            seed: 7,
+            layer: 0,
+            init: Init::SignedConstant,
+            fan_in: n as u32,
+        };
+        let src = sources(&gpu, &layer, s.weights(), &mut rng);
+        let x: Vec<f32> = (0..n * n).map(|_| rng.unit_f64() as f32 - 0.5).collect();
+        let tx = gpu.upload_f32(&x, &[n, n], "x").unwrap();
+        let ty = gpu.tensor(&[n, n], DType::F32, "y").unwrap();
+        let variants: [(&str, MaskSource, &Vec<f32>); 3] = [
+            ("dense f32", MaskSource::Dense(&src.dense), &src.weff_dense),
+            (
+                "masked train",
+                MaskSource::Train {
+                    keep: &src.keep,
+                    step: &src.step,
+                },
+                &src.weff_train,
+            ),
+            (
+                "masked packed",
+                MaskSource::Packed(&src.bits),
+                &src.weff_packed,
+            ),
+        ];
+        let flops = 2.0 * s.macs() as f64;
+        group.throughput(Throughput::Elements(flops as u64));
+        for (name, source, weff) in &variants {
+            let k = matmul::forward(&gpu, &s, &layer, source, &tx, &ty).unwrap();
+            gpu.run(&[&k]).unwrap();
+            let y = gpu.read_f32(&ty).unwrap();
+            for &b in &[0, n / 2, n - 1] {
+                for &o in &[0, n / 3, n - 1] {
+                    let want: f64 = (0..n)
+                        .map(|i| x[b * n + i] as f64 * weff[o * n + i] as f64)
+                        .sum();
+                    assert_near(&format!("matmul {name} {n}"), y[b * n + o], want);
+                }
+            }
+            group.bench_with_input(BenchmarkId::new(*name, n), &k, |bch, k| {
+                bch.iter_custom(|iters| {
+                    gpu.time_kernels(&[k], iters as u32).expect("timing failed")
+                });
+            });
+            SUMMARY.lock().unwrap().push((
+                format!("matmul {n}x{n}x{n}"),
+                name.to_string(),
+                gflops(&gpu, &k, flops),
+            ));
+        }
+    }
+    group.finish();
+}
+
+/// The distinct convolution shapes of the paper's 32x32 generator (PRISM.md section 6).
+fn paper_convs(batch: usize) -> Vec<(&'static str, ConvShape)> {
+    let c = |cin, cout, hw, k, pad| ConvShape {
+        batch,
+        cin,
+        cout,
+        h: hw,
+        w: hw,
+        kh: k,
+        kw: k,
+        stride: 1,
+        pad,
+    };
+    vec![
+        ("3x3 512->256 @8", c(512, 256, 8, 3, 1)),
+        ("3x3 256->256 @8", c(256, 256, 8, 3, 1)),
+        ("1x1 512->256 @4", c(512, 256, 4, 1, 0)),
+        ("3x3 256->128 @16", c(256, 128, 16, 3, 1)),
+        ("3x3 128->128 @16", c(128, 128, 16, 3, 1)),
+        ("3x3 128->64 @32", c(128, 64, 32, 3, 1)),
+        ("3x3 64->64 @32", c(64, 64, 32, 3, 1)),
+        ("3x3 64->1 @32", c(64, 1, 32, 3, 1)),
+    ]
+}
+
+fn conv_point(
+    s: &ConvShape,
+    x: &[f32],
+    weff: &[f32],
+    b: usize,
+    co: usize,
+    oy: usize,
+    ox: usize,
+) -> f64 {
+    let mut acc = 0f64;
+    for ci in 0..s.cin {
+        for ky in 0..s.kh {
+            for kx in 0..s.kw {
+                let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                let ix = (ox * s.stride + kx) as isize - s.pad as isize;
+                if iy < 0 || ix < 0 || iy as usize >= s.h || ix as usize >= s.w {
+                    continue;
+                }
+                let xi = ((b * s.cin + ci) * s.h + iy as usize) * s.w + ix as usize;
+                acc += x[xi] as f64 * weff[((co * s.cin + ci) * s.kh + ky) * s.kw + kx] as f64;
+            }
+        }
+    }
+    acc
+}
+
+fn bench_conv(c: &mut Criterion) {
+    let gpu = open_gpu();
+    let mut rng = HostRng::new(2, &[]);
+    let batch = if quick() { 2 } else { 64 };
+    let mut shapes = paper_convs(batch);
+    if quick() {
+        shapes.truncate(2);
+    }
+    let mut group = c.benchmark_group("conv");
+    for (name, s) in shapes {
+        let layer = LayerWeights {
+            seed: 3,
+            layer: 1,
+            init: Init::SignedConstant,
+            fan_in: (s.cin * s.kh * s.kw) as u32,
+        };
+        let src = sources(&gpu, &layer, s.weights(), &mut rng);
+        let x: Vec<f32> = (0..s.input_len())
+            .map(|_| rng.unit_f64() as f32 - 0.5)
+            .collect();
+        let tx = gpu.upload_f32(&x, &[x.len()], "x").unwrap();
+        let ty = gpu.tensor(&[s.output_len()], DType::F32, "y").unwrap();
+        let flops = 2.0 * s.macs() as f64;
+        group.throughput(Throughput::Elements(flops as u64));
+        let variants: [(&str, MaskSource, &Vec<f32>); 2] = [
+            ("dense f32", MaskSource::Dense(&src.dense), &src.weff_dense),
+            (
+                "masked train",
+                MaskSource::Train {
+                    keep: &src.keep,
+                    step: &src.step,
+                },
+                &src.weff_train,
+            ),
+        ];
+        for (vname, source, weff) in &variants {
+            let k = conv::forward(&gpu, &s, &layer, source, &tx, &ty).unwrap();
+            gpu.run(&[&k]).unwrap();
+            let y = gpu.read_f32(&ty).unwrap();
+            let (oh, ow) = (s.oh(), s.ow());
+            for &(b, co, oy, ox) in &[
+                (0, 0, 0, 0),
+                (batch - 1, s.cout - 1, oh - 1, ow - 1),
+                (batch / 2, s.cout / 2, oh / 2, ow / 3),
+            ] {
+                let want = conv_point(&s, &x, weff, b, co, oy, ox);
+                assert_near(
+                    &format!("conv {name} {vname}"),
+                    y[((b * s.cout + co) * oh + oy) * ow + ox],
+                    want,
+                );
+            }
+            group.bench_with_input(BenchmarkId::new(*vname, name), &k, |bch, k| {
+                bch.iter_custom(|iters| {
+                    gpu.time_kernels(&[k], iters as u32).expect("timing failed")
+                });
+            });
+            SUMMARY.lock().unwrap().push((
+                format!("conv {name} batch {batch}"),
+                vname.to_string(),
+                gflops(&gpu, &k, flops),
+            ));
+        }
+    }
+    group.finish();
+}
+
+fn summary(_: &mut Criterion) {
+    let gpu = open_gpu();
+    let rows = SUMMARY.lock().unwrap();
+    println!(
+        "\nSummary on {} ({:?} clock):",
+        prism::gpu::describe_adapter(gpu.info()),
+        gpu.clock()
+    );
+    println!("| benchmark | variant | GFLOP/s | vs dense |");
+    println!("|---|---|---|---|");
+    for (bench, variant, g) in rows.iter() {
+        let dense = rows
+            .iter()
+            .find(|(b, v, _)| b == bench && v == "dense f32")
+            .map(|r| r.2);
+        let ratio = dense.map_or(String::from("-"), |d| format!("{:.2}", g / d));
+        println!("| {bench} | {variant} | {g:.1} | {ratio} |");
+    }
+}
+
+fn config() -> Criterion {
+    if quick() {
+        Criterion::default()
+            .sample_size(10)
+            .measurement_time(Duration::from_millis(300))
+            .warm_up_time(Duration::from_millis(100))
+    } else {
+        Criterion::default()
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(3))
+            .warm_up_time(Duration::from_secs(1))
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_matmul, bench_conv, summary
+}
+criterion_main!(benches);
