@@ -66,6 +66,7 @@ fn weight_mask_and_adam_kernels_validate() {
     }
     check(ShaderKey::new("mask.wgsl"));
     check(ShaderKey::new("norm.wgsl"));
+    check(ShaderKey::new("mmd.wgsl"));
     check(ShaderKey::new("elementwise.wgsl"));
     check(ShaderKey::new("adam.wgsl"));
 }

@@ -35,6 +35,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/elementwise.wgsl"),
     ),
     ("adam.wgsl", include_str!("../../shaders/adam.wgsl")),
+    ("mmd.wgsl", include_str!("../../shaders/mmd.wgsl")),
 ];
 
 /// A template variable's value.

@@ -9,6 +9,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod mask;
 pub mod matmul;
+pub mod mmd;
 pub mod norm;
 pub mod weights;
 

@@ -1,0 +1,248 @@
+// Kernel MMD between a generated batch x [n, d] and a real batch y [m, d] with a sum of
+// Gaussian kernels k(a, b) = sum_s exp(-|a - b|^2 / (2 sigma_s^2)), and its gradient with
+// respect to x. Also the mean-and-variance feature-matching loss of the reference code.
+//
+//   distances   dist[i, j] = scale * |z_i - z_j|^2 for z = (x, y), computed from differences
+//               (not |a|^2 + |b|^2 - 2ab, which cancels) and never negative
+//   reduce      one workgroup: the three kernel means in blocked sums plus a tree, MMD^2
+//               (biased: all pairs; unbiased: diagonals dropped), the loss (MMD^2 or, as GMMN
+//               trains, sqrt(MMD^2)), and coef[i, j] = dLoss/d dist[i, j] for the gradient
+//   gradient    dx[i, :] = sum_j 2 scale coef'[i, j] (x_i - z_j), coef' symmetrised over the
+//               generated pairs
+//   moments     the mean-and-variance matching loss and its gradient
+//
+// `scale` maps the stored values to the space the bandwidths are meant for (0.25 turns
+// tanh outputs in [-1, 1] into pixels in [0, 1]).
+//% include "common.wgsl"
+
+struct Params {
+    n: u32,            // generated samples
+    m: u32,            // real samples
+    d: u32,            // dimensions
+    unbiased: u32,
+    sqrt_loss: u32,    // 1: loss = sqrt(max(MMD^2, tiny)) (GMMN)
+    bandwidths: u32,   // number of sigmas in use (<= 8)
+    scale: f32,
+    _pad: u32,
+    inv_two_sigma2: array<vec4<f32>, 2>,  // 1 / (2 sigma^2) per bandwidth
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dist: array<f32>;
+@group(0) @binding(4) var<storage, read> dist_in: array<f32>;
+@group(0) @binding(5) var<storage, read_write> coef: array<f32>;
+@group(0) @binding(6) var<storage, read> coef_in: array<f32>;
+// loss: [0] MMD^2, [1] loss value, [2] mean k(x, x'), [3] mean k(y, y'), [4] mean k(x, y)
+@group(0) @binding(7) var<storage, read_write> loss: array<f32>;
+@group(0) @binding(8) var<storage, read> loss_in: array<f32>;
+@group(0) @binding(9) var<storage, read_write> dx: array<f32>;
+
+fn sample(j: u32, k: u32) -> f32 {
+    if (j < p.n) {
+        return x[j * p.d + k];
+    }
+    return y[(j - p.n) * p.d + k];
+}
+
+// One invocation per ordered pair (i, j) of the n + m samples.
+@compute @workgroup_size(256)
+fn distances(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) li: u32) {
+    let t = p.n + p.m;
+    let pair = linear_workgroup(wid, nwg) * 256u + li;
+    if (pair >= t * t) {
+        return;
+    }
+    let i = pair / t;
+    let j = pair % t;
+    var s = 0.0;
+    if (i != j) {
+        for (var k = 0u; k < p.d; k++) {
+            let e = sample(i, k) - sample(j, k);
+            s += e * e;
+        }
+    }
+    dist[pair] = max(s * p.scale, 0.0);
+}
+
+fn kernel_value(dd: f32) -> f32 {
+    var s = 0.0;
+    for (var b = 0u; b < p.bandwidths; b++) {
+        s += exp(-dd * p.inv_two_sigma2[b / 4u][b % 4u]);
+    }
+    return s;
+}
+
+// dk/d(dist)
+fn kernel_slope(dd: f32) -> f32 {
+    var s = 0.0;
+    for (var b = 0u; b < p.bandwidths; b++) {
+        let c = p.inv_two_sigma2[b / 4u][b % 4u];
+        s -= c * exp(-dd * c);
+    }
+    return s;
+}
+
+var<workgroup> red: array<vec3<f32>, 256>;
+
+@compute @workgroup_size(256)
+fn reduce(@builtin(local_invocation_index) li: u32) {
+    let n = p.n;
+    let m = p.m;
+    let t = n + m;
+    // Each lane sums a contiguous block of pairs (blocked summation), then a tree joins the
+    // 256 block sums: the error grows with log(pairs), not with pairs.
+    let pairs = t * t;
+    let per = (pairs + 255u) / 256u;
+    var acc = vec3<f32>(0.0);
+    for (var q = li * per; q < min(pairs, (li + 1u) * per); q++) {
+        let i = q / t;
+        let j = q % t;
+        if (i == j && p.unbiased == 1u) {
+            continue;
+        }
+        let kv = kernel_value(dist_in[q]);
+        if (i < n && j < n) {
+            acc.x += kv;
+        } else if (i >= n && j >= n) {
+            acc.y += kv;
+        } else if (i < n) {
+            acc.z += kv;  // cross pairs counted once, as (generated, real)
+        }
+    }
+    red[li] = acc;
+    for (var half = 128u; half > 0u; half /= 2u) {
+        workgroupBarrier();
+        if (li < half) {
+            red[li] += red[li + half];
+        }
+    }
+    workgroupBarrier();
+    let fn_ = f32(n);
+    let fm = f32(m);
+    var nxx = fn_ * fn_;
+    var nyy = fm * fm;
+    if (p.unbiased == 1u) {
+        nxx = fn_ * (fn_ - 1.0);
+        nyy = fm * (fm - 1.0);
+    }
+    let kxx = red[0].x / nxx;
+    let kyy = red[0].y / nyy;
+    let kxy = red[0].z / (fn_ * fm);
+    let mmd2 = kxx + kyy - 2.0 * kxy;
+    // d(loss)/d(MMD^2)
+    var outer = 1.0;
+    var value = mmd2;
+    if (p.sqrt_loss == 1u) {
+        value = sqrt(max(mmd2, 1e-12));
+        outer = 0.5 / value;
+    }
+    if (li == 0u) {
+        loss[0] = mmd2;
+        loss[1] = value;
+        loss[2] = kxx;
+        loss[3] = kyy;
+        loss[4] = kxy;
+    }
+    // coef[i, j] for generated i and any j: d loss / d dist[i, j], counting both orders of a
+    // generated pair (dist is symmetric).
+    for (var q = li; q < n * t; q += 256u) {
+        let i = q / t;
+        let j = q % t;
+        var c = 0.0;
+        if (i != j || p.unbiased == 0u) {
+            let slope = kernel_slope(dist_in[i * t + j]);
+            if (j < n) {
+                c = 2.0 * slope / nxx;
+            } else {
+                c = -2.0 * slope / (fn_ * fm);
+            }
+        }
+        coef[q] = outer * c;
+    }
+}
+
+// dx[i, k] = sum_j coef[i, j] * d dist[i, j] / dx[i, k], where d dist / dx_i = 2 scale (x_i - z_j)
+// (coef already counts a generated pair's two orders).
+@compute @workgroup_size(256)
+fn gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) li: u32) {
+    let e = linear_workgroup(wid, nwg) * 256u + li;
+    if (e >= p.n * p.d) {
+        return;
+    }
+    let i = e / p.d;
+    let k = e % p.d;
+    let t = p.n + p.m;
+    let xi = x[e];
+    var g = 0.0;
+    for (var j = 0u; j < t; j++) {
+        g += coef_in[i * t + j] * (xi - sample(j, k));
+    }
+    dx[e] = 2.0 * p.scale * g;
+}
+
+// Mean-and-variance matching: loss = sum_k (mu_x - mu_y)^2 + (var_x - var_y)^2 over features,
+// in the scaled space. One invocation per feature writes its gradient column and its term of
+// the loss to coef[k] (summed by the host or by `reduce_terms`).
+@compute @workgroup_size(256)
+fn moments(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) li: u32) {
+    let k = linear_workgroup(wid, nwg) * 256u + li;
+    if (k >= p.d) {
+        return;
+    }
+    let sc = sqrt(p.scale);
+    var mx = 0.0;
+    for (var i = 0u; i < p.n; i++) {
+        mx += sc * x[i * p.d + k];
+    }
+    mx /= f32(p.n);
+    var my = 0.0;
+    for (var i = 0u; i < p.m; i++) {
+        my += sc * y[i * p.d + k];
+    }
+    my /= f32(p.m);
+    var vx = 0.0;
+    for (var i = 0u; i < p.n; i++) {
+        let e = sc * x[i * p.d + k] - mx;
+        vx += e * e;
+    }
+    vx /= f32(p.n);
+    var vy = 0.0;
+    for (var i = 0u; i < p.m; i++) {
+        let e = sc * y[i * p.d + k] - my;
+        vy += e * e;
+    }
+    vy /= f32(p.m);
+    let dm = mx - my;
+    let dv = vx - vy;
+    coef[k] = dm * dm + dv * dv;
+    for (var i = 0u; i < p.n; i++) {
+        let e = sc * x[i * p.d + k] - mx;
+        dx[i * p.d + k] = sc * (2.0 * dm / f32(p.n) + 4.0 * dv * e / f32(p.n));
+    }
+}
+
+// loss[1] = loss[0] = sum of the per-feature terms in coef_in[0 .. d] (blocked, then a tree).
+@compute @workgroup_size(256)
+fn reduce_terms(@builtin(local_invocation_index) li: u32) {
+    let per = (p.d + 255u) / 256u;
+    var s = 0.0;
+    for (var k = li * per; k < min(p.d, (li + 1u) * per); k++) {
+        s += coef_in[k];
+    }
+    red[li] = vec3<f32>(s, 0.0, 0.0);
+    for (var half = 128u; half > 0u; half /= 2u) {
+        workgroupBarrier();
+        if (li < half) {
+            red[li] += red[li + half];
+        }
+    }
+    workgroupBarrier();
+    if (li == 0u) {
+        loss[0] = red[0].x;
+        loss[1] = red[0].x;
+    }
+}
