@@ -201,7 +201,6 @@ fn forward({{ octet.entry_args() }}) {
 //% endfor
 }
 
-//% if source != "dense"
 // grad_input: row m = (b, iy, ix) of dx; K = (co, ky, kx). Row info: (offset of image b in dy,
 // iy + pad, ix + pad); dy contributes where (iy + pad - ky) is a multiple of the stride.
 fn bwd_row(m: u32) -> vec3<i32> {
@@ -296,6 +295,7 @@ fn grad_input({{ octet.entry_args() }}) {
 //% endfor
 }
 
+//% if source != "dense"
 // grad_score: row co, column n = (ci, ky, kx), K = (b, oy, ox) split into slices. Column info:
 // (ci * h * w, ky - pad, kx - pad).
 fn col_info(n: u32) -> vec3<i32> {

@@ -152,7 +152,6 @@ fn forward({{ octet.entry_args() }}) {
 //% endfor
 }
 
-//% if source != "dense"
 @compute @workgroup_size(64)
 fn grad_input({{ octet.entry_args() }}) {
     let tile = linear_workgroup(wid, nwg);
@@ -227,6 +226,7 @@ fn grad_input({{ octet.entry_args() }}) {
 //% endfor
 }
 
+//% if source != "dense"
 fn score_factor(s: f32) -> f32 {
     let q = sigmoid(s);
     if (p.estimator == 0u) {

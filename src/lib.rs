@@ -14,6 +14,7 @@
 pub mod error;
 pub mod gpu;
 pub mod kernels;
+pub mod nn;
 pub mod rng;
 
 pub use error::{Error, GpuError, Result};

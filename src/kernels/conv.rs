@@ -238,9 +238,6 @@ pub fn grad_input(
 ) -> Result<Kernel> {
     s.validate()?;
     source.check(s.weights())?;
-    if matches!(source, MaskSource::Dense(_)) {
-        return Err(Error::invalid("grad_input is not built for dense weights"));
-    }
     check(dy, s.output_len(), DType::F32, "conv output gradient")?;
     check(dx, s.input_len(), DType::F32, "conv input gradient")?;
     let m = s.batch * s.h * s.w;
@@ -267,6 +264,11 @@ impl ScoreGrad {
     /// Both kernels in order.
     pub fn kernels(&self) -> [&Kernel; 2] {
         [&self.partials, &self.reduce]
+    }
+
+    /// The kernels and the scratch tensor they share (keep it alive as long as the kernels).
+    pub fn into_parts(self) -> ([Kernel; 2], Tensor) {
+        ([self.partials, self.reduce], self._scratch)
     }
 }
 
@@ -340,11 +342,6 @@ pub fn transpose_forward(
     y: &Tensor,
 ) -> Result<Kernel> {
     s.validate()?;
-    if matches!(source, MaskSource::Dense(_)) {
-        return Err(Error::invalid(
-            "transposed convolutions are not built for dense weights",
-        ));
-    }
     grad_input(gpu, &s.adjoint(), layer, source, x, y)
 }
 

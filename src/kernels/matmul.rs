@@ -130,9 +130,6 @@ pub fn grad_input(
 ) -> Result<Kernel> {
     s.validate()?;
     source.check(s.weights())?;
-    if matches!(source, MaskSource::Dense(_)) {
-        return Err(Error::invalid("grad_input is not built for dense weights"));
-    }
     check(dy, s.batch * s.outputs, DType::F32, "output gradient")?;
     check(dx, s.batch * s.inputs, DType::F32, "input gradient")?;
     let t = Tiling::choose(s.batch as u32, s.inputs as u32);

@@ -55,26 +55,31 @@ pub struct LossKernels {
     _scratch: Vec<Tensor>,
 }
 
-/// Builds the kernels computing the loss between x [n, d] and y [m, d] and writing
-/// dLoss/dx to `dx`. `scale` multiplies squared distances (0.25 maps [-1, 1] to [0, 1]).
+/// Builds the kernels computing the loss between x [n, ...] and y [m, ...] (samples along
+/// the first dimension) and writing dLoss/dx to `dx`. `scale` multiplies squared distances
+/// (0.25 maps [-1, 1] to [0, 1]).
 pub fn loss(
     gpu: &Gpu,
     kind: &LossKind,
-    n: usize,
-    m: usize,
-    d: usize,
     scale: f32,
     x: &Tensor,
     y: &Tensor,
     dx: &Tensor,
 ) -> Result<LossKernels> {
-    check(x, n * d, DType::F32, "generated batch")?;
-    check(y, m * d, DType::F32, "real batch")?;
-    check(dx, n * d, DType::F32, "loss gradient")?;
-    if n < 2 || m < 2 || d == 0 {
+    let (n, m) = (
+        x.shape().first().copied().unwrap_or(0),
+        y.shape().first().copied().unwrap_or(0),
+    );
+    if n < 2 || m < 2 {
         return Err(Error::invalid(
             "MMD needs at least two generated and two real samples",
         ));
+    }
+    let d = x.len() / n;
+    check(y, m * d, DType::F32, "real batch")?;
+    check(dx, n * d, DType::F32, "loss gradient")?;
+    if d == 0 || x.len() != n * d {
+        return Err(Error::invalid("samples must have the same positive size"));
     }
     let mut p = Params {
         n: u32_of(n, "batch")?,

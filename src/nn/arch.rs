@@ -1,0 +1,451 @@
+//! Generator architectures as layer lists, and the presets.
+
+use crate::error::{Error, Result};
+use crate::kernels::Init;
+
+/// One layer. Masked layers (linear, conv, transposed conv) have frozen random weights and
+/// trained scores; the others have no parameters (BatchNorm has no affine part in PRISM).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Layer {
+    /// Masked dense layer on flattened activations.
+    Linear {
+        outputs: usize,
+    },
+    /// Masked convolution, kernel k x k.
+    Conv {
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    /// Masked transposed convolution, kernel k x k.
+    ConvT {
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    },
+    /// Batch-statistics normalisation per channel (per feature for flat activations).
+    BatchNorm,
+    Relu,
+    Tanh,
+    /// Nearest-neighbour 2x upsampling.
+    Upsample2x,
+    /// Views flat activations as images.
+    Reshape {
+        c: usize,
+        h: usize,
+        w: usize,
+    },
+    /// `main(x) + skip(x)`.
+    Residual {
+        main: Vec<Layer>,
+        skip: Vec<Layer>,
+    },
+}
+
+/// Per-sample activation shape: channels x height x width (flat: features x 1 x 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Shape {
+    pub fn flat(n: usize) -> Shape {
+        Shape { c: n, h: 1, w: 1 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A generator: latent size, output image shape, layers, and how weights are initialised.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Architecture {
+    pub name: String,
+    pub latent: usize,
+    pub layers: Vec<Layer>,
+    pub init: Init,
+}
+
+/// A masked layer's static description, in network order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaskedLayerInfo {
+    /// Index among masked layers (the `layer` of its weight stream).
+    pub index: u32,
+    pub weights: usize,
+    pub fan_in: u32,
+    pub kind: &'static str,
+}
+
+impl Layer {
+    /// Output shape for an input shape, or an error saying why the layer cannot apply.
+    pub fn output_shape(&self, s: Shape) -> Result<Shape> {
+        let bad = |why: &str| Err(Error::invalid(format!("{self:?} on input {s:?}: {why}")));
+        Ok(match self {
+            Layer::Linear { outputs } => Shape::flat(*outputs),
+            Layer::Conv {
+                cout,
+                k,
+                stride,
+                pad,
+            } => {
+                if s.h + 2 * pad < *k || s.w + 2 * pad < *k || *stride == 0 {
+                    return bad("kernel larger than the padded input");
+                }
+                Shape {
+                    c: *cout,
+                    h: (s.h + 2 * pad - k) / stride + 1,
+                    w: (s.w + 2 * pad - k) / stride + 1,
+                }
+            }
+            Layer::ConvT {
+                cout,
+                k,
+                stride,
+                pad,
+            } => {
+                let h = ((s.h - 1) * stride + k).checked_sub(2 * pad);
+                let w = ((s.w - 1) * stride + k).checked_sub(2 * pad);
+                match (h, w) {
+                    (Some(h), Some(w)) if h > 0 && w > 0 => Shape { c: *cout, h, w },
+                    _ => return bad("empty output"),
+                }
+            }
+            Layer::BatchNorm | Layer::Relu | Layer::Tanh => s,
+            Layer::Upsample2x => Shape {
+                c: s.c,
+                h: 2 * s.h,
+                w: 2 * s.w,
+            },
+            Layer::Reshape { c, h, w } => {
+                if c * h * w != s.len() {
+                    return bad("element count differs");
+                }
+                Shape {
+                    c: *c,
+                    h: *h,
+                    w: *w,
+                }
+            }
+            Layer::Residual { main, skip } => {
+                let a = shape_through(main, s)?;
+                let b = shape_through(skip, s)?;
+                if a != b {
+                    return bad(&format!("main gives {a:?} but skip gives {b:?}"));
+                }
+                a
+            }
+        })
+    }
+}
+
+/// The shape after a list of layers.
+pub fn shape_through(layers: &[Layer], mut s: Shape) -> Result<Shape> {
+    for l in layers {
+        s = l.output_shape(s)?;
+    }
+    Ok(s)
+}
+
+fn collect_masked(layers: &[Layer], mut s: Shape, out: &mut Vec<MaskedLayerInfo>) -> Result<Shape> {
+    for l in layers {
+        let next = l.output_shape(s)?;
+        let index = out.len() as u32;
+        match l {
+            Layer::Linear { outputs } => out.push(MaskedLayerInfo {
+                index,
+                weights: s.len() * outputs,
+                fan_in: s.len() as u32,
+                kind: "linear",
+            }),
+            Layer::Conv { cout, k, .. } => out.push(MaskedLayerInfo {
+                index,
+                weights: s.c * cout * k * k,
+                fan_in: (s.c * k * k) as u32,
+                kind: "conv",
+            }),
+            // PRISM.md: the reference's fan_in of a transposed conv is cout * kh * kw.
+            Layer::ConvT { cout, k, .. } => out.push(MaskedLayerInfo {
+                index,
+                weights: s.c * cout * k * k,
+                fan_in: (cout * k * k) as u32,
+                kind: "conv_transpose",
+            }),
+            Layer::Residual { main, skip } => {
+                collect_masked(main, s, out)?;
+                collect_masked(skip, s, out)?;
+            }
+            _ => {}
+        }
+        s = next;
+    }
+    Ok(s)
+}
+
+impl Architecture {
+    /// The output image shape.
+    pub fn output(&self) -> Result<Shape> {
+        shape_through(&self.layers, Shape::flat(self.latent))
+    }
+
+    /// The masked layers in order (main path before skip path inside a residual block).
+    pub fn masked_layers(&self) -> Result<Vec<MaskedLayerInfo>> {
+        let mut v = Vec::new();
+        collect_masked(&self.layers, Shape::flat(self.latent), &mut v)?;
+        Ok(v)
+    }
+
+    /// Total number of masked weights.
+    pub fn masked_weights(&self) -> Result<usize> {
+        Ok(self.masked_layers()?.iter().map(|l| l.weights).sum())
+    }
+
+    /// Checks the architecture: shapes compose, at least one masked layer, image output.
+    pub fn validate(&self) -> Result<Shape> {
+        if self.latent == 0 {
+            return Err(Error::invalid("latent size must be positive"));
+        }
+        let out = self.output()?;
+        if self.masked_layers()?.is_empty() {
+            return Err(Error::invalid(
+                "an architecture needs at least one masked layer",
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Looks up a preset by name for images of `channels` channels.
+    pub fn preset(name: &str, channels: usize) -> Result<Architecture> {
+        match name {
+            "resnet32" => Ok(resnet32(channels)),
+            "conv28" => Ok(conv28(channels)),
+            "conv28-wide" => Ok(conv28_wide(channels)),
+            "mlp28" => Ok(mlp28(channels)),
+            _ => Err(Error::invalid(format!(
+                "unknown architecture {name:?}; presets: {}",
+                PRESETS.join(", ")
+            ))),
+        }
+    }
+}
+
+/// Names of the presets.
+pub const PRESETS: &[&str] = &["conv28", "conv28-wide", "mlp28", "resnet32"];
+
+/// The paper's residual block: main `BN, ReLU, up x2, conv3x3, BN, ReLU, conv3x3`, skip
+/// `conv1x1, up x2`.
+fn res_block(cout: usize) -> Layer {
+    Layer::Residual {
+        main: vec![
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Upsample2x,
+            Layer::Conv {
+                cout,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Conv {
+                cout,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+        ],
+        skip: vec![
+            Layer::Conv {
+                cout,
+                k: 1,
+                stride: 1,
+                pad: 0,
+            },
+            Layer::Upsample2x,
+        ],
+    }
+}
+
+/// The paper's 32x32 ResNet generator (PRISM.md section 6): latent 128, transposed conv
+/// 128 -> 512 (1x1 -> 4x4), residual blocks 512 -> 256 -> 128 -> 64, then BN, ReLU,
+/// conv3x3 64 -> channels, tanh. 3,543,616 masked weights for one channel.
+pub fn resnet32(channels: usize) -> Architecture {
+    Architecture {
+        name: "resnet32".into(),
+        latent: 128,
+        layers: vec![
+            Layer::Reshape { c: 128, h: 1, w: 1 },
+            Layer::ConvT {
+                cout: 512,
+                k: 4,
+                stride: 1,
+                pad: 0,
+            },
+            res_block(256),
+            res_block(128),
+            res_block(64),
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Conv {
+                cout: channels,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::Tanh,
+        ],
+        init: Init::SignedConstant,
+    }
+}
+
+/// A small convolutional generator at 28x28, sized for the 10-minute default run on a
+/// 2-core machine without a GPU: latent 32, linear to 64x7x7, then two upsample-conv stages.
+pub fn conv28(channels: usize) -> Architecture {
+    Architecture {
+        name: "conv28".into(),
+        latent: 32,
+        layers: vec![
+            Layer::Linear {
+                outputs: 64 * 7 * 7,
+            },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Reshape { c: 64, h: 7, w: 7 },
+            Layer::Upsample2x,
+            Layer::Conv {
+                cout: 32,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Upsample2x,
+            Layer::Conv {
+                cout: channels,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::Tanh,
+        ],
+        init: Init::SignedConstant,
+    }
+}
+
+/// conv28 with twice the channels: slower, sharper.
+pub fn conv28_wide(channels: usize) -> Architecture {
+    Architecture {
+        name: "conv28-wide".into(),
+        latent: 64,
+        layers: vec![
+            Layer::Linear {
+                outputs: 128 * 7 * 7,
+            },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Reshape { c: 128, h: 7, w: 7 },
+            Layer::Upsample2x,
+            Layer::Conv {
+                cout: 64,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Upsample2x,
+            Layer::Conv {
+                cout: channels,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::Tanh,
+        ],
+        init: Init::SignedConstant,
+    }
+}
+
+/// A fully connected generator at 28x28 (GMMN-like).
+pub fn mlp28(channels: usize) -> Architecture {
+    Architecture {
+        name: "mlp28".into(),
+        latent: 32,
+        layers: vec![
+            Layer::Linear { outputs: 256 },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Linear { outputs: 512 },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Linear {
+                outputs: channels * 28 * 28,
+            },
+            Layer::Reshape {
+                c: channels,
+                h: 28,
+                w: 28,
+            },
+            Layer::Tanh,
+        ],
+        init: Init::SignedConstant,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_resnet_has_the_published_weight_count() {
+        let a = resnet32(1);
+        assert_eq!(a.masked_weights().unwrap(), 3_543_616);
+        assert_eq!(a.output().unwrap(), Shape { c: 1, h: 32, w: 32 });
+        let layers = a.masked_layers().unwrap();
+        assert_eq!(layers.len(), 11);
+        assert_eq!(layers[0].weights, 128 * 512 * 16);
+        assert_eq!(
+            layers[0].fan_in,
+            512 * 16,
+            "the reference's transposed-conv fan_in quirk"
+        );
+        // 14.18 MB as f32, 0.443 MB as a 1-bit mask (PRISM.md).
+        assert_eq!(a.masked_weights().unwrap() * 4, 14_174_464);
+        assert_eq!(a.masked_weights().unwrap().div_ceil(8), 442_952);
+        assert_eq!(resnet32(3).output().unwrap().c, 3);
+    }
+
+    #[test]
+    fn presets_compose() {
+        for name in PRESETS {
+            for ch in [1, 3] {
+                let a = Architecture::preset(name, ch).unwrap();
+                let out = a.validate().unwrap();
+                assert_eq!(out.c, ch);
+                assert!(out.h == 28 || out.h == 32);
+            }
+        }
+        assert!(Architecture::preset("nope", 1).is_err());
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let a = Architecture {
+            name: "bad".into(),
+            latent: 10,
+            layers: vec![Layer::Reshape { c: 3, h: 2, w: 2 }],
+            init: Init::SignedConstant,
+        };
+        assert!(a.validate().is_err());
+    }
+}

@@ -1,0 +1,795 @@
+//! A generator instantiated at a fixed batch size: every activation, gradient and parameter
+//! buffer allocated once, and the forward and backward passes recorded as kernel lists that
+//! run again and again without allocating or compiling anything.
+
+use std::rc::Rc;
+
+use super::arch::{Architecture, Layer, MaskedLayerInfo, Shape};
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Kernel, Tensor};
+use crate::kernels::conv::{self, ConvShape, ConvTransposeShape};
+use crate::kernels::matmul::{self, Estimator, LinearShape};
+use crate::kernels::norm::{self, NormShape};
+use crate::kernels::{adam, elementwise as ew, mask, Init, LayerWeights, MaskSource};
+
+/// Kernels to run in order, with the scratch tensors they need kept alive.
+#[derive(Default)]
+pub struct Program {
+    pub kernels: Vec<Kernel>,
+    scratch: Vec<Tensor>,
+}
+
+impl Program {
+    fn push(&mut self, k: Kernel) {
+        self.kernels.push(k);
+    }
+
+    fn push_score_grad(&mut self, g: conv::ScoreGrad) {
+        let ([a, b], scratch) = g.into_parts();
+        self.kernels.push(a);
+        self.kernels.push(b);
+        self.scratch.push(scratch);
+    }
+
+    /// References for [`Gpu::submit`] and friends.
+    pub fn refs(&self) -> Vec<&Kernel> {
+        self.kernels.iter().collect()
+    }
+}
+
+/// Where the masks of the built kernels come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Fresh Bernoulli masks every step from the layers' keep thresholds (training).
+    Train,
+    /// The layers' packed masks (generation from a model).
+    Packed,
+    /// The layers' materialised dense weights (the baseline a model file is compared with).
+    Dense,
+    /// No mask (frozen random networks, such as the loss's feature encoder).
+    Frozen,
+}
+
+/// Which gradients the backward program computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backward {
+    /// None: forward only.
+    None,
+    /// Gradients with respect to the input only (a frozen feature encoder).
+    Input,
+    /// Score gradients of every masked layer (training), not the input's.
+    Scores,
+}
+
+/// Options of [`Network::build`].
+#[derive(Clone, Copy, Debug)]
+pub struct BuildOptions {
+    pub batch: usize,
+    pub seed: u32,
+    pub mode: WeightMode,
+    pub backward: Backward,
+    pub estimator: Estimator,
+    /// Offset added to masked-layer indices in the weight and mask streams (keeps a loss
+    /// encoder's weights unrelated to the generator's).
+    pub layer_offset: u32,
+}
+
+/// The buffers of one masked layer.
+pub struct MaskedLayer {
+    pub info: MaskedLayerInfo,
+    pub weights: LayerWeights,
+    /// Scores (training) — the layer's trained parameters.
+    pub scores: Tensor,
+    /// 16-bit keep thresholds of the scores (read by training kernels).
+    pub keep: Tensor,
+    /// dL/ds (training).
+    pub grad: Option<Tensor>,
+    /// Adam moments (training).
+    pub moments: Option<Tensor>,
+    /// Packed mask (generation, uploads).
+    pub bits: Tensor,
+    /// Materialised weights (dense mode).
+    pub dense: Option<Tensor>,
+}
+
+#[derive(Clone)]
+struct Act {
+    t: Rc<Tensor>,
+    shape: Shape,
+}
+
+/// A recorded forward op, kept for building the backward pass.
+enum Node {
+    Masked {
+        layer: usize,
+        spec: Layer,
+        x: Act,
+        y: Act,
+    },
+    Norm {
+        x: Act,
+        y: Act,
+        stats: Rc<Tensor>,
+    },
+    Relu {
+        y: Act,
+    },
+    Tanh {
+        y: Act,
+    },
+    Up {
+        x: Act,
+        y: Act,
+    },
+    Reshape {
+        x: Act,
+    },
+    Residual {
+        main: Vec<Node>,
+        skip: Vec<Node>,
+        x: Act,
+    },
+}
+
+/// A generator (or encoder) at a fixed batch size.
+pub struct Network {
+    pub arch: Architecture,
+    pub opts: BuildOptions,
+    /// Input [batch, latent] (or [batch, c, h, w] for an encoder).
+    pub input: Rc<Tensor>,
+    /// Output [batch, c, h, w].
+    pub output: Rc<Tensor>,
+    pub output_shape: Shape,
+    /// dL/d output: the backward program reads it.
+    pub grad_output: Option<Rc<Tensor>>,
+    /// dL/d input (Backward::Input).
+    pub grad_input: Option<Rc<Tensor>>,
+    pub layers: Vec<MaskedLayer>,
+    pub forward: Program,
+    pub backward: Program,
+    acts: Vec<Rc<Tensor>>,
+}
+
+struct Builder<'g> {
+    gpu: &'g Gpu,
+    opts: BuildOptions,
+    init: Init,
+    layers: Vec<MaskedLayer>,
+    infos: Vec<MaskedLayerInfo>,
+    step: Option<Rc<Tensor>>,
+    forward: Program,
+    acts: Vec<Rc<Tensor>>,
+}
+
+impl<'g> Builder<'g> {
+    fn act(&mut self, shape: Shape, what: &str) -> Result<Act> {
+        let t = Rc::new(self.gpu.tensor(
+            &[self.opts.batch, shape.c, shape.h, shape.w],
+            DType::F32,
+            what,
+        )?);
+        self.acts.push(t.clone());
+        Ok(Act { t, shape })
+    }
+
+    fn source(&self, layer: usize) -> MaskSource<'_> {
+        let l = &self.layers[layer];
+        match self.opts.mode {
+            WeightMode::Train => MaskSource::Train {
+                keep: &l.keep,
+                step: self
+                    .step
+                    .as_deref()
+                    .expect("training networks have a step buffer"),
+            },
+            WeightMode::Packed => MaskSource::Packed(&l.bits),
+            WeightMode::Dense => {
+                MaskSource::Dense(l.dense.as_ref().expect("dense networks have dense weights"))
+            }
+            WeightMode::Frozen => MaskSource::Frozen,
+        }
+    }
+
+    fn new_masked(&mut self) -> Result<usize> {
+        let idx = self.layers.len();
+        let info = self.infos[idx];
+        let n = info.weights;
+        let gpu = self.gpu;
+        let training = self.opts.backward == Backward::Scores;
+        let weights = LayerWeights {
+            seed: self.opts.seed,
+            layer: self.opts.layer_offset + info.index,
+            init: self.init,
+            fan_in: info.fan_in,
+        };
+        let dense = if self.opts.mode == WeightMode::Dense {
+            Some(gpu.tensor(&[n], DType::F32, "dense weights")?)
+        } else {
+            None
+        };
+        self.layers.push(MaskedLayer {
+            info,
+            weights,
+            scores: gpu.zeros(&[n], DType::F32, "scores")?,
+            keep: gpu.zeros(&[mask::keep_words(n)], DType::U32, "keep thresholds")?,
+            grad: if training {
+                Some(gpu.zeros(&[n], DType::F32, "score gradient")?)
+            } else {
+                None
+            },
+            moments: if training {
+                Some(gpu.zeros(&[2 * n], DType::F32, "Adam moments")?)
+            } else {
+                None
+            },
+            bits: gpu.zeros(&[mask::packed_words(n)], DType::U32, "packed mask")?,
+            dense,
+        });
+        Ok(idx)
+    }
+
+    fn build(&mut self, layers: &[Layer], mut x: Act) -> Result<(Act, Vec<Node>)> {
+        let b = self.opts.batch;
+        let mut tape = Vec::new();
+        for spec in layers {
+            let out_shape = spec.output_shape(x.shape)?;
+            let node = match spec {
+                Layer::Linear { .. } | Layer::Conv { .. } | Layer::ConvT { .. } => {
+                    let li = self.new_masked()?;
+                    let y = self.act(out_shape, "activation")?;
+                    let lw = self.layers[li].weights;
+                    let k = match spec {
+                        Layer::Linear { outputs } => {
+                            let s = LinearShape {
+                                batch: b,
+                                inputs: x.shape.len(),
+                                outputs: *outputs,
+                            };
+                            matmul::forward(self.gpu, &s, &lw, &self.source(li), &x.t, &y.t)?
+                        }
+                        Layer::Conv { .. } => conv::forward(
+                            self.gpu,
+                            &conv_shape(b, spec, x.shape),
+                            &lw,
+                            &self.source(li),
+                            &x.t,
+                            &y.t,
+                        )?,
+                        _ => conv::transpose_forward(
+                            self.gpu,
+                            &convt_shape(b, spec, x.shape),
+                            &lw,
+                            &self.source(li),
+                            &x.t,
+                            &y.t,
+                        )?,
+                    };
+                    self.forward.push(k);
+                    Node::Masked {
+                        layer: li,
+                        spec: spec.clone(),
+                        x: x.clone(),
+                        y: y.clone(),
+                    }
+                }
+                Layer::BatchNorm => {
+                    let y = self.act(out_shape, "normalised")?;
+                    let stats = Rc::new(self.gpu.tensor(
+                        &[2 * x.shape.c],
+                        DType::F32,
+                        "batch statistics",
+                    )?);
+                    self.acts.push(stats.clone());
+                    self.forward.push(norm::forward(
+                        self.gpu,
+                        &norm_shape(b, x.shape),
+                        &x.t,
+                        &y.t,
+                        &stats,
+                    )?);
+                    Node::Norm {
+                        x: x.clone(),
+                        y,
+                        stats,
+                    }
+                }
+                Layer::Relu => {
+                    let y = self.act(out_shape, "relu")?;
+                    self.forward.push(ew::relu(self.gpu, &x.t, &y.t)?);
+                    Node::Relu { y }
+                }
+                Layer::Tanh => {
+                    let y = self.act(out_shape, "tanh")?;
+                    self.forward.push(ew::tanh(self.gpu, &x.t, &y.t)?);
+                    Node::Tanh { y }
+                }
+                Layer::Upsample2x => {
+                    let y = self.act(out_shape, "upsampled")?;
+                    self.forward.push(ew::upsample2x(
+                        self.gpu,
+                        b * x.shape.c,
+                        x.shape.h,
+                        x.shape.w,
+                        &x.t,
+                        &y.t,
+                    )?);
+                    Node::Up { x: x.clone(), y }
+                }
+                Layer::Reshape { .. } => Node::Reshape { x: x.clone() },
+                Layer::Residual { main, skip } => {
+                    let (ym, main_tape) = self.build(main, x.clone())?;
+                    let (ys, skip_tape) = self.build(skip, x.clone())?;
+                    let y = self.act(out_shape, "residual sum")?;
+                    self.forward.push(ew::add(self.gpu, &ym.t, &ys.t, &y.t)?);
+                    tape.push(Node::Residual {
+                        main: main_tape,
+                        skip: skip_tape,
+                        x: x.clone(),
+                    });
+                    x = y;
+                    continue;
+                }
+            };
+            x = match &node {
+                Node::Masked { y, .. }
+                | Node::Norm { y, .. }
+                | Node::Relu { y }
+                | Node::Tanh { y }
+                | Node::Up { y, .. } => y.clone(),
+                Node::Reshape { x } => Act {
+                    t: x.t.clone(),
+                    shape: out_shape,
+                },
+                Node::Residual { .. } => unreachable!("handled above"),
+            };
+            tape.push(node);
+        }
+        Ok((x, tape))
+    }
+}
+
+fn conv_shape(batch: usize, spec: &Layer, s: Shape) -> ConvShape {
+    match spec {
+        Layer::Conv {
+            cout,
+            k,
+            stride,
+            pad,
+        } => ConvShape {
+            batch,
+            cin: s.c,
+            cout: *cout,
+            h: s.h,
+            w: s.w,
+            kh: *k,
+            kw: *k,
+            stride: *stride,
+            pad: *pad,
+        },
+        _ => unreachable!("conv_shape of a non-conv layer"),
+    }
+}
+
+fn convt_shape(batch: usize, spec: &Layer, s: Shape) -> ConvTransposeShape {
+    match spec {
+        Layer::ConvT {
+            cout,
+            k,
+            stride,
+            pad,
+        } => ConvTransposeShape {
+            batch,
+            cin: s.c,
+            cout: *cout,
+            h: s.h,
+            w: s.w,
+            kh: *k,
+            kw: *k,
+            stride: *stride,
+            pad: *pad,
+        },
+        _ => unreachable!("convt_shape of a non-transposed-conv layer"),
+    }
+}
+
+fn norm_shape(batch: usize, s: Shape) -> NormShape {
+    NormShape {
+        batch,
+        channels: s.c,
+        size: s.h * s.w,
+    }
+}
+
+/// Builds backward kernels for a tape: `dy` is the gradient of the tape's output; returns the
+/// gradient of its input (None when nothing upstream needs it).
+struct BackBuilder<'g, 'n> {
+    gpu: &'g Gpu,
+    opts: BuildOptions,
+    layers: &'n [MaskedLayer],
+    step: Option<&'n Tensor>,
+    program: Program,
+    grads: Vec<Rc<Tensor>>,
+}
+
+impl BackBuilder<'_, '_> {
+    fn grad_like(&mut self, a: &Act, what: &str) -> Result<Rc<Tensor>> {
+        let t = Rc::new(self.gpu.tensor(
+            &[self.opts.batch, a.shape.c, a.shape.h, a.shape.w],
+            DType::F32,
+            what,
+        )?);
+        self.grads.push(t.clone());
+        Ok(t)
+    }
+
+    fn source(&self, layer: usize) -> MaskSource<'_> {
+        let l = &self.layers[layer];
+        match self.opts.mode {
+            WeightMode::Train => MaskSource::Train {
+                keep: &l.keep,
+                step: self.step.expect("step buffer"),
+            },
+            WeightMode::Packed => MaskSource::Packed(&l.bits),
+            WeightMode::Dense | WeightMode::Frozen => MaskSource::Frozen,
+        }
+    }
+
+    /// `need_input`: whether the caller needs dL/d(input of this tape).
+    fn back(
+        &mut self,
+        tape: &[Node],
+        dy: Rc<Tensor>,
+        need_input: bool,
+    ) -> Result<Option<Rc<Tensor>>> {
+        let b = self.opts.batch;
+        let mut dy = dy;
+        // The first node whose input gradient anything needs: nodes before the first masked
+        // layer (or the tape start when the input gradient is wanted) need no dx.
+        let first_needed = if need_input {
+            0
+        } else {
+            match tape.iter().position(contains_masked) {
+                Some(i) => i,
+                None => return Ok(None),
+            }
+        };
+        for (i, node) in tape.iter().enumerate().rev() {
+            let want_dx = i > first_needed || need_input;
+            let scores_wanted = self.opts.backward == Backward::Scores;
+            match node {
+                Node::Masked {
+                    layer,
+                    spec,
+                    x,
+                    y: _,
+                } => {
+                    let l = &self.layers[*layer];
+                    let dx = if want_dx {
+                        Some(self.grad_like(x, "input gradient")?)
+                    } else {
+                        None
+                    };
+                    match spec {
+                        Layer::Linear { outputs } => {
+                            let s = LinearShape {
+                                batch: b,
+                                inputs: x.shape.len(),
+                                outputs: *outputs,
+                            };
+                            if scores_wanted {
+                                let g = l.grad.as_ref().expect("training layers have gradients");
+                                self.program.push(matmul::grad_score(
+                                    self.gpu,
+                                    &s,
+                                    &l.weights,
+                                    self.opts.estimator,
+                                    &x.t,
+                                    &dy,
+                                    &l.scores,
+                                    g,
+                                )?);
+                            }
+                            if let Some(dx) = &dx {
+                                self.program.push(matmul::grad_input(
+                                    self.gpu,
+                                    &s,
+                                    &l.weights,
+                                    &self.source(*layer),
+                                    &dy,
+                                    dx,
+                                )?);
+                            }
+                        }
+                        Layer::Conv { .. } => {
+                            let s = conv_shape(b, spec, x.shape);
+                            if scores_wanted {
+                                let g = l.grad.as_ref().expect("training layers have gradients");
+                                let sg = conv::grad_score(
+                                    self.gpu,
+                                    &s,
+                                    &l.weights,
+                                    self.opts.estimator,
+                                    &x.t,
+                                    &dy,
+                                    &l.scores,
+                                    g,
+                                )?;
+                                self.program.push_score_grad(sg);
+                            }
+                            if let Some(dx) = &dx {
+                                self.program.push(conv::grad_input(
+                                    self.gpu,
+                                    &s,
+                                    &l.weights,
+                                    &self.source(*layer),
+                                    &dy,
+                                    dx,
+                                )?);
+                            }
+                        }
+                        _ => {
+                            let s = convt_shape(b, spec, x.shape);
+                            if scores_wanted {
+                                let g = l.grad.as_ref().expect("training layers have gradients");
+                                let sg = conv::transpose_grad_score(
+                                    self.gpu,
+                                    &s,
+                                    &l.weights,
+                                    self.opts.estimator,
+                                    &x.t,
+                                    &dy,
+                                    &l.scores,
+                                    g,
+                                )?;
+                                self.program.push_score_grad(sg);
+                            }
+                            if let Some(dx) = &dx {
+                                self.program.push(conv::transpose_grad_input(
+                                    self.gpu,
+                                    &s,
+                                    &l.weights,
+                                    &self.source(*layer),
+                                    &dy,
+                                    dx,
+                                )?);
+                            }
+                        }
+                    }
+                    match dx {
+                        Some(d) => dy = d,
+                        None => return Ok(None),
+                    }
+                }
+                Node::Norm { x, y, stats } => {
+                    if !want_dx {
+                        return Ok(None);
+                    }
+                    let dx = self.grad_like(x, "batchnorm gradient")?;
+                    self.program.push(norm::backward(
+                        self.gpu,
+                        &norm_shape(b, x.shape),
+                        &dy,
+                        &y.t,
+                        stats,
+                        &dx,
+                    )?);
+                    dy = dx;
+                }
+                Node::Relu { y } => {
+                    if !want_dx {
+                        return Ok(None);
+                    }
+                    let dx = self.grad_like(y, "relu gradient")?;
+                    self.program
+                        .push(ew::relu_backward(self.gpu, &dy, &y.t, &dx)?);
+                    dy = dx;
+                }
+                Node::Tanh { y } => {
+                    if !want_dx {
+                        return Ok(None);
+                    }
+                    let dx = self.grad_like(y, "tanh gradient")?;
+                    self.program
+                        .push(ew::tanh_backward(self.gpu, &dy, &y.t, &dx)?);
+                    dy = dx;
+                }
+                Node::Up { x, .. } => {
+                    if !want_dx {
+                        return Ok(None);
+                    }
+                    let dx = self.grad_like(x, "upsample gradient")?;
+                    self.program.push(ew::upsample2x_adjoint(
+                        self.gpu,
+                        b * x.shape.c,
+                        x.shape.h,
+                        x.shape.w,
+                        &dy,
+                        &dx,
+                    )?);
+                    dy = dx;
+                }
+                Node::Reshape { .. } => {}
+                Node::Residual { main, skip, x } => {
+                    let dm = self.back(main, dy.clone(), want_dx)?;
+                    let ds = self.back(skip, dy.clone(), want_dx)?;
+                    if !want_dx {
+                        return Ok(None);
+                    }
+                    let dx = self.grad_like(x, "residual gradient")?;
+                    match (dm, ds) {
+                        (Some(a), Some(c)) => self.program.push(ew::add(self.gpu, &a, &c, &dx)?),
+                        _ => {
+                            return Err(Error::invalid(
+                                "a residual branch produced no input gradient",
+                            ))
+                        }
+                    }
+                    dy = dx;
+                }
+            }
+        }
+        Ok(Some(dy))
+    }
+}
+
+fn contains_masked(n: &Node) -> bool {
+    match n {
+        Node::Masked { .. } => true,
+        Node::Residual { main, skip, .. } => {
+            main.iter().any(contains_masked) || skip.iter().any(contains_masked)
+        }
+        _ => false,
+    }
+}
+
+impl Network {
+    /// Builds the network. `step` is the step-state buffer training kernels read (required
+    /// for `WeightMode::Train`). `input` may be supplied (to chain networks) or is allocated.
+    pub fn build(
+        gpu: &Gpu,
+        arch: &Architecture,
+        opts: BuildOptions,
+        step: Option<Rc<Tensor>>,
+        input: Option<Rc<Tensor>>,
+        input_shape: Option<Shape>,
+    ) -> Result<Network> {
+        if opts.batch == 0 {
+            return Err(Error::invalid("batch size must be positive"));
+        }
+        if opts.mode == WeightMode::Train && step.is_none() {
+            return Err(Error::invalid("training networks need a step-state buffer"));
+        }
+        if opts.mode == WeightMode::Dense && opts.backward != Backward::None {
+            return Err(Error::invalid(
+                "dense-weight networks are built for inference only",
+            ));
+        }
+        let in_shape = input_shape.unwrap_or(Shape::flat(arch.latent));
+        let infos = {
+            let mut a = arch.clone();
+            a.latent = in_shape.len();
+            if input_shape.is_some() {
+                a.layers.insert(
+                    0,
+                    Layer::Reshape {
+                        c: in_shape.c,
+                        h: in_shape.h,
+                        w: in_shape.w,
+                    },
+                );
+            }
+            a.masked_layers()?
+        };
+        let mut b = Builder {
+            gpu,
+            opts,
+            init: arch.init,
+            layers: Vec::new(),
+            infos,
+            step: step.clone(),
+            forward: Program::default(),
+            acts: Vec::new(),
+        };
+        let input = match input {
+            Some(t) => {
+                if t.len() != opts.batch * in_shape.len() {
+                    return Err(Error::invalid("network input has the wrong size"));
+                }
+                t
+            }
+            None => Rc::new(gpu.zeros(
+                &[opts.batch, in_shape.c, in_shape.h, in_shape.w],
+                DType::F32,
+                "network input",
+            )?),
+        };
+        let x = Act {
+            t: input.clone(),
+            shape: in_shape,
+        };
+        let (out, tape) = b.build(&arch.layers, x)?;
+        let Builder {
+            layers,
+            forward,
+            acts,
+            ..
+        } = b;
+        let mut net = Network {
+            arch: arch.clone(),
+            opts,
+            input,
+            output: out.t.clone(),
+            output_shape: out.shape,
+            grad_output: None,
+            grad_input: None,
+            layers,
+            forward,
+            backward: Program::default(),
+            acts,
+        };
+        if opts.backward != Backward::None {
+            let dy = Rc::new(gpu.zeros(
+                &[opts.batch, out.shape.c, out.shape.h, out.shape.w],
+                DType::F32,
+                "output gradient",
+            )?);
+            let mut bb = BackBuilder {
+                gpu,
+                opts,
+                layers: &net.layers,
+                step: step.as_deref(),
+                program: Program::default(),
+                grads: Vec::new(),
+            };
+            let dx = bb.back(&tape, dy.clone(), opts.backward == Backward::Input)?;
+            let BackBuilder { program, grads, .. } = bb;
+            net.backward = program;
+            net.acts.extend(grads);
+            net.grad_input = dx;
+            net.grad_output = Some(dy);
+        }
+        Ok(net)
+    }
+
+    /// Kernels that refresh every layer's keep thresholds from its scores (after the scores
+    /// are overwritten, e.g. by the server's broadcast).
+    pub fn thresholds_program(&self, gpu: &Gpu) -> Result<Program> {
+        let mut p = Program::default();
+        for l in &self.layers {
+            p.push(mask::thresholds(gpu, &l.scores, &l.keep)?);
+        }
+        Ok(p)
+    }
+
+    /// Adam steps on every layer's scores (training networks).
+    pub fn adam_program(
+        &self,
+        gpu: &Gpu,
+        cfg: &adam::AdamConfig,
+        step: &Tensor,
+    ) -> Result<Program> {
+        let mut p = Program::default();
+        for l in &self.layers {
+            let (Some(grad), Some(moments)) = (&l.grad, &l.moments) else {
+                return Err(Error::invalid("Adam needs a training network"));
+            };
+            p.push(adam::step(
+                gpu,
+                cfg,
+                &adam::AdamIo {
+                    step,
+                    grad,
+                    scores: &l.scores,
+                    moments,
+                    keep: &l.keep,
+                },
+            )?);
+        }
+        Ok(p)
+    }
+
+    /// Total masked weights.
+    pub fn masked_weights(&self) -> usize {
+        self.layers.iter().map(|l| l.info.weights).sum()
+    }
+}

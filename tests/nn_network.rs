@@ -1,0 +1,338 @@
+//! Whole networks built from layer lists: GPU forward against the CPU interpreter, and the
+//! recorded backward passes against finite differences.
+
+mod common;
+
+use std::rc::Rc;
+
+use common::{assert_close, normal};
+use prism::gpu::Gpu;
+use prism::kernels::matmul::{cpu as mcpu, Estimator};
+use prism::kernels::weights::cpu as wcpu;
+use prism::kernels::{mask, Init, StepState};
+use prism::nn::{cpu, Architecture, Backward, BuildOptions, Layer, Network, WeightMode};
+use prism::rng::HostRng;
+
+/// A miniature of the paper's ResNet: transposed conv from 1x1, one residual block, output conv.
+fn tiny_resnet() -> Architecture {
+    Architecture {
+        name: "tiny-resnet".into(),
+        latent: 6,
+        layers: vec![
+            Layer::Reshape { c: 6, h: 1, w: 1 },
+            Layer::ConvT {
+                cout: 4,
+                k: 4,
+                stride: 1,
+                pad: 0,
+            },
+            Layer::Residual {
+                main: vec![
+                    Layer::BatchNorm,
+                    Layer::Relu,
+                    Layer::Upsample2x,
+                    Layer::Conv {
+                        cout: 3,
+                        k: 3,
+                        stride: 1,
+                        pad: 1,
+                    },
+                    Layer::BatchNorm,
+                    Layer::Relu,
+                    Layer::Conv {
+                        cout: 3,
+                        k: 3,
+                        stride: 1,
+                        pad: 1,
+                    },
+                ],
+                skip: vec![
+                    Layer::Conv {
+                        cout: 3,
+                        k: 1,
+                        stride: 1,
+                        pad: 0,
+                    },
+                    Layer::Upsample2x,
+                ],
+            },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Conv {
+                cout: 2,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::Tanh,
+        ],
+        init: Init::SignedConstant,
+    }
+}
+
+/// conv28's shape in miniature: linear, reshape, upsample-conv.
+fn tiny_conv() -> Architecture {
+    Architecture {
+        name: "tiny-conv".into(),
+        latent: 5,
+        layers: vec![
+            Layer::Linear { outputs: 4 * 3 * 3 },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Reshape { c: 4, h: 3, w: 3 },
+            Layer::Upsample2x,
+            Layer::Conv {
+                cout: 2,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::Tanh,
+        ],
+        init: Init::KaimingNormal,
+    }
+}
+
+fn opts(batch: usize, mode: WeightMode, backward: Backward) -> BuildOptions {
+    BuildOptions {
+        batch,
+        seed: 11,
+        mode,
+        backward,
+        estimator: Estimator::StraightThrough,
+        layer_offset: 0,
+    }
+}
+
+fn step_state() -> StepState {
+    StepState {
+        client: 1,
+        step: 3,
+        round: 0,
+        seed: 11,
+    }
+}
+
+/// Fills every layer's scores with random values and their thresholds; returns the CPU
+/// effective weights of the training mask of `step_state()`.
+fn init_scores(gpu: &Gpu, net: &Network, rng: &mut HostRng) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut weff = Vec::new();
+    let mut scores_all = Vec::new();
+    for l in &net.layers {
+        let scores: Vec<f32> = normal(rng, l.info.weights)
+            .iter()
+            .map(|v| v * 2.0)
+            .collect();
+        let keep = mask::cpu::thresholds(&scores);
+        gpu.write_f32(&l.scores, &scores).unwrap();
+        gpu.write_u32(&l.keep, &keep).unwrap();
+        weff.push(wcpu::effective(
+            &l.weights,
+            l.info.weights,
+            &wcpu::Source::Train {
+                keep: &keep,
+                step: step_state(),
+            },
+        ));
+        scores_all.push(scores);
+    }
+    (weff, scores_all)
+}
+
+#[test]
+fn training_forward_matches_the_cpu_interpreter() {
+    let gpu = common::gpu();
+    let mut rng = HostRng::new(71, &[]);
+    for arch in [tiny_resnet(), tiny_conv()] {
+        for batch in [1usize, 4] {
+            let step = Rc::new(
+                gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[4], "step")
+                    .unwrap(),
+            );
+            let net = Network::build(
+                &gpu,
+                &arch,
+                opts(batch, WeightMode::Train, Backward::Scores),
+                Some(step),
+                None,
+                None,
+            )
+            .unwrap();
+            assert_eq!(net.masked_weights(), arch.masked_weights().unwrap());
+            let (weff, _) = init_scores(&gpu, &net, &mut rng);
+            let z = normal(&mut rng, batch * arch.latent);
+            gpu.write_f32(&net.input, &z).unwrap();
+            gpu.run(&net.forward.refs()).unwrap();
+            let want = cpu::forward(&arch, batch, &z, &weff).unwrap();
+            // Batch 1 normalises every channel to zero: compare anyway (both give the same).
+            assert_close(
+                &format!("{} batch {batch}", arch.name),
+                &gpu.read_f32(&net.output).unwrap(),
+                &want,
+                1e-4,
+                1e-3,
+            );
+        }
+    }
+}
+
+#[test]
+fn encoder_input_gradient_finite_differences() {
+    let gpu = common::gpu();
+    let mut rng = HostRng::new(72, &[]);
+    let arch = tiny_conv();
+    let batch = 3;
+    let net = Network::build(
+        &gpu,
+        &arch,
+        opts(batch, WeightMode::Frozen, Backward::Input),
+        None,
+        None,
+        None,
+    )
+    .unwrap();
+    let weff: Vec<Vec<f32>> = net
+        .layers
+        .iter()
+        .map(|l| wcpu::frozen_all(&l.weights, l.info.weights))
+        .collect();
+    let z = normal(&mut rng, batch * arch.latent);
+    let r = normal(&mut rng, net.output.len());
+    gpu.write_f32(&net.input, &z).unwrap();
+    gpu.write_f32(net.grad_output.as_ref().unwrap(), &r)
+        .unwrap();
+    gpu.run(&net.forward.refs()).unwrap();
+    gpu.run(&net.backward.refs()).unwrap();
+    let dz = gpu.read_f32(net.grad_input.as_ref().unwrap()).unwrap();
+    let loss = |zv: &[f32]| -> f64 {
+        cpu::forward(&arch, batch, zv, &weff)
+            .unwrap()
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum()
+    };
+    let h = 1e-3f32;
+    for i in 0..z.len() {
+        let (mut zp, mut zm) = (z.clone(), z.clone());
+        zp[i] += h;
+        zm[i] -= h;
+        let fd = (loss(&zp) - loss(&zm)) / (2.0 * h as f64);
+        assert!(
+            (fd - dz[i] as f64).abs() < 1e-2 * (1.0 + fd.abs()),
+            "dz[{i}]: fd {fd} vs {}",
+            dz[i]
+        );
+    }
+}
+
+/// dL/ds of a layer = dL/dw_eff * w * f(s): check it on sampled weights of every layer, with
+/// dL/dw_eff from central differences of the CPU forward.
+#[test]
+fn score_gradients_finite_differences() {
+    let gpu = common::gpu();
+    let mut rng = HostRng::new(73, &[]);
+    for arch in [tiny_conv(), tiny_resnet()] {
+        let batch = 3;
+        let step = Rc::new(
+            gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[4], "step")
+                .unwrap(),
+        );
+        let net = Network::build(
+            &gpu,
+            &arch,
+            opts(batch, WeightMode::Train, Backward::Scores),
+            Some(step),
+            None,
+            None,
+        )
+        .unwrap();
+        let (weff, scores) = init_scores(&gpu, &net, &mut rng);
+        let z = normal(&mut rng, batch * arch.latent);
+        let r = normal(&mut rng, net.output.len());
+        gpu.write_f32(&net.input, &z).unwrap();
+        gpu.write_f32(net.grad_output.as_ref().unwrap(), &r)
+            .unwrap();
+        gpu.run(&net.forward.refs()).unwrap();
+        gpu.run(&net.backward.refs()).unwrap();
+        let loss = |w: &[Vec<f32>]| -> f64 {
+            cpu::forward(&arch, batch, &z, w)
+                .unwrap()
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum()
+        };
+        for (li, l) in net.layers.iter().enumerate() {
+            let g = gpu.read_f32(l.grad.as_ref().unwrap()).unwrap();
+            let frozen = wcpu::frozen_all(&l.weights, l.info.weights);
+            for _ in 0..6 {
+                let i = rng.below(l.info.weights as u32) as usize;
+                // Small enough that no ReLU of the batch changes side (1e-3 does, at a few weights).
+                let h = 1e-4f32;
+                let (mut wp, mut wm) = (weff.clone(), weff.clone());
+                wp[li][i] += h;
+                wm[li][i] -= h;
+                let dw = (loss(&wp) - loss(&wm)) / (2.0 * h as f64);
+                let want = dw
+                    * frozen[i] as f64
+                    * mcpu::score_factor(Estimator::StraightThrough, scores[li][i]) as f64;
+                assert!(
+                    (want - g[i] as f64).abs() < 1e-2 * (1.0 + want.abs()) + 1e-4,
+                    "{} layer {li} weight {i}: {want} vs {}",
+                    arch.name,
+                    g[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn inference_modes_agree() {
+    // Packed masks and materialised dense weights give the same images.
+    let gpu = common::gpu();
+    let mut rng = HostRng::new(74, &[]);
+    let arch = tiny_resnet();
+    let batch = 4;
+    let packed = Network::build(
+        &gpu,
+        &arch,
+        opts(batch, WeightMode::Packed, Backward::None),
+        None,
+        None,
+        None,
+    )
+    .unwrap();
+    let dense = Network::build(
+        &gpu,
+        &arch,
+        opts(batch, WeightMode::Dense, Backward::None),
+        None,
+        None,
+        None,
+    )
+    .unwrap();
+    for (p, d) in packed.layers.iter().zip(&dense.layers) {
+        let bits = mask::cpu::pack(
+            &(0..p.info.weights)
+                .map(|_| rng.unit_f64() < 0.5)
+                .collect::<Vec<_>>(),
+        );
+        gpu.write_u32(&p.bits, &bits).unwrap();
+        let w = wcpu::effective(&p.weights, p.info.weights, &wcpu::Source::Packed(&bits));
+        gpu.write_f32(d.dense.as_ref().unwrap(), &w).unwrap();
+    }
+    let z = normal(&mut rng, batch * arch.latent);
+    gpu.write_f32(&packed.input, &z).unwrap();
+    gpu.write_f32(&dense.input, &z).unwrap();
+    gpu.run(&packed.forward.refs()).unwrap();
+    gpu.run(&dense.forward.refs()).unwrap();
+    assert_close(
+        "packed vs dense",
+        &gpu.read_f32(&packed.output).unwrap(),
+        &gpu.read_f32(&dense.output).unwrap(),
+        1e-5,
+        1e-4,
+    );
+}
