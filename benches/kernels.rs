@@ -62,6 +62,7 @@ fn sources(gpu: &Gpu, layer: &LayerWeights, n: usize, rng: &mut HostRng) -> Sour
         step: 1,
         round: 0,
         seed: layer.seed,
+        ..Default::default()
     };
     let dense = gpu.tensor(&[n], DType::F32, "dense weights").unwrap();
     gpu.run(&[&weights::materialize(gpu, layer, n, &MaskSource::Frozen, &dense).unwrap()])
@@ -73,7 +74,7 @@ fn sources(gpu: &Gpu, layer: &LayerWeights, n: usize, rng: &mut HostRng) -> Sour
             .upload_u32(&keep_cpu, &[keep_cpu.len()], "keep")
             .unwrap(),
         step: gpu
-            .upload_u32(bytemuck::cast_slice(&[step]), &[4], "step")
+            .upload_u32(bytemuck::cast_slice(&[step]), &[8], "step")
             .unwrap(),
         bits: gpu
             .upload_u32(&bits_cpu, &[bits_cpu.len()], "bits")

@@ -1,5 +1,6 @@
 // Adam on the scores, fused with the refresh of the 16-bit keep thresholds that the next
-// step's masked kernels read (see mask.wgsl), so a step makes one pass over the scores.
+// step's masked kernels read (see mask.wgsl), so a step makes one pass over the scores; and the
+// per-step bookkeeping of a training run (loss record, step counter).
 //
 // The step number t for bias correction is StepState.step + 1: a client's step counter runs on
 // across rounds, as its Adam state does.
@@ -65,6 +66,19 @@ fn step_scores(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         word |= threshold(update(i + 1u, c1, c2)) << 16u;
     }
     keep[j] = word;
+}
+
+// losses[step - step_base] <- loss_in[1]: keeps every step's loss of a local run for the host
+// to read once at its end.
+@group(0) @binding(7) var<storage, read> loss_in: array<f32>;
+@group(0) @binding(8) var<storage, read_write> losses: array<f32>;
+
+@compute @workgroup_size(1)
+fn record_loss(@builtin(local_invocation_index) li: u32) {
+    let i = step.step - step.step_base;
+    if (i < arrayLength(&losses)) {
+        losses[i] = loss_in[1];
+    }
 }
 
 // Advances the step counter: recorded after each step so that many steps fit in one

@@ -11,11 +11,28 @@ fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 // derived from it inside the kernels.
 struct StepState {
     client: u32,
-    step: u32,
+    step: u32,         // the client's step counter, running on across rounds
     round: u32,
     seed: u32,
+    step_base: u32,    // `step` when this local run began (losses are recorded from it)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
+}
+
+// a / b for a < 2^24 without an integer division: lavapipe (and some GPUs) emulate per-lane
+// integer division at tens of cycles, a float product and one correction cost a few. `inv_b`
+// is 1/b as f32 (computed on the host); the estimate is off by at most one either way.
+fn div_small(a: u32, b: u32, inv_b: f32) -> u32 {
+    var q = u32(f32(a) * inv_b);
+    if (q * b > a) {
+        q -= 1u;
+    } else if ((q + 1u) * b <= a) {
+        q += 1u;
+    }
+    return q;
 }

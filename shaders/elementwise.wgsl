@@ -10,7 +10,7 @@ struct Params {
     w: u32,
     key: u32,      // latent: base key (seed, LATENT); the step adds client and step
     alpha: f32,    // scale / axpy factor
-    _pad0: u32,
+    inv: f32,      // upsample: 1 / (row width of the indexed tensor), for div_small
     _pad1: u32,
     _pad2: u32,
 }
@@ -72,12 +72,12 @@ fn upsample2x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     if (i >= p.n) {
         return;
     }
+    // Rows of all planes in sequence: output row `row` reads input row row / 2 (planes have
+    // an even number of output rows), column ox / 2.
     let ow = 2u * p.w;
-    let plane = i / (4u * p.h * p.w);
-    let r = i % (4u * p.h * p.w);
-    let oy = r / ow;
-    let ox = r % ow;
-    out[i] = a[(plane * p.h + oy / 2u) * p.w + ox / 2u];
+    let row = div_small(i, ow, p.inv);
+    let ox = i - row * ow;
+    out[i] = a[(row / 2u) * p.w + ox / 2u];
 }
 
 // Adjoint of upsample2x: out [planes, h, w] = sum of the 2x2 block of a [planes, 2h, 2w];
@@ -89,14 +89,12 @@ fn upsample2x_adjoint(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     if (i >= p.n) {
         return;
     }
-    let plane = i / (p.h * p.w);
-    let r = i % (p.h * p.w);
-    let y0 = 2u * (r / p.w);
-    let x0 = 2u * (r % p.w);
+    // Input row `row` (of all planes in sequence) sums output rows 2 row and 2 row + 1.
+    let row = div_small(i, p.w, p.inv);
+    let x0 = 2u * (i - row * p.w);
     let ow = 2u * p.w;
-    let base = plane * 4u * p.h * p.w;
-    out[i] = a[base + y0 * ow + x0] + a[base + y0 * ow + x0 + 1u]
-           + a[base + (y0 + 1u) * ow + x0] + a[base + (y0 + 1u) * ow + x0 + 1u];
+    let base = 2u * row * ow + x0;
+    out[i] = a[base] + a[base + 1u] + a[base + ow] + a[base + ow + 1u];
 }
 
 // out = a + b

@@ -15,8 +15,8 @@ struct Params {
     mode: u32,       // aggregate: 0 mean of smoothed masks, 1 persistent Beta prior
     lo: f32,         // aggregate: smoothed value of a 0 bit (0.01)
     hi: f32,         // aggregate: smoothed value of a 1 bit (0.99)
-    mix: u32,        // aggregate: 0 replace, 1 MADA blend with lambda from `count`
-    _pad: u32,
+    total: u32,      // blend: weights in all layers (lambda's denominator)
+    sigma: f32,      // dp_thresholds: noise standard deviation
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> scores: array<f32>;
@@ -51,6 +51,28 @@ fn thresholds(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     var word = threshold(scores[i]);
     if (i + 1u < p.n) {
         word |= threshold(scores[i + 1u]) << 16u;
+    }
+    keep[j] = word;
+}
+
+// Differential privacy (PRISM.md section 5, the sound mechanism): theta = sigmoid(s) clipped to
+// [lo, 1 - lo], plus N(0, sigma^2) noise, clamped to [0, 1]; keep <- its thresholds. The
+// noise must be truly Gaussian for the accountant's guarantee, hence Box-Muller.
+@compute @workgroup_size(256)
+fn dp_thresholds(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let j = linear_workgroup(wid, nwg) * 256u + li;
+    let i = 2u * j;
+    if (i >= p.n) {
+        return;
+    }
+    var word = 0u;
+    for (var h = 0u; h < 2u; h++) {
+        if (i + h < p.n) {
+            let theta = clamp(sigmoid(scores[i + h]), p.lo, 1.0 - p.lo);
+            let noisy = clamp(theta + p.sigma * rng_normal_bm(p.key, i + h), 0.0, 1.0);
+            word |= min(u32(round(noisy * 65536.0)), 65535u) << (16u * h);
+        }
     }
     keep[j] = word;
 }
@@ -127,9 +149,7 @@ fn hamming(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
 // Server aggregation of `clients` packed masks (bits_a holds them one after another, each
 // ceil(n/32) words). Mode 0: theta = mean of smoothed bits (FedPM with a Beta(1,1) prior reset
 // every round). Mode 1: persistent Beta prior, `prior` = (alpha, beta) per weight, updated in
-// place, theta = alpha / (alpha + beta). The new scores logit(theta) go to `values`; with
-// `mix` = 1 (MADA), scores_out[i] <- lambda * logit(theta) + (1 - lambda) * scores[i] where
-// lambda = count[0] / n (the Hamming fraction measured just before).
+// place, theta = alpha / (alpha + beta) clamped to [lo, hi]. values <- s_hat = logit(theta).
 @compute @workgroup_size(256)
 fn aggregate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) li: u32) {
@@ -151,12 +171,18 @@ fn aggregate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         prior[i] = ab;
         theta = clamp(ab.x / (ab.x + ab.y), p.lo, p.hi);
     }
-    let s_hat = log(theta / (1.0 - theta));
-    values[i] = s_hat;
-    if (p.mix == 1u) {
-        let lambda = f32(atomicLoad(&count[0])) / f32(p.n);
-        scores_out[i] = lambda * s_hat + (1.0 - lambda) * scores[i];
-    } else {
-        scores_out[i] = s_hat;
+    values[i] = log(theta / (1.0 - theta));
+}
+
+// MADA: scores_out[i] <- lambda * s_hat[i] + (1 - lambda) * scores[i], with lambda the
+// fraction of differing positions measured by `hamming` over all layers (count[0] / total).
+@compute @workgroup_size(256)
+fn blend(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) li: u32) {
+    let i = linear_workgroup(wid, nwg) * 256u + li;
+    if (i >= p.n) {
+        return;
     }
+    let lambda = f32(atomicLoad(&count[0])) / f32(p.total);
+    scores_out[i] = lambda * values[i] + (1.0 - lambda) * scores[i];
 }

@@ -215,12 +215,21 @@ fn bwd_row(m: u32) -> vec3<i32> {
 fn bwd_gather(ri: vec3<i32>, k: KPos) -> f32 {
     let ty = ri.y - i32(k.ky);
     let tx = ri.z - i32(k.kx);
+//% if unit_stride
+    // Stride 1 (every convolution of the paper): no per-element division.
+    if (ty < 0 || tx < 0) {
+        return 0.0;
+    }
+    let oy = ty;
+    let ox = tx;
+//% else
     let s = i32(p.stride);
     if (ty < 0 || tx < 0 || ty % s != 0 || tx % s != 0) {
         return 0.0;
     }
     let oy = ty / s;
     let ox = tx / s;
+//% endif
     if (oy >= i32(p.oh) || ox >= i32(p.ow)) {
         return 0.0;
     }

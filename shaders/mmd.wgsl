@@ -2,13 +2,15 @@
 // Gaussian kernels k(a, b) = sum_s exp(-|a - b|^2 / (2 sigma_s^2)), and its gradient with
 // respect to x. Also the mean-and-variance feature-matching loss of the reference code.
 //
-//   distances   dist[i, j] = scale * |z_i - z_j|^2 for z = (x, y), computed from differences
-//               (not |a|^2 + |b|^2 - 2ab, which cancels) and never negative
+//   concat      z = (x, y) in one [n + m, d] buffer
+//   (the Gram matrix G = z z^T is a masked_matmul forward with z as dense weights)
+//   distances   dist[i, j] = scale * max(G_ii + G_jj - 2 G_ij, 0): the matmul does the heavy
+//               part; the clamp removes the tiny negative values cancellation can leave
 //   reduce      one workgroup: the three kernel means in blocked sums plus a tree, MMD^2
 //               (biased: all pairs; unbiased: diagonals dropped), the loss (MMD^2 or, as GMMN
-//               trains, sqrt(MMD^2)), and coef[i, j] = dLoss/d dist[i, j] for the gradient
-//   gradient    dx[i, :] = sum_j 2 scale coef'[i, j] (x_i - z_j), coef' symmetrised over the
-//               generated pairs
+//               trains, sqrt(MMD^2)), coef[i, j] = dLoss/d dist[i, j] and its row sums
+//   (c z = sum_j coef[i, j] z_j is a masked_matmul grad_input with z as dense weights)
+//   gradient    dx[i, :] = 2 scale (rowsum_i x_i - (c z)_i)
 //   moments     the mean-and-variance matching loss and its gradient
 //
 // `scale` maps the stored values to the space the bandwidths are meant for (0.25 turns
@@ -37,15 +39,26 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> loss: array<f32>;
 @group(0) @binding(8) var<storage, read> loss_in: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(10) var<storage, read_write> z: array<f32>;
+@group(0) @binding(11) var<storage, read> gram: array<f32>;
+@group(0) @binding(12) var<storage, read_write> rowsum: array<f32>;
+@group(0) @binding(13) var<storage, read> rowsum_in: array<f32>;
+@group(0) @binding(14) var<storage, read> cz: array<f32>;
 
-fn sample(j: u32, k: u32) -> f32 {
-    if (j < p.n) {
-        return x[j * p.d + k];
+// z <- (x, y), one invocation per element of z.
+@compute @workgroup_size(256)
+fn concat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let e = linear_workgroup(wid, nwg) * 256u + li;
+    let nx = p.n * p.d;
+    if (e < nx) {
+        z[e] = x[e];
+    } else if (e < nx + p.m * p.d) {
+        z[e] = y[e - nx];
     }
-    return y[(j - p.n) * p.d + k];
 }
 
-// One invocation per ordered pair (i, j) of the n + m samples.
+// dist[i, j] from the Gram matrix, one invocation per pair.
 @compute @workgroup_size(256)
 fn distances(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) li: u32) {
@@ -58,12 +71,9 @@ fn distances(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let j = pair % t;
     var s = 0.0;
     if (i != j) {
-        for (var k = 0u; k < p.d; k++) {
-            let e = sample(i, k) - sample(j, k);
-            s += e * e;
-        }
+        s = max(gram[i * t + i] + gram[j * t + j] - 2.0 * gram[pair], 0.0);
     }
-    dist[pair] = max(s * p.scale, 0.0);
+    dist[pair] = s * p.scale;
 }
 
 fn kernel_value(dd: f32) -> f32 {
@@ -146,25 +156,28 @@ fn reduce(@builtin(local_invocation_index) li: u32) {
         loss[4] = kxy;
     }
     // coef[i, j] for generated i and any j: d loss / d dist[i, j], counting both orders of a
-    // generated pair (dist is symmetric).
-    for (var q = li; q < n * t; q += 256u) {
-        let i = q / t;
-        let j = q % t;
-        var c = 0.0;
-        if (i != j || p.unbiased == 0u) {
-            let slope = kernel_slope(dist_in[i * t + j]);
-            if (j < n) {
-                c = 2.0 * slope / nxx;
-            } else {
-                c = -2.0 * slope / (fn_ * fm);
+    // generated pair (dist is symmetric); one lane per row, which also sums the row.
+    for (var i = li; i < n; i += 256u) {
+        var row = 0.0;
+        for (var j = 0u; j < t; j++) {
+            var c = 0.0;
+            if (i != j || p.unbiased == 0u) {
+                let slope = kernel_slope(dist_in[i * t + j]);
+                if (j < n) {
+                    c = 2.0 * slope / nxx;
+                } else {
+                    c = -2.0 * slope / (fn_ * fm);
+                }
             }
+            coef[i * t + j] = outer * c;
+            row += outer * c;
         }
-        coef[q] = outer * c;
+        rowsum[i] = row;
     }
 }
 
-// dx[i, k] = sum_j coef[i, j] * d dist[i, j] / dx[i, k], where d dist / dx_i = 2 scale (x_i - z_j)
-// (coef already counts a generated pair's two orders).
+// dx[i, k] = sum_j coef[i, j] d dist[i, j] / dx[i, k] with d dist[i, j] / dx_i = 2 scale
+// (x_i - z_j): 2 scale (rowsum_i x[i, k] - cz[i, k]).
 @compute @workgroup_size(256)
 fn gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) li: u32) {
@@ -173,14 +186,7 @@ fn gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         return;
     }
     let i = e / p.d;
-    let k = e % p.d;
-    let t = p.n + p.m;
-    let xi = x[e];
-    var g = 0.0;
-    for (var j = 0u; j < t; j++) {
-        g += coef_in[i * t + j] * (xi - sample(j, k));
-    }
-    dx[e] = 2.0 * p.scale * g;
+    dx[e] = 2.0 * p.scale * (rowsum_in[i] * x[e] - cz[e]);
 }
 
 // Mean-and-variance matching: loss = sum_k (mu_x - mu_y)^2 + (var_x - var_y)^2 over features,

@@ -3,8 +3,10 @@
 // biased variance over batch and positions, as PyTorch's training mode.
 //
 // Tensors are viewed as [batch, channels, size] (size = h * w for images, 1 for dense
-// activations). One workgroup per channel reduces in two passes (mean, then centred squares),
-// which keeps the variance accurate when the mean is large.
+// activations). Statistics take two passes (mean, then centred squares), which keeps the
+// variance accurate when the mean is large. Large channels (images) get a workgroup each with a
+// tree reduction; small ones (after a dense layer: one value per sample) get one invocation
+// each, so that neighbouring lanes read neighbouring channels and no barrier is needed.
 //
 // Backward: dx = invstd * (dy - mean(dy) - y * mean(dy * y)), the same per-channel reduction.
 //% include "common.wgsl"
@@ -106,6 +108,57 @@ fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let mean_dyy = red_b[0] / f32(count);
     let invstd = stats_in[c].y;
     for (var j = li; j < count; j += WG) {
+        let e = element(c, j);
+        dx[e] = invstd * (dy[e] - mean_dy - yn[e] * mean_dyy);
+    }
+}
+
+// One invocation per channel: the `_small` forms for channels of few values.
+@compute @workgroup_size(64)
+fn forward_small(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let c = linear_workgroup(wid, nwg) * 64u + li;
+    if (c >= p.channels) {
+        return;
+    }
+    let count = p.batch * p.size;
+    var s = 0.0;
+    for (var j = 0u; j < count; j++) {
+        s += x[element(c, j)];
+    }
+    let mean = s / f32(count);
+    var q = 0.0;
+    for (var j = 0u; j < count; j++) {
+        let d = x[element(c, j)] - mean;
+        q += d * d;
+    }
+    let invstd = 1.0 / sqrt(q / f32(count) + p.eps);
+    stats[c] = vec2<f32>(mean, invstd);
+    for (var j = 0u; j < count; j++) {
+        let e = element(c, j);
+        y[e] = (x[e] - mean) * invstd;
+    }
+}
+
+@compute @workgroup_size(64)
+fn backward_small(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) li: u32) {
+    let c = linear_workgroup(wid, nwg) * 64u + li;
+    if (c >= p.channels) {
+        return;
+    }
+    let count = p.batch * p.size;
+    var sd = 0.0;
+    var sdy = 0.0;
+    for (var j = 0u; j < count; j++) {
+        let e = element(c, j);
+        sd += dy[e];
+        sdy += dy[e] * yn[e];
+    }
+    let mean_dy = sd / f32(count);
+    let mean_dyy = sdy / f32(count);
+    let invstd = stats_in[c].y;
+    for (var j = 0u; j < count; j++) {
         let e = element(c, j);
         dx[e] = invstd * (dy[e] - mean_dy - yn[e] * mean_dyy);
     }

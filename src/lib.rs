@@ -11,8 +11,13 @@
 //! Layers, from the bottom: [`gpu`] (device, shaders, pipelines, buffers), [`kernels`] (one
 //! module per shader file, each with its CPU reference), and the host layers above them.
 
+pub mod data;
 pub mod error;
+pub mod eval;
+pub mod fl;
+pub mod generate;
 pub mod gpu;
+pub mod io;
 pub mod kernels;
 pub mod nn;
 pub mod rng;

@@ -50,12 +50,13 @@ fn core_kernels_run_on_every_adapter() {
             step: 2,
             round: 0,
             seed: 4,
+            ..Default::default()
         };
         let keep = gpu
             .upload_u32(&keep_cpu, &[keep_cpu.len()], "keep")
             .unwrap();
         let st = gpu
-            .upload_u32(bytemuck::cast_slice(&[step]), &[4], "step")
+            .upload_u32(bytemuck::cast_slice(&[step]), &[8], "step")
             .unwrap();
         let x = uniform(&mut rng, s.batch * s.inputs);
         let tx = gpu.upload_f32(&x, &[x.len()], "x").unwrap();

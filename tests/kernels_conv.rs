@@ -54,6 +54,7 @@ fn step() -> StepState {
         step: 5,
         round: 0,
         seed: 3,
+        ..Default::default()
     }
 }
 
@@ -75,7 +76,7 @@ fn conv_forward_grad_input_grad_score_match_cpu() {
                 .upload_u32(&keep_cpu, &[keep_cpu.len()], "keep")
                 .unwrap();
             let st = gpu
-                .upload_u32(bytemuck::cast_slice(&[step()]), &[4], "step")
+                .upload_u32(bytemuck::cast_slice(&[step()]), &[8], "step")
                 .unwrap();
             let src = MaskSource::Train {
                 keep: &keep,

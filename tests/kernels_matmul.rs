@@ -58,6 +58,7 @@ fn case(rng: &mut HostRng, (batch, inputs, outputs): (usize, usize, usize), init
             step: 11,
             round: 1,
             seed: 42,
+            ..Default::default()
         },
     }
 }
@@ -67,7 +68,7 @@ fn for_each_source(gpu: &Gpu, c: &Case, mut f: impl FnMut(&MaskSource, &[f32], &
     let n = c.shape.weights();
     let keep = gpu.upload_u32(&c.keep, &[c.keep.len()], "keep").unwrap();
     let step = gpu
-        .upload_u32(bytemuck::cast_slice(&[c.step]), &[4], "step")
+        .upload_u32(bytemuck::cast_slice(&[c.step]), &[8], "step")
         .unwrap();
     let bits = gpu.upload_u32(&c.bits, &[c.bits.len()], "bits").unwrap();
     let frozen = wcpu::frozen_all(&c.layer, n);
@@ -185,7 +186,7 @@ fn grad_input_finite_differences() {
     let s = c.shape;
     let keep = gpu.upload_u32(&c.keep, &[c.keep.len()], "keep").unwrap();
     let step = gpu
-        .upload_u32(bytemuck::cast_slice(&[c.step]), &[4], "step")
+        .upload_u32(bytemuck::cast_slice(&[c.step]), &[8], "step")
         .unwrap();
     let src = MaskSource::Train {
         keep: &keep,

@@ -219,9 +219,10 @@ fn add_scale_and_latents() {
         step: 9,
         round: 0,
         seed: 1,
+        ..Default::default()
     };
     let tstep = gpu
-        .upload_u32(bytemuck::cast_slice(&[step]), &[4], "step")
+        .upload_u32(bytemuck::cast_slice(&[step]), &[8], "step")
         .unwrap();
     let n = 64 * 128;
     let base = rng::key_path(1, &[rng::stream::LATENT]);

@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, devices, normal};
 use prism::gpu::DType;
-use prism::kernels::mask::{self, AggregateIo, AggregateOptions, Aggregation};
+use prism::kernels::mask::{self, AggregateOptions, Aggregation};
 use prism::kernels::weights::{self, cpu as wcpu, Init, LayerWeights, MaskSource};
 use prism::kernels::{adam, StepState};
 use prism::rng::{self, HostRng};
@@ -104,9 +104,10 @@ fn thresholds_match_cpu_and_training_masks_are_exact() {
                 step: 17,
                 round: 2,
                 seed: 0,
+                ..Default::default()
             };
             let st = gpu
-                .upload_u32(bytemuck::cast_slice(&[step]), &[4], "step")
+                .upload_u32(bytemuck::cast_slice(&[step]), &[8], "step")
                 .unwrap();
             let layer = LayerWeights {
                 seed: 77,
@@ -223,61 +224,49 @@ fn aggregation_matches_cpu_for_every_rule() {
     for gpu in devices() {
         for &n in &[1usize, 100, 5000] {
             for rule in [Aggregation::MeanOfSmoothed, Aggregation::PersistentPrior] {
-                for mada in [false, true] {
-                    let clients = 7;
-                    let masks: Vec<Vec<u32>> = (0..clients)
-                        .map(|_| {
-                            mask::cpu::pack(
-                                &(0..n).map(|_| rng.unit_f64() < 0.4).collect::<Vec<_>>(),
-                            )
-                        })
-                        .collect();
-                    let flat: Vec<u32> = masks.concat();
-                    let scores = normal(&mut rng, n);
-                    let mut prior: Vec<f32> = (0..2 * n)
-                        .map(|_| 1.0 + rng.unit_f64() as f32 * 3.0)
-                        .collect();
-                    let lambda_count = (n / 5) as u32;
-                    let tm = gpu.upload_u32(&flat, &[flat.len()], "masks").unwrap();
-                    let ts = gpu.upload_f32(&scores, &[n], "scores").unwrap();
-                    let tc = gpu.upload_u32(&[lambda_count], &[1], "count").unwrap();
-                    let th = gpu.tensor(&[n], DType::F32, "s_hat").unwrap();
-                    let to = gpu.tensor(&[n], DType::F32, "out").unwrap();
-                    let tp = gpu.upload_f32(&prior, &[2 * n], "prior").unwrap();
-                    let opts = AggregateOptions {
-                        rule,
-                        lo: 0.01,
-                        hi: 0.99,
-                        mada,
-                    };
-                    let io = AggregateIo {
-                        masks: &tm,
-                        scores: &ts,
-                        count: &tc,
-                        s_hat: &th,
-                        scores_out: &to,
-                        prior: &tp,
-                    };
-                    gpu.run(&[&mask::aggregate(&gpu, n, clients, &opts, &io).unwrap()])
-                        .unwrap();
-                    let lambda = lambda_count as f32 / n as f32;
-                    let (want_hat, want_out) =
-                        mask::cpu::aggregate(n, &masks, &scores, lambda, &opts, &mut prior);
-                    assert_close("s_hat", &gpu.read_f32(&th).unwrap(), &want_hat, 1e-5, 1e-5);
-                    assert_close(
-                        "new scores",
-                        &gpu.read_f32(&to).unwrap(),
-                        &want_out,
-                        1e-5,
-                        1e-5,
-                    );
-                    if rule == Aggregation::PersistentPrior {
-                        assert_close("prior", &gpu.read_f32(&tp).unwrap(), &prior, 0.0, 0.0);
-                    }
+                let clients = 7;
+                let masks: Vec<Vec<u32>> = (0..clients)
+                    .map(|_| {
+                        mask::cpu::pack(&(0..n).map(|_| rng.unit_f64() < 0.4).collect::<Vec<_>>())
+                    })
+                    .collect();
+                let mut flat: Vec<u32> = masks.concat();
+                // Room for more clients than report: only the first `clients` are read.
+                flat.extend(std::iter::repeat_n(u32::MAX, mask::packed_words(n)));
+                let scores = normal(&mut rng, n);
+                let mut prior: Vec<f32> = (0..2 * n)
+                    .map(|_| 1.0 + rng.unit_f64() as f32 * 3.0)
+                    .collect();
+                let lambda_count = (n / 5) as u32;
+                let tm = gpu.upload_u32(&flat, &[flat.len()], "masks").unwrap();
+                let ts = gpu.upload_f32(&scores, &[n], "scores").unwrap();
+                let tc = gpu.upload_u32(&[lambda_count], &[1], "count").unwrap();
+                let th = gpu.tensor(&[n], DType::F32, "s_hat").unwrap();
+                let to = gpu.tensor(&[n], DType::F32, "out").unwrap();
+                let tp = gpu.upload_f32(&prior, &[2 * n], "prior").unwrap();
+                let opts = AggregateOptions {
+                    rule,
+                    lo: 0.01,
+                    hi: 0.99,
+                };
+                let ka = mask::aggregate(&gpu, n, clients, &opts, &tm, &tp, &th).unwrap();
+                let kb = mask::blend(&gpu, n, &tc, &th, &ts, &to).unwrap();
+                gpu.run(&[&ka, &kb]).unwrap();
+                let want_hat = mask::cpu::aggregate(n, &masks, &opts, &mut prior);
+                let lambda = lambda_count as f32 / n as f32;
+                assert_close("s_hat", &gpu.read_f32(&th).unwrap(), &want_hat, 1e-5, 1e-5);
+                assert_close(
+                    "blend",
+                    &gpu.read_f32(&to).unwrap(),
+                    &mask::cpu::blend(lambda, &want_hat, &scores),
+                    1e-5,
+                    1e-5,
+                );
+                if rule == Aggregation::PersistentPrior {
+                    assert_close("prior", &gpu.read_f32(&tp).unwrap(), &prior, 0.0, 0.0);
+                } else {
                     // Without the persistent prior, |s_hat| <= logit(0.99).
-                    if rule == Aggregation::MeanOfSmoothed {
-                        assert!(want_hat.iter().all(|s| s.abs() <= 4.5952));
-                    }
+                    assert!(want_hat.iter().all(|s| s.abs() <= 4.5952));
                 }
             }
         }
@@ -302,9 +291,10 @@ fn adam_matches_cpu_and_refreshes_thresholds() {
         step: 0,
         round: 0,
         seed: 0,
+        ..Default::default()
     };
     let tst = gpu
-        .upload_u32(bytemuck::cast_slice(&[step]), &[4], "step")
+        .upload_u32(bytemuck::cast_slice(&[step]), &[8], "step")
         .unwrap();
     let tg = gpu.tensor(&[n], DType::F32, "grad").unwrap();
     let io = adam::AdamIo {

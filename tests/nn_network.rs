@@ -110,6 +110,7 @@ fn step_state() -> StepState {
         step: 3,
         round: 0,
         seed: 11,
+        ..Default::default()
     }
 }
 
@@ -146,7 +147,7 @@ fn training_forward_matches_the_cpu_interpreter() {
     for arch in [tiny_resnet(), tiny_conv()] {
         for batch in [1usize, 4] {
             let step = Rc::new(
-                gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[4], "step")
+                gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[8], "step")
                     .unwrap(),
             );
             let net = Network::build(
@@ -235,7 +236,7 @@ fn score_gradients_finite_differences() {
     for arch in [tiny_conv(), tiny_resnet()] {
         let batch = 3;
         let step = Rc::new(
-            gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[4], "step")
+            gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[8], "step")
                 .unwrap(),
         );
         let net = Network::build(

@@ -44,12 +44,15 @@ fn conv_variants_validate() {
     for source in ["dense", "train", "packed", "frozen"] {
         for rows in [8u32, 32] {
             for aligned in [false, true] {
-                check(
-                    ShaderKey::new("masked_conv.wgsl")
-                        .def("source", source)
-                        .def("rows", rows)
-                        .def("aligned", aligned),
-                );
+                for unit_stride in [false, true] {
+                    check(
+                        ShaderKey::new("masked_conv.wgsl")
+                            .def("source", source)
+                            .def("rows", rows)
+                            .def("aligned", aligned)
+                            .def("unit_stride", unit_stride),
+                    );
+                }
             }
         }
     }
@@ -67,6 +70,7 @@ fn weight_mask_and_adam_kernels_validate() {
     check(ShaderKey::new("mask.wgsl"));
     check(ShaderKey::new("norm.wgsl"));
     check(ShaderKey::new("mmd.wgsl"));
+    check(ShaderKey::new("data.wgsl"));
     check(ShaderKey::new("elementwise.wgsl"));
     check(ShaderKey::new("adam.wgsl"));
 }

@@ -36,6 +36,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
     ("adam.wgsl", include_str!("../../shaders/adam.wgsl")),
     ("mmd.wgsl", include_str!("../../shaders/mmd.wgsl")),
+    ("data.wgsl", include_str!("../../shaders/data.wgsl")),
 ];
 
 /// A template variable's value.

@@ -1,5 +1,6 @@
 //! Adam on the scores, fused with the refresh of the keep thresholds (`shaders/adam.wgsl`).
 
+use super::StepState;
 use super::{check, groups_for, mask::keep_words, u32_of};
 use crate::error::Result;
 use crate::gpu::shader::ShaderKey;
@@ -52,7 +53,7 @@ pub struct AdamIo<'a> {
 /// One Adam step (t = step.step + 1) on `n` scores, refreshing the keep thresholds.
 pub fn step(gpu: &Gpu, cfg: &AdamConfig, io: &AdamIo) -> Result<Kernel> {
     let n = io.scores.len();
-    check(io.step, 4, DType::U32, "step state")?;
+    check(io.step, StepState::WORDS, DType::U32, "step state")?;
     check(io.grad, n, DType::F32, "gradient")?;
     check(io.moments, 2 * n, DType::F32, "Adam moments")?;
     check(io.keep, keep_words(n), DType::U32, "keep thresholds")?;
@@ -78,9 +79,21 @@ pub fn step(gpu: &Gpu, cfg: &AdamConfig, io: &AdamIo) -> Result<Kernel> {
         .build()?)
 }
 
+/// losses[step - step_base] <- loss[1] (the loss value of the step just taken).
+pub fn record_loss(gpu: &Gpu, step: &Tensor, loss: &Tensor, losses: &Tensor) -> Result<Kernel> {
+    check(step, StepState::WORDS, DType::U32, "step state")?;
+    Ok(gpu
+        .kernel(ShaderKey::new("adam.wgsl"), "record_loss")
+        .bind("step", step)
+        .bind("loss_in", loss)
+        .bind("losses", losses)
+        .groups(1)
+        .build()?)
+}
+
 /// Increments `step.step` on the GPU.
 pub fn advance(gpu: &Gpu, step: &Tensor) -> Result<Kernel> {
-    check(step, 4, DType::U32, "step state")?;
+    check(step, StepState::WORDS, DType::U32, "step state")?;
     Ok(gpu
         .kernel(ShaderKey::new("adam.wgsl"), "advance")
         .bind("step_out", step)

@@ -194,11 +194,12 @@ fn params(s: &ConvShape, g: WeightGen, t: &Tiling, m: usize, n: usize) -> Params
     }
 }
 
-fn shader(source: &str, rows: u32, aligned: bool) -> ShaderKey {
+fn shader(source: &str, rows: u32, aligned: bool, stride: usize) -> ShaderKey {
     ShaderKey::new("masked_conv.wgsl")
         .def("source", source)
         .def("rows", rows)
         .def("aligned", aligned)
+        .def("unit_stride", stride == 1)
 }
 
 /// y <- conv(x, w * m).
@@ -219,7 +220,7 @@ pub fn forward(
     let p = params(s, layer.gen(), &t, m, s.cout);
     let aligned = (s.cin * s.kh * s.kw) % 4 == 0;
     let k = gpu
-        .kernel(shader(source.name(), t.rows, aligned), "forward")
+        .kernel(shader(source.name(), t.rows, aligned, s.stride), "forward")
         .params(&p)
         .bind("x", x)
         .bind("y", y)
@@ -244,7 +245,7 @@ pub fn grad_input(
     let t = Tiling::choose(m as u32, s.cin as u32);
     let p = params(s, layer.gen(), &t, m, s.cin);
     let k = gpu
-        .kernel(shader(source.name(), t.rows, false), "grad_input")
+        .kernel(shader(source.name(), t.rows, false, s.stride), "grad_input")
         .params(&p)
         .bind("dy", dy)
         .bind("dx", dx)
@@ -310,7 +311,7 @@ pub fn grad_score(
         "score-gradient slices",
     )?;
     let partials = gpu
-        .kernel(shader("frozen", t.rows, false), "grad_score")
+        .kernel(shader("frozen", t.rows, false, s.stride), "grad_score")
         .params(&p)
         .bind("x", x)
         .bind("dy", dy)
@@ -318,7 +319,7 @@ pub fn grad_score(
         .groups(p.tiles_total * p.splits)
         .build()?;
     let reduce = gpu
-        .kernel(shader("frozen", t.rows, false), "reduce_score")
+        .kernel(shader("frozen", t.rows, false, s.stride), "reduce_score")
         .params(&p)
         .bind("partial_in", &scratch)
         .bind("scores", scores)

@@ -1,6 +1,7 @@
 //! Elementwise and layout kernels (`shaders/elementwise.wgsl`): ReLU, tanh, nearest 2x
 //! upsampling and its adjoint, add, scale, and Gaussian latents.
 
+use super::StepState;
 use super::{check, groups_for, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
@@ -14,7 +15,8 @@ struct Params {
     w: u32,
     key: u32,
     alpha: f32,
-    _pad: [u32; 3],
+    inv: f32,
+    _pad: [u32; 2],
 }
 
 fn launch(
@@ -94,6 +96,16 @@ pub fn scale(gpu: &Gpu, alpha: f32, a: &Tensor, out: &Tensor) -> Result<Kernel> 
     launch(gpu, "scale", p, &[("a", a)], out)
 }
 
+/// `div_small` in the shaders is exact below 2^24.
+fn check_small(n: usize) -> Result<u32> {
+    if n >= 1 << 24 {
+        return Err(Error::invalid(format!(
+            "{n} elements in one upsampling exceed 2^24; use a smaller batch"
+        )));
+    }
+    Ok(n as u32)
+}
+
 /// Nearest 2x upsampling of `planes` images of h x w.
 pub fn upsample2x(
     gpu: &Gpu,
@@ -106,9 +118,10 @@ pub fn upsample2x(
     check(x, planes * h * w, DType::F32, "upsample input")?;
     check(out, 4 * planes * h * w, DType::F32, "upsample output")?;
     let p = Params {
-        n: u32_of(4 * planes * h * w, "elements")?,
+        n: check_small(4 * planes * h * w)?,
         h: h as u32,
         w: w as u32,
+        inv: 1.0 / (2 * w) as f32,
         ..Default::default()
     };
     launch(gpu, "upsample2x", p, &[("a", x)], out)
@@ -130,10 +143,12 @@ pub fn upsample2x_adjoint(
         "upsample output gradient",
     )?;
     check(dx, planes * h * w, DType::F32, "upsample input gradient")?;
+    check_small(4 * planes * h * w)?;
     let p = Params {
-        n: u32_of(planes * h * w, "elements")?,
+        n: (planes * h * w) as u32,
         h: h as u32,
         w: w as u32,
+        inv: 1.0 / w as f32,
         ..Default::default()
     };
     launch(gpu, "upsample2x_adjoint", p, &[("a", dy)], dx)
@@ -141,7 +156,7 @@ pub fn upsample2x_adjoint(
 
 /// out <- standard normal latents of the current step: stream key(key(base, client), step).
 pub fn latent(gpu: &Gpu, base_key: u32, step: &Tensor, out: &Tensor) -> Result<Kernel> {
-    check(step, 4, DType::U32, "step state")?;
+    check(step, StepState::WORDS, DType::U32, "step state")?;
     if out.dtype() != DType::F32 {
         return Err(Error::invalid("latents are f32"));
     }

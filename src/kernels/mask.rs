@@ -15,8 +15,8 @@ struct Params {
     mode: u32,
     lo: f32,
     hi: f32,
-    mix: u32,
-    _pad: u32,
+    total: u32,
+    sigma: f32,
 }
 
 fn shader() -> ShaderKey {
@@ -72,6 +72,34 @@ pub fn sample_packed(
         .bind("keep_in", keep)
         .bind("bits", bits)
         .groups(groups_for(packed_words(n), 256)?)
+        .build()?)
+}
+
+/// `keep` <- thresholds of theta = clamp(clip(sigmoid(scores), [clip, 1 - clip]) + N(0,
+/// sigma^2), [0, 1]): the differentially private probabilities a client samples its upload from.
+pub fn dp_thresholds(
+    gpu: &Gpu,
+    scores: &Tensor,
+    clip: f32,
+    sigma: f32,
+    key: u32,
+    keep: &Tensor,
+) -> Result<Kernel> {
+    let n = scores.len();
+    check(keep, keep_words(n), DType::U32, "noisy thresholds")?;
+    let p = Params {
+        n: u32_of(n, "weights")?,
+        key,
+        lo: clip,
+        sigma,
+        ..Default::default()
+    };
+    Ok(gpu
+        .kernel(shader(), "dp_thresholds")
+        .params(&p)
+        .bind("scores", scores)
+        .bind("keep", keep)
+        .groups(groups_for(keep_words(n), 256)?)
         .build()?)
 }
 
@@ -146,41 +174,26 @@ pub struct AggregateOptions {
     pub lo: f32,
     /// Smoothed value of a 1 bit (PRISM: 0.99); also the upper clamp of theta.
     pub hi: f32,
-    /// MADA: blend with lambda = count / n; otherwise the new scores are logit(theta).
-    pub mada: bool,
 }
 
-/// Tensors of [`aggregate`].
-pub struct AggregateIo<'a> {
-    /// `clients` packed masks one after another.
-    pub masks: &'a Tensor,
-    /// Current global scores s_t.
-    pub scores: &'a Tensor,
-    /// Hamming count (MADA's lambda numerator).
-    pub count: &'a Tensor,
-    /// Output: logit(theta) (s_hat).
-    pub s_hat: &'a Tensor,
-    /// Output: s_{t+1}.
-    pub scores_out: &'a Tensor,
-    /// (alpha, beta) per weight for the persistent prior (2n f32); ignored otherwise.
-    pub prior: &'a Tensor,
-}
-
-/// The server step for one layer of `n` weights.
+/// s_hat <- logit(theta) of `clients` packed masks of a layer of `n` weights (the masks one
+/// after another in `masks`; only the first `clients` are read). `prior` holds (alpha, beta)
+/// per weight for the persistent prior (2n f32) and is updated in place; other rules ignore it.
 pub fn aggregate(
     gpu: &Gpu,
     n: usize,
     clients: usize,
     opts: &AggregateOptions,
-    io: &AggregateIo,
+    masks: &Tensor,
+    prior: &Tensor,
+    s_hat: &Tensor,
 ) -> Result<Kernel> {
     let words = packed_words(n);
-    check(io.masks, words * clients, DType::U32, "client masks")?;
-    check(io.scores, n, DType::F32, "scores")?;
-    check(io.s_hat, n, DType::F32, "s_hat")?;
-    check(io.scores_out, n, DType::F32, "new scores")?;
-    check(io.count, 1, DType::U32, "counter")?;
-    check(io.prior, 2 * n, DType::F32, "prior")?;
+    if masks.len() < words * clients || masks.dtype() != DType::U32 {
+        return Err(crate::Error::invalid("client masks: too few words"));
+    }
+    check(s_hat, n, DType::F32, "s_hat")?;
+    check(prior, 2 * n, DType::F32, "prior")?;
     if clients == 0 {
         return Err(crate::Error::invalid("aggregation needs at least one mask"));
     }
@@ -194,18 +207,45 @@ pub fn aggregate(
         },
         lo: opts.lo,
         hi: opts.hi,
-        mix: opts.mada as u32,
-        _pad: 0,
+        total: 0,
+        sigma: 0.0,
     };
     Ok(gpu
         .kernel(shader(), "aggregate")
         .params(&p)
-        .bind("bits_a", io.masks)
-        .bind("scores", io.scores)
-        .bind("count", io.count)
-        .bind("values", io.s_hat)
-        .bind("scores_out", io.scores_out)
-        .bind("prior", io.prior)
+        .bind("bits_a", masks)
+        .bind("values", s_hat)
+        .bind("prior", prior)
+        .groups(groups_for(n, 256)?)
+        .build()?)
+}
+
+/// MADA's update of one layer: out <- lambda s_hat + (1 - lambda) scores, where lambda =
+/// count[0] / total (the Hamming count over all `total` weights).
+pub fn blend(
+    gpu: &Gpu,
+    total: usize,
+    count: &Tensor,
+    s_hat: &Tensor,
+    scores: &Tensor,
+    out: &Tensor,
+) -> Result<Kernel> {
+    let n = scores.len();
+    check(s_hat, n, DType::F32, "s_hat")?;
+    check(out, n, DType::F32, "new scores")?;
+    check(count, 1, DType::U32, "counter")?;
+    let p = Params {
+        n: u32_of(n, "weights")?,
+        total: u32_of(total, "weights")?,
+        ..Default::default()
+    };
+    Ok(gpu
+        .kernel(shader(), "blend")
+        .params(&p)
+        .bind("count", count)
+        .bind("values", s_hat)
+        .bind("scores", scores)
+        .bind("scores_out", out)
         .groups(groups_for(n, 256)?)
         .build()?)
 }
@@ -264,18 +304,15 @@ pub mod cpu {
         a.iter().zip(b).map(|(x, y)| (x ^ y).count_ones()).sum()
     }
 
-    /// The server step for one layer: returns (s_hat, new scores) and updates `prior`.
+    /// s_hat of one layer; updates `prior` for the persistent rule.
     pub fn aggregate(
         n: usize,
         masks: &[Vec<u32>],
-        scores: &[f32],
-        lambda: f32,
         opts: &AggregateOptions,
         prior: &mut [f32],
-    ) -> (Vec<f32>, Vec<f32>) {
+    ) -> Vec<f32> {
         let k = masks.len() as f32;
         let mut s_hat = vec![0f32; n];
-        let mut out = vec![0f32; n];
         for i in 0..n {
             let ones = masks
                 .iter()
@@ -291,12 +328,16 @@ pub mod cpu {
                 }
             };
             s_hat[i] = (theta / (1.0 - theta)).ln();
-            out[i] = if opts.mada {
-                lambda * s_hat[i] + (1.0 - lambda) * scores[i]
-            } else {
-                s_hat[i]
-            };
         }
-        (s_hat, out)
+        s_hat
+    }
+
+    /// MADA's blend.
+    pub fn blend(lambda: f32, s_hat: &[f32], scores: &[f32]) -> Vec<f32> {
+        s_hat
+            .iter()
+            .zip(scores)
+            .map(|(h, s)| lambda * h + (1.0 - lambda) * s)
+            .collect()
     }
 }

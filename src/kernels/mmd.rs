@@ -5,6 +5,8 @@ use super::{check, groups_for, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
+use crate::kernels::matmul::{self, LinearShape};
+use crate::kernels::{Init, LayerWeights, MaskSource};
 
 /// GMMN's bandwidths for MNIST in pixel space (pixels in [0, 1]), Li et al. 2015.
 pub const GMMN_MNIST_SIGMAS: [f32; 6] = [2.0, 5.0, 10.0, 20.0, 40.0, 80.0];
@@ -109,37 +111,81 @@ pub fn loss(
                 p.inv_two_sigma2[i] = 1.0 / (2.0 * s * s);
             }
             let t = n + m;
+            let z = gpu.tensor(&[t, d], DType::F32, "generated and real samples")?;
+            let gram = gpu.tensor(&[t, t], DType::F32, "Gram matrix")?;
             let dist = gpu.tensor(&[t * t], DType::F32, "pairwise distances")?;
-            let coef = gpu.tensor(&[n * t], DType::F32, "MMD coefficients")?;
-            let k1 = gpu
-                .kernel(key(), "distances")
-                .params(&p)
-                .bind("x", x)
-                .bind("y", y)
-                .bind("dist", &dist)
-                .groups(groups_for(t * t, 256)?)
-                .build()?;
-            let k2 = gpu
-                .kernel(key(), "reduce")
-                .params(&p)
-                .bind("dist_in", &dist)
-                .bind("coef", &coef)
-                .bind("loss", &loss)
-                .groups(1)
-                .build()?;
-            let k3 = gpu
-                .kernel(key(), "gradient")
-                .params(&p)
-                .bind("x", x)
-                .bind("y", y)
-                .bind("coef_in", &coef)
-                .bind("dx", dx)
-                .groups(groups_for(n * d, 256)?)
-                .build()?;
+            let coef = gpu.tensor(&[n, t], DType::F32, "MMD coefficients")?;
+            let rowsum = gpu.tensor(&[n], DType::F32, "MMD coefficient row sums")?;
+            let cz = gpu.tensor(&[n, d], DType::F32, "coefficients times samples")?;
+            // z serves as the dense "weights" of a layer with t outputs and d inputs: its forward
+            // on z is the Gram matrix, its input gradient for dy = coef is coef z.
+            let as_layer = LayerWeights {
+                seed: 0,
+                layer: 0,
+                init: Init::SignedConstant,
+                fan_in: 1,
+            };
+            let gram_shape = LinearShape {
+                batch: t,
+                inputs: d,
+                outputs: t,
+            };
+            let cz_shape = LinearShape {
+                batch: n,
+                inputs: d,
+                outputs: t,
+            };
+            let kernels = vec![
+                gpu.kernel(key(), "concat")
+                    .params(&p)
+                    .bind("x", x)
+                    .bind("y", y)
+                    .bind("z", &z)
+                    .groups(groups_for(t * d, 256)?)
+                    .build()?,
+                matmul::forward(
+                    gpu,
+                    &gram_shape,
+                    &as_layer,
+                    &MaskSource::Dense(&z),
+                    &z,
+                    &gram,
+                )?,
+                gpu.kernel(key(), "distances")
+                    .params(&p)
+                    .bind("gram", &gram)
+                    .bind("dist", &dist)
+                    .groups(groups_for(t * t, 256)?)
+                    .build()?,
+                gpu.kernel(key(), "reduce")
+                    .params(&p)
+                    .bind("dist_in", &dist)
+                    .bind("coef", &coef)
+                    .bind("rowsum", &rowsum)
+                    .bind("loss", &loss)
+                    .groups(1)
+                    .build()?,
+                matmul::grad_input(
+                    gpu,
+                    &cz_shape,
+                    &as_layer,
+                    &MaskSource::Dense(&z),
+                    &coef,
+                    &cz,
+                )?,
+                gpu.kernel(key(), "gradient")
+                    .params(&p)
+                    .bind("x", x)
+                    .bind("rowsum_in", &rowsum)
+                    .bind("cz", &cz)
+                    .bind("dx", dx)
+                    .groups(groups_for(n * d, 256)?)
+                    .build()?,
+            ];
             Ok(LossKernels {
-                kernels: vec![k1, k2, k3],
+                kernels,
                 loss,
-                _scratch: vec![dist, coef],
+                _scratch: vec![z, gram, dist, coef, rowsum, cz],
             })
         }
         LossKind::Moments => {

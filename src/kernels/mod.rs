@@ -6,6 +6,7 @@
 
 pub mod adam;
 pub mod conv;
+pub mod data;
 pub mod elementwise;
 pub mod mask;
 pub mod matmul;
@@ -30,6 +31,14 @@ pub struct StepState {
     pub round: u32,
     /// Run seed.
     pub seed: u32,
+    /// `step` when the current local run began.
+    pub step_base: u32,
+    pub _pad: [u32; 3],
+}
+
+impl StepState {
+    /// Words of the state on the GPU.
+    pub const WORDS: usize = 8;
 }
 
 /// Workgroups needed for `n` items at `per_group` items per workgroup.

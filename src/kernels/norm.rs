@@ -8,6 +8,19 @@ use crate::gpu::{DType, Gpu, Kernel, Tensor};
 /// PyTorch's default epsilon.
 pub const EPS: f32 = 1e-5;
 
+/// Channels with at most this many values use one invocation each instead of a workgroup.
+const SMALL: usize = 512;
+
+/// (entry point, workgroups) for a channel size.
+fn variant(s: &NormShape, entry: &'static str) -> Result<(String, u32)> {
+    let channels = u32_of(s.channels, "channels")?;
+    if s.batch * s.size <= SMALL {
+        Ok((format!("{entry}_small"), channels.div_ceil(64)))
+    } else {
+        Ok((entry.to_string(), channels))
+    }
+}
+
 /// A tensor viewed as [batch, channels, size] (size = h * w, or 1 for dense activations).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NormShape {
@@ -49,13 +62,14 @@ pub fn forward(gpu: &Gpu, s: &NormShape, x: &Tensor, y: &Tensor, stats: &Tensor)
     check(x, s.len(), DType::F32, "batchnorm input")?;
     check(y, s.len(), DType::F32, "batchnorm output")?;
     check(stats, 2 * s.channels, DType::F32, "batchnorm statistics")?;
+    let (entry, groups) = variant(s, "forward")?;
     Ok(gpu
-        .kernel(ShaderKey::new("norm.wgsl"), "forward")
+        .kernel(ShaderKey::new("norm.wgsl"), &entry)
         .params(&params(s)?)
         .bind("x", x)
         .bind("y", y)
         .bind("stats", stats)
-        .groups(u32_of(s.channels, "channels")?)
+        .groups(groups)
         .build()?)
 }
 
@@ -72,14 +86,15 @@ pub fn backward(
     check(y, s.len(), DType::F32, "batchnorm output")?;
     check(dx, s.len(), DType::F32, "batchnorm input gradient")?;
     check(stats, 2 * s.channels, DType::F32, "batchnorm statistics")?;
+    let (entry, groups) = variant(s, "backward")?;
     Ok(gpu
-        .kernel(ShaderKey::new("norm.wgsl"), "backward")
+        .kernel(ShaderKey::new("norm.wgsl"), &entry)
         .params(&params(s)?)
         .bind("dy", dy)
         .bind("yn", y)
         .bind("stats_in", stats)
         .bind("dx", dx)
-        .groups(u32_of(s.channels, "channels")?)
+        .groups(groups)
         .build()?)
 }
 

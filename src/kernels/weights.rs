@@ -1,6 +1,7 @@
 //! Frozen weights regenerated from (seed, layer, index), and the mask sources they are
 //! multiplied with (`shaders/weights.wgsl`).
 
+use super::StepState;
 use super::{check, groups_for, u32_of};
 use crate::error::Result;
 use crate::gpu::shader::ShaderKey;
@@ -107,7 +108,7 @@ impl MaskSource<'_> {
             MaskSource::Dense(w) => check(w, n, DType::F32, "dense weights"),
             MaskSource::Train { keep, step } => {
                 check(keep, n.div_ceil(2), DType::U32, "keep thresholds")?;
-                check(step, 4, DType::U32, "step state")
+                check(step, StepState::WORDS, DType::U32, "step state")
             }
             MaskSource::Packed(b) => check(b, n.div_ceil(32), DType::U32, "packed mask"),
             MaskSource::Frozen => Ok(()),

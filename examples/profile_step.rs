@@ -1,0 +1,41 @@
+//! Times every kernel of one training step of a preset on the default adapter:
+//! `cargo run --release --example profile_step -- [ARCH] [BATCH]` (needs MNIST, see README).
+
+use prism::data::locate::Split;
+use prism::fl::simulation::load_dataset;
+use prism::fl::{TrainConfig, Trainer};
+
+fn main() -> Result<(), prism::Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let arch = args.get(1).cloned().unwrap_or_else(|| "conv28".into());
+    let batch: usize = args.get(2).and_then(|b| b.parse().ok()).unwrap_or(64);
+    let gpu = prism::gpu::Gpu::new(Default::default())?;
+    let cfg = TrainConfig {
+        arch: arch.clone(),
+        batch,
+        clients: 1,
+        local_steps: 1,
+        ..Default::default()
+    };
+    let (ds, a) = load_dataset("mnist", None, false, Split::Train, &arch)?;
+    let ds = ds.take(1000);
+    let trainer = Trainer::new(&gpu, &cfg, &a, &ds, &[(0..1000).collect()])?;
+    let ks = trainer.step_kernels(0);
+    gpu.run(&ks)?; // compile everything first
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    for k in &ks {
+        let t = gpu.time_kernels(&[k], 5)?.as_secs_f64() / 5.0;
+        rows.push((k.label().to_string(), t * 1e3));
+    }
+    let total: f64 = rows.iter().map(|r| r.1).sum();
+    let whole = gpu.time_kernels(&ks, 5)?.as_secs_f64() / 5.0 * 1e3;
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (l, t) in rows.iter().take(25) {
+        println!("{t:8.3} ms  {l}");
+    }
+    println!(
+        "sum of kernels {total:.1} ms; whole step {whole:.1} ms ({} kernels)",
+        ks.len()
+    );
+    Ok(())
+}

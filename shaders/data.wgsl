@@ -1,0 +1,32 @@
+// Real minibatches drawn on the GPU from a client's images, so a training step needs nothing
+// from the host: sample b of a step is image rng(key(key(DATA, client), step), b) mod count.
+// Images are stored as bytes, four to a word, and come out as floats in [-1, 1].
+//% include "common.wgsl"
+//% include "rng.wgsl"
+
+struct Params {
+    pixels: u32,   // bytes per image
+    count: u32,    // images of this client
+    batch: u32,
+    key: u32,      // key(seed, DATA)
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> step: StepState;
+@group(0) @binding(2) var<storage, read> images: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(256)
+fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let e = linear_workgroup(wid, nwg) * 256u + li;
+    if (e >= p.batch * p.pixels) {
+        return;
+    }
+    let b = e / p.pixels;
+    let px = e % p.pixels;
+    let k = rng_key(rng_key(p.key, step.client), step.step);
+    let img = rng_u32(k, b) % p.count;
+    let byte = img * p.pixels + px;
+    let v = (images[byte / 4u] >> (8u * (byte % 4u))) & 0xffu;
+    out[e] = f32(v) / 127.5 - 1.0;
+}

@@ -1,0 +1,255 @@
+//! Checkpoints of a federated run: everything needed to continue it exactly (the global scores,
+//! the server's Beta priors, every client's Adam moments and step counter, the metrics so far).
+//!
+//! Layout (little endian): magic "PRCK" | version u32 | config JSON (u32 length + bytes) |
+//! rounds done u32 | layers u32 | per layer: weights u32, scores f32[n], prior f32[2n] |
+//! clients u32 | per client: step u32, moments f32[2n] per layer | metrics JSON (u32 length +
+//! bytes) | crc32 of all before.
+//!
+//! Written to a temporary file, synced, then renamed over the old one: a crash at any moment
+//! leaves either the previous checkpoint or the new one, never a mix.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::config::TrainConfig;
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"PRCK";
+const VERSION: u32 = 1;
+
+/// The state of a run after some rounds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub config: TrainConfig,
+    pub rounds_done: u32,
+    pub scores: Vec<Vec<f32>>,
+    pub priors: Vec<Vec<f32>>,
+    pub client_steps: Vec<u32>,
+    /// [client][layer] moments, 2n each.
+    pub client_moments: Vec<Vec<Vec<f32>>>,
+    /// The metrics log so far, one JSON object per round.
+    pub metrics: Vec<serde_json::Value>,
+}
+
+fn put_f32s(out: &mut Vec<u8>, v: &[f32]) {
+    out.reserve(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+impl Checkpoint {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        let cfg = serde_json::to_vec(&self.config).map_err(|e| Error::invalid(e.to_string()))?;
+        out.extend_from_slice(&(cfg.len() as u32).to_le_bytes());
+        out.extend_from_slice(&cfg);
+        out.extend_from_slice(&self.rounds_done.to_le_bytes());
+        out.extend_from_slice(&(self.scores.len() as u32).to_le_bytes());
+        for (s, p) in self.scores.iter().zip(&self.priors) {
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            put_f32s(&mut out, s);
+            put_f32s(&mut out, p);
+        }
+        out.extend_from_slice(&(self.client_steps.len() as u32).to_le_bytes());
+        for (step, moments) in self.client_steps.iter().zip(&self.client_moments) {
+            out.extend_from_slice(&step.to_le_bytes());
+            for m in moments {
+                put_f32s(&mut out, m);
+            }
+        }
+        let metrics =
+            serde_json::to_vec(&self.metrics).map_err(|e| Error::invalid(e.to_string()))?;
+        out.extend_from_slice(&(metrics.len() as u32).to_le_bytes());
+        out.extend_from_slice(&metrics);
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8], what: &str) -> Result<Checkpoint> {
+        let bad = |m: String| Error::format(what, m);
+        if bytes.len() < 12 {
+            return Err(bad("too short to be a checkpoint".into()));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if &body[..4] != MAGIC {
+            return Err(bad("not a prism checkpoint (wrong magic)".into()));
+        }
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(bad("checksum mismatch: the checkpoint is damaged".into()));
+        }
+        let mut at = 4usize;
+        let mut take = |n: usize| -> Result<&[u8]> {
+            if body.len() - at < n {
+                return Err(Error::format(what, format!("truncated at byte {at}")));
+            }
+            let s = &body[at..at + n];
+            at += n;
+            Ok(s)
+        };
+        let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let version = u32_of(take(4)?);
+        if version != VERSION {
+            return Err(bad(format!("version {version} is not {VERSION}")));
+        }
+        let n = u32_of(take(4)?) as usize;
+        let config: TrainConfig =
+            serde_json::from_slice(take(n)?).map_err(|e| bad(format!("configuration: {e}")))?;
+        config.validate()?;
+        let rounds_done = u32_of(take(4)?);
+        let layers = u32_of(take(4)?) as usize;
+        let floats = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect()
+        };
+        let mut scores = Vec::new();
+        let mut priors = Vec::new();
+        let mut sizes = Vec::new();
+        for _ in 0..layers {
+            let w = u32_of(take(4)?) as usize;
+            // take() refuses lengths beyond the bytes present, so nothing is allocated from an
+            // absurd size.
+            let s = floats(take(
+                w.checked_mul(4)
+                    .ok_or_else(|| bad("size overflow".into()))?,
+            )?);
+            let p = floats(take(
+                w.checked_mul(8)
+                    .ok_or_else(|| bad("size overflow".into()))?,
+            )?);
+            if s.iter().chain(&p).any(|v| !v.is_finite()) {
+                return Err(bad("scores or priors contain NaN or infinity".into()));
+            }
+            sizes.push(w);
+            scores.push(s);
+            priors.push(p);
+        }
+        let clients = u32_of(take(4)?) as usize;
+        if clients != config.clients {
+            return Err(bad(format!(
+                "{clients} clients but the configuration has {}",
+                config.clients
+            )));
+        }
+        let mut client_steps = Vec::new();
+        let mut client_moments = Vec::new();
+        for _ in 0..clients {
+            client_steps.push(u32_of(take(4)?));
+            let mut ms = Vec::new();
+            for &w in &sizes {
+                let m = floats(take(w * 8)?);
+                if m.iter().any(|v| !v.is_finite()) {
+                    return Err(bad("Adam moments contain NaN or infinity".into()));
+                }
+                ms.push(m);
+            }
+            client_moments.push(ms);
+        }
+        let n = u32_of(take(4)?) as usize;
+        let metrics: Vec<serde_json::Value> =
+            serde_json::from_slice(take(n)?).map_err(|e| bad(format!("metrics: {e}")))?;
+        if at != body.len() {
+            return Err(bad("unexpected bytes at the end".into()));
+        }
+        Ok(Checkpoint {
+            config,
+            rounds_done,
+            scores,
+            priors,
+            client_steps,
+            client_moments,
+            metrics,
+        })
+    }
+
+    /// Writes atomically: temporary file, fsync, rename, fsync of the folder.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.encode()?;
+        write_atomic(path, &bytes)
+    }
+
+    pub fn load(path: &Path) -> Result<Checkpoint> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Checkpoint::decode(&bytes, &path.display().to_string())
+    }
+}
+
+/// Replaces `path` by `bytes` so that readers see the old or the new content, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Checkpoint {
+        Checkpoint {
+            config: TrainConfig {
+                clients: 2,
+                ..Default::default()
+            },
+            rounds_done: 3,
+            scores: vec![vec![0.5, -1.0, 2.0], vec![3.0]],
+            priors: vec![vec![1.0; 6], vec![2.0, 3.0]],
+            client_steps: vec![10, 20],
+            client_moments: vec![
+                vec![vec![0.1; 6], vec![0.2; 2]],
+                vec![vec![0.3; 6], vec![0.4; 2]],
+            ],
+            metrics: vec![serde_json::json!({"round": 1, "loss": 0.5})],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_damage() {
+        let c = sample();
+        let bytes = c.encode().unwrap();
+        assert_eq!(Checkpoint::decode(&bytes, "t").unwrap(), c);
+        for cut in [0, 5, 40, bytes.len() - 1] {
+            assert!(Checkpoint::decode(&bytes[..cut], "t").is_err());
+        }
+        let mut flipped = bytes.clone();
+        flipped[60] ^= 4;
+        assert!(Checkpoint::decode(&flipped, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let dir = std::env::temp_dir().join(format!("prism-ckpt-{}", std::process::id()));
+        let p = dir.join("c.bin");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let leftovers = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary files left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,156 @@
+//! Everything a federated run is a function of (with the adapter): the configuration
+//! recorded in checkpoints and metrics.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Feature space of the loss.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FeatureSpace {
+    /// Raw pixels (mapped to [0, 1]).
+    Pixels,
+    /// Pixels plus the features of a frozen random convolutional encoder regenerated from the
+    /// seed (two stride-2 4x4 convs with ReLU).
+    RandomConv,
+}
+
+/// Loss function.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum LossChoice {
+    /// sqrt(MMD^2) with GMMN's bandwidths (biased estimator).
+    Mmd,
+    /// Unbiased MMD^2 estimate under the square root.
+    MmdUnbiased,
+    /// Mean-and-variance matching (the reference code's loss).
+    Moments,
+}
+
+/// Differential privacy of uploads (PRISM.md section 5).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpConfig {
+    /// theta is clipped to [clip, 1 - clip].
+    pub clip: f32,
+    /// Noise standard deviation in units of the L2 sensitivity (1 - 2 clip) sqrt(d).
+    pub noise_multiplier: f64,
+    /// The delta at which epsilon is reported.
+    pub delta: f64,
+}
+
+/// A federated training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// mnist, fashion-mnist, cifar10, or a folder of images.
+    pub dataset: String,
+    /// Generator preset.
+    pub arch: String,
+    pub clients: usize,
+    pub rounds: usize,
+    pub local_steps: usize,
+    pub batch: usize,
+    /// iid, shards[:N], dirichlet[:ALPHA].
+    pub partition: String,
+    /// Fraction of clients asked to train each round (Flower's fraction_fit).
+    pub fraction_fit: f64,
+    /// Fewest valid uploads a round needs to change the global model.
+    pub min_fit_clients: usize,
+    pub mada: bool,
+    /// FedPM's persistent Beta prior instead of the per-round reset.
+    pub persistent_prior: bool,
+    /// PRISM-alpha: the last fraction of masked layers (from the output) send real scores.
+    pub alpha: f64,
+    pub loss: LossChoice,
+    pub features: FeatureSpace,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    /// Score-gradient estimator: the reference's p-scaled one (true) or plain straight-through.
+    pub p_scaled_estimator: bool,
+    pub seed: u32,
+    pub dp: Option<DpConfig>,
+    /// Fraction of selected clients that drop out of a round (fault injection).
+    pub drop_rate: f64,
+    /// Entropy-code uploads.
+    pub entropy_coding: bool,
+    /// Bound how far one client can move the global probabilities (robust aggregation).
+    pub robust: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            dataset: "mnist".into(),
+            arch: "conv28".into(),
+            clients: 10,
+            rounds: 40,
+            local_steps: 10,
+            batch: 64,
+            partition: "shards:4".into(),
+            fraction_fit: 1.0,
+            min_fit_clients: 1,
+            mada: true,
+            persistent_prior: false,
+            alpha: 0.0,
+            loss: LossChoice::Mmd,
+            features: FeatureSpace::Pixels,
+            lr: 0.1,
+            beta1: 0.5,
+            beta2: 0.999,
+            p_scaled_estimator: true,
+            seed: 1,
+            dp: None,
+            drop_rate: 0.0,
+            entropy_coding: true,
+            robust: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks ranges before anything is allocated.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid(m));
+        if self.clients == 0 || self.clients > 100_000 {
+            return bad(format!("clients = {} must be 1 to 100000", self.clients));
+        }
+        if self.rounds == 0 || self.local_steps == 0 {
+            return bad("rounds and local steps must be positive".into());
+        }
+        if self.batch < 2 || self.batch > 4096 {
+            return bad(format!("batch = {} must be 2 to 4096", self.batch));
+        }
+        if !(self.fraction_fit > 0.0 && self.fraction_fit <= 1.0) {
+            return bad(format!(
+                "fraction_fit = {} must be in (0, 1]",
+                self.fraction_fit
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return bad(format!("alpha = {} must be in [0, 1]", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.drop_rate) {
+            return bad(format!("drop rate = {} must be in [0, 1)", self.drop_rate));
+        }
+        let adam_ok = self.lr > 0.0
+            && self.lr.is_finite()
+            && (0.0..1.0).contains(&self.beta1)
+            && (0.0..1.0).contains(&self.beta2);
+        if !adam_ok {
+            return bad("Adam needs lr > 0 and betas in [0, 1)".into());
+        }
+        if let Some(dp) = &self.dp {
+            let dp_ok = (0.0..0.5).contains(&dp.clip)
+                && dp.noise_multiplier > 0.0
+                && dp.noise_multiplier.is_finite()
+                && dp.delta > 0.0
+                && dp.delta < 1.0;
+            if !dp_ok {
+                return bad(
+                    "DP needs clip in [0, 0.5), noise multiplier > 0 and delta in (0, 1)".into(),
+                );
+            }
+        }
+        crate::data::partition::Partition::parse(&self.partition)?;
+        Ok(())
+    }
+}

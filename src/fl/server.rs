@@ -1,0 +1,343 @@
+//! The server: global scores on the GPU and the aggregation strategies, with Flower's
+//! vocabulary: each round the strategy's `configure_fit` picks the clients that train, and
+//! `aggregate_fit` turns their results (and the failures) into the next global model.
+
+use super::message::{Payload, Upload};
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Kernel, Tensor};
+use crate::kernels::mask::{self, AggregateOptions, Aggregation};
+use crate::rng::{self, HostRng};
+
+/// Why a client's round did not count.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FailureReason {
+    /// The upload did not decode (wrong length, magic, version, checksum, values...).
+    Malformed(String),
+    /// The client did not answer in time (or dropped out).
+    Dropped,
+    /// The client was not selected this round, or answered for another round.
+    Unexpected,
+    /// A second upload from the same client in one round.
+    Duplicate,
+}
+
+/// A failed client in a round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub client: u32,
+    pub reason: FailureReason,
+}
+
+/// What an aggregation did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AggregateReport {
+    /// MADA's lambda (None without MADA or when the round was skipped).
+    pub lambda: Option<f64>,
+    /// Valid uploads used.
+    pub used: usize,
+    /// True when too few valid uploads arrived and the previous global scores were kept.
+    pub kept_previous: bool,
+}
+
+/// The global model and the scratch buffers of aggregation, on the GPU.
+pub struct ServerModel {
+    pub sizes: Vec<usize>,
+    /// Layers whose clients upload scores (PRISM-alpha) instead of masks.
+    pub score_layers: Vec<bool>,
+    pub scores: Vec<Tensor>,
+    keep: Vec<Tensor>,
+    pub prior: Vec<Tensor>,
+    s_hat: Vec<Tensor>,
+    keep_hat: Vec<Tensor>,
+    bits_a: Vec<Tensor>,
+    bits_b: Vec<Tensor>,
+    masks: Vec<Tensor>,
+    next: Vec<Tensor>,
+    count: Tensor,
+    capacity: usize,
+}
+
+impl ServerModel {
+    /// Initial scores s ~ N(0, 1) from the run seed, and room for `capacity` uploads a round.
+    pub fn new(
+        gpu: &Gpu,
+        sizes: &[usize],
+        score_layers: &[bool],
+        capacity: usize,
+        seed: u32,
+    ) -> Result<ServerModel> {
+        let mut rng = HostRng::new(seed, &[rng::stream::SCORE_INIT]);
+        let mut m = ServerModel {
+            sizes: sizes.to_vec(),
+            score_layers: score_layers.to_vec(),
+            scores: Vec::new(),
+            keep: Vec::new(),
+            prior: Vec::new(),
+            s_hat: Vec::new(),
+            keep_hat: Vec::new(),
+            bits_a: Vec::new(),
+            bits_b: Vec::new(),
+            masks: Vec::new(),
+            next: Vec::new(),
+            count: gpu.zeros(&[1], DType::U32, "hamming count")?,
+            capacity: capacity.max(1),
+        };
+        for &n in sizes {
+            let s: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+            m.scores.push(gpu.upload_f32(&s, &[n], "global scores")?);
+            m.keep
+                .push(gpu.zeros(&[mask::keep_words(n)], DType::U32, "global thresholds")?);
+            m.prior
+                .push(gpu.upload_f32(&vec![1.0; 2 * n], &[2 * n], "Beta prior")?);
+            m.s_hat.push(gpu.zeros(&[n], DType::F32, "s_hat")?);
+            m.keep_hat
+                .push(gpu.zeros(&[mask::keep_words(n)], DType::U32, "s_hat thresholds")?);
+            m.bits_a
+                .push(gpu.zeros(&[mask::packed_words(n)], DType::U32, "MADA sample A")?);
+            m.bits_b
+                .push(gpu.zeros(&[mask::packed_words(n)], DType::U32, "MADA sample B")?);
+            m.masks.push(gpu.zeros(
+                &[m.capacity * mask::packed_words(n)],
+                DType::U32,
+                "client masks",
+            )?);
+            m.next.push(gpu.zeros(&[n], DType::F32, "next scores")?);
+        }
+        Ok(m)
+    }
+
+    /// Total weights of mask layers (MADA's lambda is a fraction of these).
+    pub fn mask_weights(&self) -> usize {
+        self.sizes
+            .iter()
+            .zip(&self.score_layers)
+            .filter(|(_, s)| !**s)
+            .map(|(n, _)| n)
+            .sum()
+    }
+
+    /// Reads the global scores back.
+    pub fn read_scores(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>> {
+        Ok(self
+            .scores
+            .iter()
+            .map(|t| gpu.read_f32(t))
+            .collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Overwrites the global scores (resuming from a checkpoint).
+    pub fn write_scores(&self, gpu: &Gpu, scores: &[Vec<f32>]) -> Result<()> {
+        if scores.len() != self.scores.len() {
+            return Err(Error::invalid("score layers do not match the model"));
+        }
+        for (t, s) in self.scores.iter().zip(scores) {
+            gpu.write_f32(t, s)?;
+        }
+        Ok(())
+    }
+}
+
+/// A federated strategy (Flower's interface, specialised to mask uploads).
+pub trait Strategy {
+    fn name(&self) -> String;
+
+    /// The clients that train in `round`, out of `available`.
+    fn configure_fit(&mut self, round: u32, available: usize, rng: &mut HostRng) -> Vec<usize>;
+
+    /// Aggregates the valid uploads into `model`; failures are reported for the record.
+    fn aggregate_fit(
+        &mut self,
+        gpu: &Gpu,
+        round: u32,
+        model: &mut ServerModel,
+        results: &[Upload],
+        failures: &[Failure],
+    ) -> Result<AggregateReport>;
+}
+
+/// PRISM's server: FedPM's Bayesian aggregation of smoothed masks (reset or persistent prior),
+/// optionally followed by MADA; PRISM-alpha layers average scores.
+#[derive(Clone, Debug)]
+pub struct Prism {
+    pub fraction_fit: f64,
+    pub min_fit_clients: usize,
+    pub rule: Aggregation,
+    pub mada: bool,
+    /// Smoothing of bits: 0 -> lo, 1 -> hi (PRISM: 0.01, 0.99).
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl Default for Prism {
+    fn default() -> Self {
+        Self {
+            fraction_fit: 1.0,
+            min_fit_clients: 1,
+            rule: Aggregation::MeanOfSmoothed,
+            mada: true,
+            lo: 0.01,
+            hi: 0.99,
+        }
+    }
+}
+
+impl Strategy for Prism {
+    fn name(&self) -> String {
+        let rule = match self.rule {
+            Aggregation::MeanOfSmoothed => "FedPM mean",
+            Aggregation::PersistentPrior => "FedPM persistent prior",
+        };
+        format!("{rule}{}", if self.mada { " + MADA" } else { "" })
+    }
+
+    fn configure_fit(&mut self, _round: u32, available: usize, rng: &mut HostRng) -> Vec<usize> {
+        let want = ((available as f64 * self.fraction_fit).round() as usize)
+            .clamp(self.min_fit_clients.min(available), available);
+        let mut all: Vec<usize> = (0..available).collect();
+        rng.shuffle(&mut all);
+        let mut chosen = all[..want.max(1).min(available)].to_vec();
+        chosen.sort_unstable();
+        chosen
+    }
+
+    fn aggregate_fit(
+        &mut self,
+        gpu: &Gpu,
+        round: u32,
+        model: &mut ServerModel,
+        results: &[Upload],
+        _failures: &[Failure],
+    ) -> Result<AggregateReport> {
+        if results.len() < self.min_fit_clients.max(1) {
+            return Ok(AggregateReport {
+                lambda: None,
+                used: results.len(),
+                kept_previous: true,
+            });
+        }
+        if results.len() > model.capacity {
+            return Err(Error::invalid(format!(
+                "{} uploads but room for {}",
+                results.len(),
+                model.capacity
+            )));
+        }
+        let opts = AggregateOptions {
+            rule: self.rule,
+            lo: self.lo,
+            hi: self.hi,
+        };
+        let m = results.len();
+        let mut ks: Vec<Kernel> = Vec::new();
+        // Stage the masks; average the scores of PRISM-alpha layers on the host.
+        for (l, &n) in model.sizes.iter().enumerate() {
+            if model.score_layers[l] {
+                let mut mean = vec![0f64; n];
+                for up in results {
+                    let Payload::Scores(s) = &up.layers[l] else {
+                        return Err(Error::invalid(format!("layer {l} expects scores")));
+                    };
+                    for (a, v) in mean.iter_mut().zip(s) {
+                        *a += *v as f64 / m as f64;
+                    }
+                }
+                let mean: Vec<f32> = mean.into_iter().map(|v| v as f32).collect();
+                gpu.write_f32(&model.next[l], &mean)?;
+                continue;
+            }
+            let words = mask::packed_words(n);
+            for (c, up) in results.iter().enumerate() {
+                let Payload::Bits(b) = &up.layers[l] else {
+                    return Err(Error::invalid(format!("layer {l} expects a mask")));
+                };
+                gpu.queue().write_buffer(
+                    model.masks[l].buffer(),
+                    (c * words * 4) as u64,
+                    bytemuck::cast_slice(b),
+                );
+            }
+            ks.push(mask::aggregate(
+                gpu,
+                n,
+                m,
+                &opts,
+                &model.masks[l],
+                &model.prior[l],
+                &model.s_hat[l],
+            )?);
+        }
+        let total = model.mask_weights();
+        if self.mada && total > 0 {
+            gpu.write_u32(&model.count, &[0])?;
+            let key = rng::key_path(0, &[rng::stream::MADA, round]);
+            for (l, &n) in model.sizes.iter().enumerate() {
+                if model.score_layers[l] {
+                    continue;
+                }
+                // A ~ Bernoulli(sigmoid(s_t)), B ~ Bernoulli(sigmoid(s_hat)); lambda = Hamming / total.
+                ks.push(mask::thresholds(gpu, &model.scores[l], &model.keep[l])?);
+                ks.push(mask::thresholds(gpu, &model.s_hat[l], &model.keep_hat[l])?);
+                ks.push(mask::sample_packed(
+                    gpu,
+                    n,
+                    &model.keep[l],
+                    rng::key(rng::key(key, 0), l as u32),
+                    &model.bits_a[l],
+                )?);
+                ks.push(mask::sample_packed(
+                    gpu,
+                    n,
+                    &model.keep_hat[l],
+                    rng::key(rng::key(key, 1), l as u32),
+                    &model.bits_b[l],
+                )?);
+                ks.push(mask::hamming(
+                    gpu,
+                    n,
+                    &model.bits_a[l],
+                    &model.bits_b[l],
+                    &model.count,
+                )?);
+            }
+            for (l, _) in model.sizes.iter().enumerate() {
+                if !model.score_layers[l] {
+                    ks.push(mask::blend(
+                        gpu,
+                        total,
+                        &model.count,
+                        &model.s_hat[l],
+                        &model.scores[l],
+                        &model.next[l],
+                    )?);
+                }
+            }
+        }
+        gpu.run(&ks.iter().collect::<Vec<_>>())?;
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        for l in 0..model.sizes.len() {
+            let from = if model.score_layers[l] || self.mada {
+                &model.next[l]
+            } else {
+                &model.s_hat[l]
+            };
+            enc.copy_buffer_to_buffer(
+                from.buffer(),
+                0,
+                model.scores[l].buffer(),
+                0,
+                model.scores[l].bytes(),
+            );
+        }
+        gpu.queue().submit([enc.finish()]);
+        let lambda = if self.mada && total > 0 {
+            Some(gpu.read_u32(&model.count)?[0] as f64 / total as f64)
+        } else {
+            None
+        };
+        Ok(AggregateReport {
+            lambda,
+            used: m,
+            kept_previous: false,
+        })
+    }
+}

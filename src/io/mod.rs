@@ -1,0 +1,3 @@
+//! Files: sample grids.
+
+pub mod grid;
