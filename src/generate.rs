@@ -1,5 +1,5 @@
-//! Generation: an inference network whose masks come from trained scores (one Bernoulli sample
-//! as the paper's final model, or the thresholded mask) or from a model file's packed bits.
+//! Generation: an inference network with packed masks (or the dense weights they select), in
+//! batches of latents drawn from the counter-based hash.
 
 use std::rc::Rc;
 
@@ -9,15 +9,6 @@ use crate::kernels::matmul::Estimator;
 use crate::kernels::{elementwise as ew, mask, StepState};
 use crate::nn::{Architecture, Backward, BuildOptions, Network, Shape, WeightMode};
 use crate::rng;
-
-/// How a final mask is drawn from probabilities sigmoid(s).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MaskChoice {
-    /// One sample M ~ Bernoulli(sigmoid(s)) from the given key (the paper's final model).
-    Sample { key: u32 },
-    /// The most likely mask: keep where s > 0.
-    Threshold,
-}
 
 /// Client id used in the latent stream of generation (training clients use 0, 1, ...).
 const GENERATION_CLIENT: u32 = u32::MAX;
@@ -69,48 +60,6 @@ impl Generator {
             step,
             latent,
         })
-    }
-
-    /// Sets the masks (and, in dense mode, the materialised weights) from per-layer scores.
-    pub fn set_masks_from_scores(
-        &self,
-        gpu: &Gpu,
-        scores: &[Tensor],
-        choice: MaskChoice,
-    ) -> Result<()> {
-        if scores.len() != self.net.layers.len() {
-            return Err(Error::invalid("one score tensor per masked layer"));
-        }
-        let keeps = self
-            .net
-            .layers
-            .iter()
-            .map(|l| {
-                gpu.tensor(
-                    &[mask::keep_words(l.info.weights)],
-                    DType::U32,
-                    "final thresholds",
-                )
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let mut ks = Vec::new();
-        for (i, ((l, s), keep)) in self.net.layers.iter().zip(scores).zip(&keeps).enumerate() {
-            match choice {
-                MaskChoice::Sample { key } => {
-                    ks.push(mask::thresholds(gpu, s, keep)?);
-                    ks.push(mask::sample_packed(
-                        gpu,
-                        l.info.weights,
-                        keep,
-                        rng::key(key, i as u32),
-                        &l.bits,
-                    )?);
-                }
-                MaskChoice::Threshold => ks.push(mask::pack_positive(gpu, s, &l.bits)?),
-            }
-        }
-        gpu.run(&ks.iter().collect::<Vec<_>>())?;
-        self.materialize(gpu)
     }
 
     /// Sets the masks from packed bits (a model file's).

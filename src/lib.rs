@@ -19,6 +19,7 @@ pub mod generate;
 pub mod gpu;
 pub mod io;
 pub mod kernels;
+pub mod model;
 pub mod nn;
 pub mod rng;
 

@@ -1,9 +1,15 @@
 //! The `prism` command line: parses arguments, calls the library, reports.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use prism::data::locate::{self, Named};
+use prism::fl::simulation::{self, RunOptions};
+use prism::fl::{DpConfig, FeatureSpace, LossChoice, TrainConfig};
 use prism::gpu::{describe_adapter, list_adapters, Gpu, GpuOptions};
+use prism::model::{self, Model};
+use prism::Error;
 
 #[derive(Parser)]
 #[command(
@@ -19,11 +25,11 @@ struct Cli {
 /// Options that choose the GPU, shared by every subcommand.
 #[derive(Args, Clone, Debug, Default)]
 struct GpuArgs {
-    /// Use the adapter whose name contains this text (default: $WGPU_ADAPTER_NAME, else the best
-    /// one, a real GPU before a software one).
+    /// Use the adapter whose name contains this text (default: $WGPU_ADAPTER_NAME, else the
+    /// best one, a real GPU before a software one).
     #[arg(long, global = true)]
     adapter: Option<String>,
-    /// Restrict backends, e.g. "vulkan", "gl", "metal", "dx12" (default: $WGPU_BACKEND or all).
+    /// Restrict backends: vulkan, gl, metal, dx12 (default: $WGPU_BACKEND, else all).
     #[arg(long, global = true)]
     backend: Option<String>,
     /// Use only the portable kernel forms (no subgroups, no f16).
@@ -32,67 +38,285 @@ struct GpuArgs {
 }
 
 impl GpuArgs {
-    fn options(&self) -> GpuOptions {
-        GpuOptions {
+    fn open(&self) -> Result<Gpu, Error> {
+        let gpu = Gpu::new(GpuOptions {
             backends: self.backend.as_deref().map(wgpu::Backends::from_comma_list),
             adapter_name: self.adapter.clone(),
             portable: self.portable,
             limits: None,
-        }
+        })?;
+        eprintln!("GPU: {}", describe_adapter(gpu.info()));
+        Ok(gpu)
     }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LossArg {
+    /// sqrt(MMD^2), Gaussian kernels with GMMN's bandwidths (biased estimator).
+    Mmd,
+    /// sqrt of the unbiased MMD^2 estimate.
+    MmdUnbiased,
+    /// Mean-and-variance feature matching (the reference code's loss).
+    Moments,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FeaturesArg {
+    /// Raw pixels.
+    Pixels,
+    /// Pixels plus a frozen random convolutional encoder regenerated from the seed.
+    RandomConv,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EstimatorArg {
+    /// The reference code's: dL/ds = dL/dw_eff * w * p^2 (1 - p).
+    PScaled,
+    /// Plain straight-through: dL/ds = dL/dw_eff * w * p (1 - p).
+    StraightThrough,
 }
 
 #[derive(Args, Clone, Debug)]
 struct TrainArgs {
-    /// Dataset: mnist, fashion-mnist, cifar10, or a folder of PNG/JPEG images.
+    /// mnist, fashion-mnist, cifar10, or a folder of PNG/JPEG images (sub-folders are classes).
     #[arg(long, default_value = "mnist")]
     dataset: String,
-    /// Where the dataset files are (default: $PRISM_DATA, ./data, ~/.cache/prism/data).
+    /// Folder with the dataset files (default: $PRISM_DATA, ./data, ~/.cache/prism/data).
     #[arg(long)]
-    data: Option<std::path::PathBuf>,
-    /// Output folder: metrics.jsonl, samples.png, checkpoint.bin, model.prism.
+    data: Option<PathBuf>,
+    /// Do not download a missing dataset; fail with instructions instead.
+    #[arg(long)]
+    no_fetch: bool,
+    /// Output folder: metrics.jsonl, samples.png, samples/, checkpoint.bin, model.prism.
     #[arg(long, default_value = "runs/mnist")]
-    out: std::path::PathBuf,
+    out: PathBuf,
+    /// Generator preset: conv28, conv28-wide, mlp28 (28x28) or resnet32 (the paper's, 32x32).
     #[arg(long, default_value = "conv28")]
     arch: String,
+    /// Number of clients.
     #[arg(long, default_value_t = 10)]
     clients: usize,
+    /// Communication rounds.
     #[arg(long, default_value_t = 40)]
     rounds: usize,
+    /// Local steps of each client per round.
     #[arg(long, default_value_t = 10)]
     local_steps: usize,
+    /// Latents (and real images) per step.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Data partition: iid, shards[:N] (N label-sorted shards a client), dirichlet[:ALPHA].
     #[arg(long, default_value = "shards:4")]
     partition: String,
+    /// Fraction of clients that train each round.
+    #[arg(long, default_value_t = 1.0)]
+    fraction_fit: f64,
+    /// Fewest valid uploads for a round to change the model (else the previous scores stay).
+    #[arg(long, default_value_t = 1)]
+    min_fit_clients: usize,
+    /// PRISM without MADA: the new scores are logit of the mean smoothed mask.
+    #[arg(long)]
+    no_mada: bool,
+    /// FedPM's persistent Beta prior instead of the prior reset every round.
+    #[arg(long)]
+    persistent_prior: bool,
+    /// PRISM-alpha: this fraction of masked layers, from the output side, send scores.
+    #[arg(long, default_value_t = 0.0)]
+    alpha: f64,
+    #[arg(long, value_enum, default_value = "mmd")]
+    loss: LossArg,
+    #[arg(long, value_enum, default_value = "pixels")]
+    features: FeaturesArg,
+    /// Adam learning rate on the scores.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.5)]
+    beta1: f32,
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f32,
+    #[arg(long, value_enum, default_value = "p-scaled")]
+    estimator: EstimatorArg,
+    /// Seed of everything: weights, scores, data split, masks, latents.
     #[arg(long, default_value_t = 1)]
     seed: u32,
+    /// Differential privacy: noise multiplier (noise std / L2 sensitivity); enables DP.
+    #[arg(long)]
+    dp_noise: Option<f64>,
+    /// Differential privacy: theta is clipped to [c, 1 - c].
+    #[arg(long, default_value_t = 0.1)]
+    dp_clip: f32,
+    /// Differential privacy: the delta at which epsilon is reported.
+    #[arg(long, default_value_t = 1e-5)]
+    dp_delta: f64,
+    /// Fault injection: fraction of selected clients that drop out of each round.
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
+    /// Send masks bit-packed instead of entropy-coded.
+    #[arg(long)]
+    no_entropy_coding: bool,
+    /// Robust aggregation: bound how far any one client can move the global probabilities.
+    #[arg(long)]
+    robust: bool,
+    /// Write a sample grid every N rounds (and after the last).
+    #[arg(long, default_value_t = 10)]
+    sample_every: usize,
+    /// Measure MMD to held-out images every N rounds (and after the last).
+    #[arg(long, default_value_t = 10)]
+    eval_every: usize,
+    /// Save a checkpoint every N rounds (and after the last).
+    #[arg(long, default_value_t = 1)]
+    checkpoint_every: usize,
     /// Continue from the output folder's checkpoint.
     #[arg(long)]
     resume: bool,
-    #[arg(long, default_value_t = 10)]
-    sample_every: usize,
+    /// Stop after this many rounds in this process (continue later with --resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl TrainArgs {
+    fn config(&self) -> TrainConfig {
+        TrainConfig {
+            dataset: self.dataset.clone(),
+            arch: self.arch.clone(),
+            clients: self.clients,
+            rounds: self.rounds,
+            local_steps: self.local_steps,
+            batch: self.batch,
+            partition: self.partition.clone(),
+            fraction_fit: self.fraction_fit,
+            min_fit_clients: self.min_fit_clients,
+            mada: !self.no_mada,
+            persistent_prior: self.persistent_prior,
+            alpha: self.alpha,
+            loss: match self.loss {
+                LossArg::Mmd => LossChoice::Mmd,
+                LossArg::MmdUnbiased => LossChoice::MmdUnbiased,
+                LossArg::Moments => LossChoice::Moments,
+            },
+            features: match self.features {
+                FeaturesArg::Pixels => FeatureSpace::Pixels,
+                FeaturesArg::RandomConv => FeatureSpace::RandomConv,
+            },
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            p_scaled_estimator: matches!(self.estimator, EstimatorArg::PScaled),
+            seed: self.seed,
+            dp: self.dp_noise.map(|z| DpConfig {
+                clip: self.dp_clip,
+                noise_multiplier: z,
+                delta: self.dp_delta,
+            }),
+            drop_rate: self.drop_rate,
+            entropy_coding: !self.no_entropy_coding,
+            robust: self.robust,
+        }
+    }
+}
+
+/// Where a trained generator comes from.
+#[derive(Args, Clone, Debug)]
+struct Source {
+    /// A model file written by `prism train` or `prism export`.
+    #[arg(long, conflicts_with = "checkpoint")]
+    model: Option<PathBuf>,
+    /// A training checkpoint (its global scores; the mask is drawn as --mask says).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// From a checkpoint: draw one mask sample (the paper's final model) or take the most
+    /// likely mask (keep where p > 0.5).
+    #[arg(long, value_enum, default_value = "sample")]
+    mask: MaskArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum MaskArg {
+    Sample,
+    Threshold,
+}
+
+impl Source {
+    fn load(&self) -> Result<Model, Error> {
+        match (&self.model, &self.checkpoint) {
+            (Some(m), _) => Model::load(m),
+            (None, Some(c)) => model::from_checkpoint(c, self.choice()),
+            (None, None) => Err(Error::invalid("give --model FILE or --checkpoint FILE")),
+        }
+    }
+
+    fn choice(&self) -> model::MaskKind {
+        match self.mask {
+            MaskArg::Sample => model::MaskKind::Sample,
+            MaskArg::Threshold => model::MaskKind::Threshold,
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Federated training (defaults: MNIST, 10 clients, non-IID shards, MADA).
+    /// Federated training (defaults: MNIST, 10 clients, non-IID shards, MADA on).
     Train {
         #[command(flatten)]
         args: TrainArgs,
         #[command(flatten)]
         gpu: GpuArgs,
     },
-    /// Print the adapter, backend, driver, features and limits.
+    /// Generate images from a model file or a checkpoint.
+    Sample {
+        #[command(flatten)]
+        source: Source,
+        /// Number of images.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        count: usize,
+        /// A PNG grid of the images.
+        #[arg(long, default_value = "samples.png")]
+        out: PathBuf,
+        /// Also write every image as its own PNG into this folder.
+        #[arg(long)]
+        folder: Option<PathBuf>,
+        /// Images per generation batch.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Latent stream offset (different offsets, different images).
+        #[arg(long, default_value_t = 0)]
+        latents: u32,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
+    /// Measure sample quality against held-out real images, with reference rows.
+    Eval {
+        #[command(flatten)]
+        source: Source,
+        /// Images of each set.
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        count: usize,
+        /// Folder with the dataset files.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[command(flatten)]
+        gpu: GpuArgs,
+    },
+    /// Download a dataset (mnist, fashion-mnist, cifar10) and check its checksums.
+    Fetch { name: String },
+    /// Print the adapters, and the selected adapter's backend, driver, features and limits.
     Info {
         #[command(flatten)]
         gpu: GpuArgs,
     },
 }
 
-fn info(gpu_args: &GpuArgs) -> Result<(), prism::Error> {
+fn info(gpu_args: &GpuArgs) -> Result<(), Error> {
     println!("adapters wgpu can see:");
-    let all = list_adapters(gpu_args.options().backends);
+    let all = list_adapters(
+        gpu_args
+            .backend
+            .as_deref()
+            .map(wgpu::Backends::from_comma_list),
+    );
     if all.is_empty() {
         println!("  (none)");
     }
@@ -105,40 +329,97 @@ fn info(gpu_args: &GpuArgs) -> Result<(), prism::Error> {
         println!("  {}{note}", describe_adapter(&info));
     }
     println!();
-    let gpu = Gpu::new(gpu_args.options())?;
+    let gpu = gpu_args.open()?;
     println!("selected:");
     print!("{}", gpu.report());
     Ok(())
 }
 
-fn train(a: &TrainArgs, gpu_args: &GpuArgs) -> Result<(), prism::Error> {
-    let cfg = prism::fl::TrainConfig {
-        dataset: a.dataset.clone(),
-        arch: a.arch.clone(),
-        clients: a.clients,
-        rounds: a.rounds,
-        local_steps: a.local_steps,
-        batch: a.batch,
-        partition: a.partition.clone(),
-        seed: a.seed,
-        ..Default::default()
-    };
-    let gpu = Gpu::new(gpu_args.options())?;
-    eprintln!("{}", describe_adapter(gpu.info()));
-    let mut opts = prism::fl::simulation::RunOptions::new(&a.out);
+fn train(a: &TrainArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
+    let cfg = a.config();
+    cfg.validate()?;
+    let gpu = gpu_args.open()?;
+    let mut opts = RunOptions::new(&a.out);
     opts.data = a.data.clone();
-    opts.fetch = true;
+    opts.fetch = !a.no_fetch;
     opts.resume = a.resume;
-    opts.progress = true;
+    opts.progress = !a.quiet;
     opts.sample_every = a.sample_every;
-    opts.eval_every = a.sample_every;
-    let s = prism::fl::simulation::run(&gpu, &cfg, &opts)?;
+    opts.eval_every = a.eval_every;
+    opts.checkpoint_every = a.checkpoint_every;
+    opts.stop_after = a.stop_after;
+    let s = simulation::run(&gpu, &cfg, &opts)?;
+    if s.rounds_done == cfg.rounds {
+        let path = a.out.join("model.prism");
+        let m = model::from_checkpoint(&s.checkpoint, model::MaskKind::Sample)?;
+        m.save(&path)?;
+        eprintln!(
+            "model: {} ({} bytes)",
+            path.display(),
+            std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
+        );
+    }
     eprintln!(
-        "{} rounds in {:.1} s; samples in {}",
+        "{} of {} rounds in {:.1} s; samples: {}; checkpoint: {}",
         s.rounds_done,
+        cfg.rounds,
         s.wall_s,
-        s.grid.display()
+        s.grid.display(),
+        s.checkpoint.display()
     );
+    if let Some(m) = &s.last {
+        eprintln!(
+            "last round: loss {:.4}, held-out MMD^2 {}, {:.3} bits per weight uploaded",
+            m.loss_last,
+            m.mmd_heldout.map_or("-".into(), |v| format!("{v:.4}")),
+            m.bits_per_weight
+        );
+    }
+    Ok(())
+}
+
+fn sample(
+    source: &Source,
+    count: usize,
+    out: &std::path::Path,
+    folder: Option<&std::path::Path>,
+    batch: usize,
+    latents: u32,
+    gpu_args: &GpuArgs,
+) -> Result<(), Error> {
+    if count == 0 {
+        return Err(Error::invalid("--count must be positive"));
+    }
+    let m = source.load()?;
+    let gpu = gpu_args.open()?;
+    let g = m.generator(&gpu, batch.clamp(1, count))?;
+    let t = std::time::Instant::now();
+    let imgs = g.generate(&gpu, count, latents)?;
+    let dt = t.elapsed().as_secs_f64();
+    let s = g.image;
+    let cols = (count as f64).sqrt().ceil() as usize;
+    prism::io::grid::write_grid(out, &imgs, count, s.c, s.h, s.w, cols)?;
+    if let Some(dir) = folder {
+        prism::io::grid::write_images(dir, &imgs, count, s.c, s.h, s.w)?;
+    }
+    eprintln!(
+        "{count} images in {dt:.2} s ({:.1} images/s); grid: {}",
+        count as f64 / dt,
+        out.display()
+    );
+    Ok(())
+}
+
+fn eval(
+    source: &Source,
+    count: usize,
+    data: Option<&PathBuf>,
+    gpu_args: &GpuArgs,
+) -> Result<(), Error> {
+    let m = source.load()?;
+    let gpu = gpu_args.open()?;
+    let report = prism::model::evaluate(&gpu, &m, count, data.map(|p| p.as_path()))?;
+    print!("{report}");
     Ok(())
 }
 
@@ -147,6 +428,37 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Info { gpu } => info(gpu),
         Command::Train { args, gpu } => train(args, gpu),
+        Command::Sample {
+            source,
+            count,
+            out,
+            folder,
+            batch,
+            latents,
+            gpu,
+        } => sample(
+            source,
+            *count,
+            out,
+            folder.as_deref(),
+            *batch,
+            *latents,
+            gpu,
+        ),
+        Command::Eval {
+            source,
+            count,
+            data,
+            gpu,
+        } => eval(source, *count, data.as_ref(), gpu),
+        Command::Fetch { name } => match Named::parse(name) {
+            Some(n) => {
+                locate::fetch_into(n).map(|d| eprintln!("{} ready in {}", n.name(), d.display()))
+            }
+            None => Err(Error::invalid(format!(
+                "unknown dataset {name:?}: mnist, fashion-mnist or cifar10"
+            ))),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

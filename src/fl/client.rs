@@ -68,7 +68,7 @@ pub fn encoder_arch() -> Architecture {
 }
 
 /// Layer offset of the encoder's weight streams, keeping them unrelated to the generator's.
-const ENCODER_LAYER_OFFSET: u32 = 1 << 20;
+pub const ENCODER_LAYER_OFFSET: u32 = 1 << 20;
 
 /// The feature-space part of the loss.
 struct FeatureLoss {

@@ -18,10 +18,11 @@ use crate::data::locate::{self, Named, Split};
 use crate::data::partition::Partition;
 use crate::data::{read_image_folder, Dataset};
 use crate::error::{Error, Result};
-use crate::generate::{Generator, MaskChoice};
+use crate::generate::Generator;
 use crate::gpu::{DType, Gpu};
 use crate::kernels::mask::Aggregation;
 use crate::kernels::mmd::{self, LossKind, GMMN_MNIST_SIGMAS};
+use crate::model::{self, MaskKind};
 use crate::nn::{Architecture, WeightMode};
 use crate::rng::{self, HostRng};
 
@@ -100,6 +101,19 @@ pub struct RunSummary {
     pub checkpoint: PathBuf,
 }
 
+/// Image channels of a dataset: 1 for MNIST and Fashion-MNIST, 3 for CIFAR-10 and folders.
+pub fn dataset_channels(name: &str) -> usize {
+    match Named::parse(name) {
+        Some(Named::Mnist | Named::FashionMnist) => 1,
+        _ => 3,
+    }
+}
+
+/// The generator a configuration trains.
+pub fn architecture(cfg: &TrainConfig) -> Result<Architecture> {
+    Architecture::preset(&cfg.arch, dataset_channels(&cfg.dataset))
+}
+
 /// Loads the training (or test) images of a configuration at the generator's resolution.
 pub fn load_dataset(
     name: &str,
@@ -108,12 +122,9 @@ pub fn load_dataset(
     split: Split,
     arch_name: &str,
 ) -> Result<(Dataset, Architecture)> {
-    let (ds, channels) = match Named::parse(name) {
-        Some(n) => {
-            let ds = locate::load(n, data, split, fetch)?;
-            let c = ds.channels;
-            (ds, c)
-        }
+    let arch = Architecture::preset(arch_name, dataset_channels(name))?;
+    let ds = match Named::parse(name) {
+        Some(n) => locate::load(n, data, split, fetch)?,
         None => {
             let path = Path::new(name);
             if !path.is_dir() {
@@ -121,12 +132,9 @@ pub fn load_dataset(
                     "{name:?} is neither a known dataset (mnist, fashion-mnist, cifar10) nor a folder of images"
                 )));
             }
-            let probe = Architecture::preset(arch_name, 3)?.output()?;
-            let ds = read_image_folder(path, probe.h, 3)?;
-            (ds, 3)
+            read_image_folder(path, arch.output()?.h, 3)?
         }
     };
-    let arch = Architecture::preset(arch_name, channels)?;
     let out = arch.output()?;
     let ds = ds.with_channels(out.c)?.resized(out.h, out.w)?;
     Ok((ds, arch))
@@ -238,7 +246,6 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
     }
 
     let grid_gen = Generator::new(gpu, &arch, cfg.seed, 100, WeightMode::Packed)?;
-    let sample_key = rng::key_path(cfg.seed, &[rng::stream::UPLOAD, u32::MAX]);
     let image = arch.output()?;
     let heldout_n = heldout.len().min(300);
     let heldout_flat: Vec<f32> = (0..heldout_n).flat_map(|i| heldout.image_f32(i)).collect();
@@ -307,12 +314,21 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
         done = round + 1;
         let last_round = done == cfg.rounds;
         let every = |n: usize| n > 0 && done % n == 0;
-        let mmd_heldout = if every(opts.eval_every) || last_round {
+        let want_eval = every(opts.eval_every) || last_round;
+        let want_grid = every(opts.sample_every) || last_round;
+        if want_eval || want_grid {
+            // The model this round would export: one mask sample of the global scores, drawn
+            // on the host exactly as `model::from_checkpoint` draws it.
+            let scores = server.read_scores(gpu)?;
+            grid_gen.set_masks(
+                gpu,
+                &model::masks_from_scores(&scores, MaskKind::Sample, cfg.seed),
+            )?;
+        }
+        let mmd_heldout = if want_eval {
             Some(heldout_mmd(
                 gpu,
                 &grid_gen,
-                &server,
-                sample_key,
                 &heldout_flat,
                 heldout_n,
                 image.len(),
@@ -320,12 +336,7 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
         } else {
             None
         };
-        if every(opts.sample_every) || last_round {
-            grid_gen.set_masks_from_scores(
-                gpu,
-                &server.scores,
-                MaskChoice::Sample { key: sample_key },
-            )?;
+        if want_grid {
             let imgs = grid_gen.generate(gpu, 100, 0)?;
             crate::io::grid::write_grid(&grid_path, &imgs, 100, image.c, image.h, image.w, 10)?;
             crate::io::grid::write_grid(
@@ -441,18 +452,15 @@ fn save_checkpoint(
     .save(path)
 }
 
-/// MMD^2 (biased, pixels in [0, 1], GMMN bandwidths) between `n` images generated from one
-/// mask sample of the global model and `n` held-out images.
+/// MMD^2 (biased, pixels in [0, 1], GMMN bandwidths) between `n` images of the generator and
+/// `n` held-out images.
 fn heldout_mmd(
     gpu: &Gpu,
     generator: &Generator,
-    server: &ServerModel,
-    key: u32,
     heldout: &[f32],
     n: usize,
     pixels: usize,
 ) -> Result<f64> {
-    generator.set_masks_from_scores(gpu, &server.scores, MaskChoice::Sample { key })?;
     // Latent batches far from the grid's, so the measure does not reuse the grid's latents.
     let gen = generator.generate(gpu, n, 1000)?;
     let x = gpu.upload_f32(&gen, &[n, pixels], "generated for evaluation")?;

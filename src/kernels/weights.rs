@@ -9,7 +9,7 @@ use crate::gpu::{DType, Gpu, Kernel, KernelBuilder, Tensor};
 use crate::rng;
 
 /// Initialisation of the frozen weights (PRISM.md section 1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Init {
     /// `±sqrt(2 / fan_in)` with a fair sign: the paper's default.
     SignedConstant,

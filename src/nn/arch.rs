@@ -5,7 +5,7 @@ use crate::kernels::Init;
 
 /// One layer. Masked layers (linear, conv, transposed conv) have frozen random weights and
 /// trained scores; the others have no parameters (BatchNorm has no affine part in PRISM).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Layer {
     /// Masked dense layer on flattened activations.
     Linear {
@@ -67,7 +67,7 @@ impl Shape {
 }
 
 /// A generator: latent size, output image shape, layers, and how weights are initialised.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Architecture {
     pub name: String,
     pub latent: usize,

@@ -1,0 +1,477 @@
+//! The model file: a seed and a bit mask are the whole generator (docs/MODEL_FORMAT.md).
+//!
+//! Layout (little endian):
+//! ```text
+//! magic "PRISMMDL" | version u16 | reserved u16 | header length u32 | header (JSON) |
+//! per masked layer: encoding u8 (0 packed bits, 2 entropy-coded) | weights u32 |
+//!                   payload bytes u32 | payload
+//! crc32 of everything before it
+//! ```
+//! The JSON header holds the architecture (preset name and full layer table), the weight
+//! seed and init scheme, how the mask was chosen (one sample of the final probabilities, or
+//! the thresholded mask), and the dataset it was trained on. Loading checks every field
+//! against the architecture and refuses a damaged or foreign file with a clear error.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fl::checkpoint::{write_atomic, Checkpoint};
+use crate::fl::message::MaskCoder;
+use crate::generate::Generator;
+use crate::gpu::Gpu;
+use crate::kernels::{mask, Init};
+use crate::nn::{Architecture, WeightMode};
+use crate::rng;
+
+pub const MAGIC: &[u8; 8] = b"PRISMMDL";
+pub const VERSION: u16 = 1;
+/// Largest header accepted (a layer table is a few kilobytes).
+const MAX_HEADER: usize = 1 << 20;
+
+/// How the final mask was drawn from the trained probabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MaskKind {
+    /// One sample M ~ Bernoulli(sigmoid(s)), as the paper's final model.
+    Sample,
+    /// The most likely mask: keep where sigmoid(s) > 0.5.
+    Threshold,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Header {
+    architecture: Architecture,
+    seed: u32,
+    init: Init,
+    mask: MaskKind,
+    dataset: String,
+    /// Weights per masked layer (checked against the architecture).
+    layers: Vec<usize>,
+}
+
+/// A generator as a seed plus masks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    pub arch: Architecture,
+    pub seed: u32,
+    pub mask_kind: MaskKind,
+    pub dataset: String,
+    /// Packed masks per masked layer.
+    pub masks: Vec<Vec<u32>>,
+}
+
+/// The key of the final mask sample of a run (also the key of its sample grids).
+pub fn final_mask_key(seed: u32) -> u32 {
+    rng::key_path(seed, &[rng::stream::UPLOAD, u32::MAX])
+}
+
+/// Masks from scores, on the host (so that a checkpoint and the model exported from it give
+/// the same bits on every machine).
+pub fn masks_from_scores(scores: &[Vec<f32>], kind: MaskKind, seed: u32) -> Vec<Vec<u32>> {
+    let key = final_mask_key(seed);
+    scores
+        .iter()
+        .enumerate()
+        .map(|(l, s)| match kind {
+            MaskKind::Sample => mask::cpu::sample_packed(
+                s.len(),
+                &mask::cpu::thresholds(s),
+                rng::key(key, l as u32),
+            ),
+            MaskKind::Threshold => mask::cpu::pack(&s.iter().map(|&v| v > 0.0).collect::<Vec<_>>()),
+        })
+        .collect()
+}
+
+/// The model of a checkpoint's global scores.
+pub fn from_checkpoint(path: &Path, kind: MaskKind) -> Result<Model> {
+    let c = Checkpoint::load(path)?;
+    let arch = crate::fl::simulation::architecture(&c.config)?;
+    let sizes: Vec<usize> = arch.masked_layers()?.iter().map(|l| l.weights).collect();
+    let have: Vec<usize> = c.scores.iter().map(|s| s.len()).collect();
+    if sizes != have {
+        return Err(Error::format(
+            path.display().to_string(),
+            "scores do not match the configured architecture",
+        ));
+    }
+    Ok(Model {
+        masks: masks_from_scores(&c.scores, kind, c.config.seed),
+        arch,
+        seed: c.config.seed,
+        mask_kind: kind,
+        dataset: c.config.dataset,
+    })
+}
+
+impl Model {
+    /// Serialises the model; `coder` entropy-codes masks where that makes them smaller.
+    pub fn encode(&self, coder: Option<&dyn MaskCoder>) -> Result<Vec<u8>> {
+        let sizes: Vec<usize> = self
+            .arch
+            .masked_layers()?
+            .iter()
+            .map(|l| l.weights)
+            .collect();
+        let header = Header {
+            architecture: self.arch.clone(),
+            seed: self.seed,
+            init: self.arch.init,
+            mask: self.mask_kind,
+            dataset: self.dataset.clone(),
+            layers: sizes.clone(),
+        };
+        let json = serde_json::to_vec(&header).map_err(|e| Error::invalid(e.to_string()))?;
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        out.extend_from_slice(&json);
+        for (words, &n) in self.masks.iter().zip(&sizes) {
+            let packed_len = n.div_ceil(8);
+            match coder
+                .and_then(|c| c.encode(words, n))
+                .filter(|b| b.len() < packed_len)
+            {
+                Some(bytes) => {
+                    out.push(2);
+                    out.extend_from_slice(&(n as u32).to_le_bytes());
+                    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&bytes);
+                }
+                None => {
+                    out.push(0);
+                    out.extend_from_slice(&(n as u32).to_le_bytes());
+                    out.extend_from_slice(&(packed_len as u32).to_le_bytes());
+                    out.extend_from_slice(&bytemuck::cast_slice::<u32, u8>(words)[..packed_len]);
+                }
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Parses and validates a model file's bytes.
+    pub fn decode(bytes: &[u8], what: &str, coder: Option<&dyn MaskCoder>) -> Result<Model> {
+        let bad = |m: String| Error::format(what, m);
+        if bytes.len() < 8 + 2 + 2 + 4 + 4 {
+            return Err(bad("too short to be a prism model".into()));
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(bad("not a prism model file (wrong magic)".into()));
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(bad("checksum mismatch: the file is damaged".into()));
+        }
+        let version = u16::from_le_bytes([body[8], body[9]]);
+        if version != VERSION {
+            return Err(bad(format!(
+                "format version {version}; this prism reads version {VERSION}"
+            )));
+        }
+        let hlen = u32::from_le_bytes(body[12..16].try_into().expect("4 bytes")) as usize;
+        if hlen > MAX_HEADER || 16 + hlen > body.len() {
+            return Err(bad(format!("header length {hlen} is impossible")));
+        }
+        let header: Header = serde_json::from_slice(&body[16..16 + hlen])
+            .map_err(|e| bad(format!("header: {e}")))?;
+        if header.init != header.architecture.init {
+            return Err(bad("init scheme disagrees with the layer table".into()));
+        }
+        let sizes: Vec<usize> = header
+            .architecture
+            .masked_layers()
+            .map_err(|e| bad(format!("layer table: {e}")))?
+            .iter()
+            .map(|l| l.weights)
+            .collect();
+        header
+            .architecture
+            .validate()
+            .map_err(|e| bad(format!("layer table: {e}")))?;
+        if sizes != header.layers {
+            return Err(bad("layer sizes disagree with the layer table".into()));
+        }
+        let mut at = 16 + hlen;
+        let mut masks = Vec::with_capacity(sizes.len());
+        for (i, &n) in sizes.iter().enumerate() {
+            if body.len() - at < 9 {
+                return Err(bad(format!("truncated before layer {i}")));
+            }
+            let enc = body[at];
+            let w = u32::from_le_bytes(body[at + 1..at + 5].try_into().expect("4 bytes")) as usize;
+            let len =
+                u32::from_le_bytes(body[at + 5..at + 9].try_into().expect("4 bytes")) as usize;
+            at += 9;
+            if w != n {
+                return Err(bad(format!(
+                    "layer {i}: {w} weights, the layer table says {n}"
+                )));
+            }
+            if body.len() - at < len {
+                return Err(bad(format!("layer {i}: truncated payload")));
+            }
+            let payload = &body[at..at + len];
+            at += len;
+            let words = match enc {
+                0 => {
+                    if len != n.div_ceil(8) {
+                        return Err(bad(format!(
+                            "layer {i}: {len} bytes of bits for {n} weights"
+                        )));
+                    }
+                    let mut words = vec![0u32; n.div_ceil(32)];
+                    bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..len].copy_from_slice(payload);
+                    words
+                }
+                2 => {
+                    let c = coder.ok_or_else(|| {
+                        bad(format!(
+                            "layer {i} is entropy-coded but no decoder was given"
+                        ))
+                    })?;
+                    c.decode(payload, n)
+                        .map_err(|e| bad(format!("layer {i}: {e}")))?
+                }
+                e => return Err(bad(format!("layer {i}: unknown encoding {e}"))),
+            };
+            if words.len() != n.div_ceil(32) || (n % 32 != 0 && words[n / 32] >> (n % 32) != 0) {
+                return Err(bad(format!("layer {i}: mask bits past the last weight")));
+            }
+            masks.push(words);
+        }
+        if at != body.len() {
+            return Err(bad("unexpected bytes after the last layer".into()));
+        }
+        Ok(Model {
+            arch: header.architecture,
+            seed: header.seed,
+            mask_kind: header.mask,
+            dataset: header.dataset,
+            masks,
+        })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_atomic(path, &self.encode(None)?)
+    }
+
+    pub fn load(path: &Path) -> Result<Model> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Model::decode(&bytes, &path.display().to_string(), None)
+    }
+
+    /// A packed-mask generator at `batch` with this model's masks.
+    pub fn generator(&self, gpu: &Gpu, batch: usize) -> Result<Generator> {
+        let g = Generator::new(gpu, &self.arch, self.seed, batch, WeightMode::Packed)?;
+        g.set_masks(gpu, &self.masks)?;
+        Ok(g)
+    }
+
+    /// The same network with w * m materialised as dense f32 weights (the baseline).
+    pub fn dense_generator(&self, gpu: &Gpu, batch: usize) -> Result<Generator> {
+        let g = Generator::new(gpu, &self.arch, self.seed, batch, WeightMode::Dense)?;
+        g.set_masks(gpu, &self.masks)?;
+        Ok(g)
+    }
+
+    /// Masked weights in all.
+    pub fn weights(&self) -> usize {
+        self.arch.masked_weights().unwrap_or(0)
+    }
+}
+
+/// Generated images against held-out real ones, with reference rows, as a table.
+pub fn evaluate(gpu: &Gpu, model: &Model, count: usize, data: Option<&Path>) -> Result<String> {
+    use crate::data::locate::{self as loc, Named, Split};
+    use crate::eval;
+    let named = Named::parse(&model.dataset).ok_or_else(|| {
+        Error::invalid(format!(
+            "evaluation needs a named dataset, not {:?}",
+            model.dataset
+        ))
+    })?;
+    let out = model.arch.output()?;
+    let test = loc::load(named, data, Split::Test, false)?
+        .with_channels(out.c)?
+        .resized(out.h, out.w)?;
+    let n = count.min(test.len() / 2).max(2);
+    let d = out.len();
+    let real_a: Vec<f32> = (0..n).flat_map(|i| test.image_f32(i)).collect();
+    let real_b: Vec<f32> = (n..2 * n).flat_map(|i| test.image_f32(i)).collect();
+    let g = model.generator(gpu, n.min(256))?;
+    let fake = g.generate(gpu, n, 5000)?;
+    let mut noise = rng::HostRng::new(model.seed, &[0x4e4f_4953]);
+    let noisy: Vec<f32> = real_b
+        .iter()
+        .map(|v| (v + 0.5 * noise.normal() as f32).clamp(-1.0, 1.0))
+        .collect();
+    let blurred = blur(&real_b, n, out.c, out.h, out.w);
+    let rows: [(&str, &[f32]); 4] = [
+        ("real vs real (reference)", &real_b),
+        ("real + noise 0.5 (degraded)", &noisy),
+        ("real blurred 5x5 (degraded)", &blurred),
+        ("generated", &fake),
+    ];
+    // Pixels in [0, 1] for GMMN's bandwidths.
+    let to01 = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| (x + 1.0) * 0.5).collect() };
+    let mut s = format!(
+        "{} generated vs {} held-out {} images ({} of {}x{}x{})\n\n",
+        n, n, model.dataset, model.arch.name, out.c, out.h, out.w
+    );
+    s.push_str("pixel space:\n");
+    s.push_str(&table_header());
+    let ra = to01(&real_a);
+    for (name, set) in rows {
+        let m = eval::compare(
+            &ra,
+            &to01(set),
+            d,
+            &crate::kernels::mmd::GMMN_MNIST_SIGMAS,
+            model.seed,
+        );
+        s.push_str(&table_row(name, &m));
+    }
+    s.push_str("\nrandom convolutional features (frozen encoder regenerated from the seed):\n");
+    s.push_str(&table_header());
+    let feats = |set: &[f32]| features(gpu, set, n, out, model.seed);
+    let fa = feats(&real_a)?;
+    let fd = fa.len() / n;
+    let med = eval::median_distance(&fa, fd);
+    let sig: Vec<f32> = [0.5f32, 1.0, 2.0].iter().map(|f| f * med).collect();
+    for (name, set) in rows {
+        let m = eval::compare(&fa, &feats(set)?, fd, &sig, model.seed);
+        s.push_str(&table_row(name, &m));
+    }
+    Ok(s)
+}
+
+fn table_header() -> String {
+    format!(
+        "{:<30} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}\n",
+        "", "MMD^2", "KID", "precision", "recall", "density", "coverage"
+    )
+}
+
+fn table_row(name: &str, m: &crate::eval::Metrics) -> String {
+    format!(
+        "{:<30} {:>9.4} {:>11.5} {:>9.3} {:>9.3} {:>9.3} {:>9.3}\n",
+        name, m.mmd2, m.kid, m.precision, m.recall, m.density, m.coverage
+    )
+}
+
+fn blur(v: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    for p in 0..n * c {
+        for y in 0..h {
+            for x in 0..w {
+                let (mut s, mut k) = (0.0, 0.0);
+                for dy in -2i32..=2 {
+                    for dx in -2i32..=2 {
+                        let (yy, xx) = (y as i32 + dy, x as i32 + dx);
+                        if yy >= 0 && xx >= 0 && (yy as usize) < h && (xx as usize) < w {
+                            s += v[(p * h + yy as usize) * w + xx as usize];
+                            k += 1.0;
+                        }
+                    }
+                }
+                out[(p * h + y) * w + x] = s / k;
+            }
+        }
+    }
+    out
+}
+
+/// Features of images [n, c, h, w] in [-1, 1] from the frozen random encoder of the loss.
+fn features(
+    gpu: &Gpu,
+    images: &[f32],
+    n: usize,
+    shape: crate::nn::Shape,
+    seed: u32,
+) -> Result<Vec<f32>> {
+    use crate::nn::{Backward, BuildOptions, Network};
+    let batch = n.min(256);
+    let enc = crate::fl::client::encoder_arch();
+    let opts = BuildOptions {
+        batch,
+        seed,
+        mode: WeightMode::Frozen,
+        backward: Backward::None,
+        estimator: crate::kernels::matmul::Estimator::PScaled,
+        layer_offset: crate::fl::client::ENCODER_LAYER_OFFSET,
+    };
+    let net = Network::build(gpu, &enc, opts, None, None, Some(shape))?;
+    let per = shape.len();
+    let mut out = Vec::new();
+    let mut chunk = vec![0f32; batch * per];
+    let mut i = 0;
+    while i < n {
+        let k = batch.min(n - i);
+        chunk[..k * per].copy_from_slice(&images[i * per..(i + k) * per]);
+        gpu.write_f32(&net.input, &chunk)?;
+        gpu.run(&net.forward.refs())?;
+        let f = gpu.read_f32(&net.output)?;
+        let fd = f.len() / batch;
+        out.extend_from_slice(&f[..k * fd]);
+        i += k;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Model {
+        let arch = Architecture::preset("mlp28", 1).unwrap();
+        let sizes: Vec<usize> = arch
+            .masked_layers()
+            .unwrap()
+            .iter()
+            .map(|l| l.weights)
+            .collect();
+        let scores: Vec<Vec<f32>> = sizes
+            .iter()
+            .map(|&n| (0..n).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect())
+            .collect();
+        Model {
+            masks: masks_from_scores(&scores, MaskKind::Sample, 3),
+            arch,
+            seed: 3,
+            mask_kind: MaskKind::Sample,
+            dataset: "mnist".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_rejections() {
+        let m = tiny();
+        let bytes = m.encode(None).unwrap();
+        assert_eq!(Model::decode(&bytes, "t", None).unwrap(), m);
+        assert!(Model::decode(&bytes[..bytes.len() - 1], "t", None)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
+        let mut foreign = bytes.clone();
+        foreign[0] = b'X';
+        assert!(Model::decode(&foreign, "t", None)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+        let mut flipped = bytes.clone();
+        flipped[40] ^= 1;
+        assert!(Model::decode(&flipped, "t", None).is_err());
+        assert!(Model::decode(b"PRISMMDL", "t", None).is_err());
+    }
+
+    #[test]
+    fn threshold_masks_keep_positive_scores() {
+        let m = masks_from_scores(&[vec![1.0, -1.0, 0.5, 0.0]], MaskKind::Threshold, 1);
+        assert_eq!(m, vec![vec![0b0101]]);
+    }
+}
