@@ -1,0 +1,131 @@
+//! The training path end to end on real MNIST (from ../shared/data or $PRISM_DATA): a few
+//! rounds of a tiny configuration learn (loss and held-out MMD fall), a run is a function of
+//! its seed, and a stopped run resumes to exactly the same result.
+
+mod common;
+
+use std::path::PathBuf;
+
+use prism::fl::checkpoint::Checkpoint;
+use prism::fl::simulation::{run, RunOptions};
+use prism::fl::TrainConfig;
+
+fn data_dir() -> PathBuf {
+    let p = std::env::var_os("PRISM_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    assert!(
+        p.join("mnist").is_dir() || p.join("train-images-idx3-ubyte.gz").is_file(),
+        "MNIST not found in {} (set PRISM_DATA to a folder holding mnist/)",
+        p.display()
+    );
+    p
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("prism-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn tiny(rounds: usize) -> TrainConfig {
+    TrainConfig {
+        arch: "mlp28".into(),
+        clients: 3,
+        rounds,
+        local_steps: 6,
+        batch: 32,
+        partition: "shards:2".into(),
+        seed: 7,
+        ..Default::default()
+    }
+}
+
+fn options(out: &PathBuf) -> RunOptions {
+    let mut o = RunOptions::new(out);
+    o.data = Some(data_dir());
+    o.sample_every = 0;
+    o.eval_every = 1;
+    o
+}
+
+#[test]
+fn a_tiny_federated_run_learns() {
+    let gpu = common::gpu();
+    let out = out_dir("learns");
+    let cfg = tiny(8);
+    let s = run(&gpu, &cfg, &options(&out)).unwrap();
+    assert_eq!(s.rounds_done, 8);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 8);
+    let f = |i: usize, k: &str| lines[i][k].as_f64().unwrap();
+    assert!(
+        f(7, "loss") < 0.8 * f(0, "loss"),
+        "loss {} -> {}",
+        f(0, "loss"),
+        f(7, "loss")
+    );
+    assert!(
+        f(7, "mmd_heldout") < 0.8 * f(0, "mmd_heldout"),
+        "held-out MMD {} -> {}",
+        f(0, "mmd_heldout"),
+        f(7, "mmd_heldout")
+    );
+    // One bit per masked weight plus a small header.
+    let weights = prism::nn::Architecture::preset("mlp28", 1)
+        .unwrap()
+        .masked_weights()
+        .unwrap() as f64;
+    let per_client = f(0, "bits_up_per_client");
+    assert!(
+        per_client >= weights && per_client < weights + 1024.0,
+        "{per_client} bits for {weights} weights"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["lambda"].as_f64().is_some_and(|v| v > 0.0 && v < 1.0)),
+        "MADA's lambda each round"
+    );
+    assert!(out.join("samples.png").is_file() && out.join("checkpoint.bin").is_file());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn same_seed_same_result_and_exact_resume() {
+    let gpu = common::gpu();
+    let cfg = tiny(4);
+    let a = out_dir("det-a");
+    let b = out_dir("det-b");
+    run(&gpu, &cfg, &options(&a)).unwrap();
+    // The second run stops after 2 rounds and resumes for the rest.
+    let mut o = options(&b);
+    o.stop_after = Some(2);
+    assert_eq!(run(&gpu, &cfg, &o).unwrap().rounds_done, 2);
+    o.stop_after = None;
+    o.resume = true;
+    assert_eq!(run(&gpu, &cfg, &o).unwrap().rounds_done, 4);
+    let ca = Checkpoint::load(&a.join("checkpoint.bin")).unwrap();
+    let cb = Checkpoint::load(&b.join("checkpoint.bin")).unwrap();
+    assert_eq!(
+        ca.scores, cb.scores,
+        "resumed run differs from the uninterrupted one"
+    );
+    assert_eq!(ca.client_moments, cb.client_moments);
+    assert_eq!(ca.client_steps, cb.client_steps);
+    assert_eq!(ca.metrics.len(), cb.metrics.len());
+    // A different seed gives a different model.
+    let c = out_dir("det-c");
+    run(&gpu, &TrainConfig { seed: 8, ..cfg }, &options(&c)).unwrap();
+    assert_ne!(
+        Checkpoint::load(&c.join("checkpoint.bin")).unwrap().scores,
+        ca.scores
+    );
+    for d in [a, b, c] {
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
