@@ -16,6 +16,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::RangeCoder;
 use crate::error::{Error, Result};
 use crate::fl::checkpoint::{write_atomic, Checkpoint};
 use crate::fl::message::MaskCoder;
@@ -257,12 +258,12 @@ impl Model {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        write_atomic(path, &self.encode(None)?)
+        write_atomic(path, &self.encode(Some(&RangeCoder))?)
     }
 
     pub fn load(path: &Path) -> Result<Model> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Model::decode(&bytes, &path.display().to_string(), None)
+        Model::decode(&bytes, &path.display().to_string(), Some(&RangeCoder))
     }
 
     /// A packed-mask generator at `batch` with this model's masks.

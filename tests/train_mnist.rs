@@ -53,7 +53,11 @@ fn options(out: &PathBuf) -> RunOptions {
 fn a_tiny_federated_run_learns() {
     let gpu = common::gpu();
     let out = out_dir("learns");
-    let cfg = tiny(8);
+    // Packed uploads: exactly one bit per masked weight plus the header.
+    let cfg = TrainConfig {
+        entropy_coding: false,
+        ..tiny(8)
+    };
     let s = run(&gpu, &cfg, &options(&out)).unwrap();
     assert_eq!(s.rounds_done, 8);
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -118,6 +122,11 @@ fn same_seed_same_result_and_exact_resume() {
     assert_eq!(ca.client_moments, cb.client_moments);
     assert_eq!(ca.client_steps, cb.client_steps);
     assert_eq!(ca.metrics.len(), cb.metrics.len());
+    // Entropy-coded uploads (the default) never cost more than the packed bits.
+    assert!(ca
+        .metrics
+        .iter()
+        .all(|m| m["bits_per_weight"].as_f64().unwrap() < 1.01));
     // A different seed gives a different model.
     let c = out_dir("det-c");
     run(&gpu, &TrainConfig { seed: 8, ..cfg }, &options(&c)).unwrap();

@@ -12,8 +12,9 @@ use super::checkpoint::{write_atomic, Checkpoint};
 use super::client::{ClientState, Trainer};
 use super::config::TrainConfig;
 use super::dp::Accountant;
-use super::message::{self, Upload};
+use super::message::{self, MaskCoder, Upload};
 use super::server::{Failure, FailureReason, Prism, ServerModel, Strategy};
+use crate::codec::RangeCoder;
 use crate::data::locate::{self, Named, Split};
 use crate::data::partition::Partition;
 use crate::data::{read_image_folder, Dataset};
@@ -300,7 +301,8 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
                 client: k as u32,
                 layers: run.upload,
             };
-            let bytes = message::encode(&up, &sizes, None);
+            let coder = cfg.entropy_coding.then_some(&RangeCoder as &dyn MaskCoder);
+            let bytes = message::encode(&up, &sizes, coder);
             bits_up += 8 * bytes.len() as u64;
             match receive(&bytes, &sizes, r, &selected, &results) {
                 Ok(up) => results.push(up),
@@ -407,8 +409,8 @@ fn receive(
     selected: &[usize],
     so_far: &[Upload],
 ) -> std::result::Result<Upload, FailureReason> {
-    let up =
-        message::decode(bytes, sizes, None).map_err(|e| FailureReason::Malformed(e.to_string()))?;
+    let up = message::decode(bytes, sizes, Some(&RangeCoder))
+        .map_err(|e| FailureReason::Malformed(e.to_string()))?;
     if up.round != round || !selected.contains(&(up.client as usize)) {
         return Err(FailureReason::Unexpected);
     }
