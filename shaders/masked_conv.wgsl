@@ -11,6 +11,11 @@
 // Tiling and row sharing as in masked_matmul.wgsl (octet.wgsl). The K index is the same for
 // every lane, so its decomposition into (channel, ky, kx) advances incrementally and costs no
 // divisions; each lane decomposes its own rows or columns once, before the loop.
+//
+// Narrow forms (`*_narrow`) serve layers with at most 4 channels on the N side (an image's
+// output conv, an encoder's input conv), where an octet's 32 columns would be mostly idle: a lane
+// owns one row and all (<= 4) columns, and the weights, which then depend only on values shared
+// by all lanes, are generated once per subgroup or warp.
 //% include "common.wgsl"
 //% include "weights.wgsl"
 //% include "octet.wgsl"
@@ -304,7 +309,199 @@ fn grad_input({{ octet.entry_args() }}) {
 //% endfor
 }
 
+// Narrow forms: the lanes generate a chunk of K steps' weights (or load the output gradients)
+// together and share them: with subgroups, 8 steps at a time by broadcasts (lavapipe's workgroup
+// memory is slow); without, 64 at a time through workgroup memory.
+var<workgroup> chunk: array<vec4<f32>, 64>;
+
+// Advances an output position (b, oy, ox) by one.
+fn next_position(b: ptr<function, u32>, oy: ptr<function, u32>, ox: ptr<function, u32>) {
+    *ox += 1u;
+    if (*ox == p.ow) {
+        *ox = 0u;
+        *oy += 1u;
+        if (*oy == p.oh) {
+            *oy = 0u;
+            *b += 1u;
+        }
+    }
+}
+
+// forward for cout <= 4: one lane per output position.
+@compute @workgroup_size(64)
+fn forward_narrow({{ octet.entry_args() }}) {
+{{ octet.lane_setup() }}
+    let m = linear_workgroup(wid, nwg) * 64u + li;
+    let rows = p.batch * p.oh * p.ow;
+    let n = p.cout;
+    let k = p.cin * p.kh * p.kw;
+    let ri = fwd_row(m);
+    let mkey = step_mask_key(p.g);
+    var acc = vec4<f32>(0.0);
+    var kp = KPos(0u, 0u, 0u);
+//% if row_share == "direct"
+    for (var i0 = 0u; i0 < k; i0 += 64u) {
+        var w = vec4<f32>(0.0);
+        if (i0 + li < k) {
+            for (var q = 0u; q < n; q++) {
+                w[q] = weff1(p.g, q * k + i0 + li, mkey);
+            }
+        }
+        chunk[li] = w;
+        workgroupBarrier();
+        for (var j = 0u; j < min(64u, k - i0); j++) {
+            acc += fwd_gather(ri, kp) * chunk[j];
+            kp = kpos_next(kp);
+        }
+        workgroupBarrier();
+    }
+//% else
+    for (var i0 = 0u; i0 < k; i0 += 8u) {
+        var w = vec4<f32>(0.0);
+        if (i0 + lane.lane8 < k) {
+            for (var q = 0u; q < n; q++) {
+                w[q] = weff1(p.g, q * k + i0 + lane.lane8, mkey);
+            }
+        }
+//% for j in range(8)
+        if (i0 + {{ j }}u < k) {
+            acc += fwd_gather(ri, kp) * {{ octet.share("w", j) | trim }};
+            kp = kpos_next(kp);
+        }
+//% endfor
+    }
+//% endif
+    if (m < rows) {
+        let ohw = p.oh * p.ow;
+        let base = (m / ohw) * n * ohw + m % ohw;
+        for (var q = 0u; q < n; q++) {
+            y[base + q * ohw] = acc[q];
+        }
+    }
+}
+
+// grad_input for cin <= 4: one lane per input position.
+@compute @workgroup_size(64)
+fn grad_input_narrow({{ octet.entry_args() }}) {
+{{ octet.lane_setup() }}
+    let m = linear_workgroup(wid, nwg) * 64u + li;
+    let rows = p.batch * p.h * p.w;
+    let n = p.cin;
+    let khw = p.kh * p.kw;
+    let k = p.cout * khw;
+    let ri = bwd_row(m);
+    let mkey = step_mask_key(p.g);
+    var acc = vec4<f32>(0.0);
+    var kp = KPos(0u, 0u, 0u);
+//% if row_share == "direct"
+    let step = 64u;
+    let mine = li;
+//% else
+    let step = 8u;
+    let mine = lane.lane8;
+//% endif
+    for (var i0 = 0u; i0 < k; i0 += step) {
+        // K step i0 + mine is (co, ky, kx); its weights are [co, ci, ky, kx] for the lane's ci.
+        var w = vec4<f32>(0.0);
+        let i = i0 + mine;
+        if (i < k) {
+            let co = i / khw;
+            let r = i % khw;
+            for (var q = 0u; q < n; q++) {
+                w[q] = weff1(p.g, (co * n + q) * khw + r, mkey);
+            }
+        }
+//% if row_share == "direct"
+        chunk[li] = w;
+        workgroupBarrier();
+        for (var j = 0u; j < min(64u, k - i0); j++) {
+            acc += bwd_gather(ri, kp) * chunk[j];
+            kp = kpos_next(kp);
+        }
+        workgroupBarrier();
+//% else
+//% for j in range(8)
+        if (i0 + {{ j }}u < k) {
+            acc += bwd_gather(ri, kp) * {{ octet.share("w", j) | trim }};
+            kp = kpos_next(kp);
+        }
+//% endfor
+//% endif
+    }
+    if (m < rows) {
+        let hw = p.h * p.w;
+        let base = (m / hw) * n * hw + m % hw;
+        for (var q = 0u; q < n; q++) {
+            dx[base + q * hw] = acc[q];
+        }
+    }
+}
+
 //% if source != "dense"
+// grad_score for cout <= 4: one lane per weight column (ci, ky, kx), all (<= 4) rows; the
+// output gradient of a position is the same for every lane. Split along K like grad_score;
+// p.tiles_total counts the 64-column tiles of one slice.
+@compute @workgroup_size(64)
+fn grad_score_narrow({{ octet.entry_args() }}) {
+    let lin = linear_workgroup(wid, nwg);
+    if (lin >= p.tiles_total * p.splits) {
+        return;
+    }
+{{ octet.lane_setup() }}
+    let split = lin / p.tiles_total;
+    let col = (lin % p.tiles_total) * 64u + li;
+    let m = p.cout;
+    let n = p.cin * p.kh * p.kw;
+    let ohw = p.oh * p.ow;
+    let k_total = p.batch * ohw;
+    let ci = col_info(col);
+    var acc = vec4<f32>(0.0);
+    let k_begin = split * p.k_chunk;
+    let k_end = min(k_total, k_begin + p.k_chunk);
+    var b = k_begin / ohw;
+    var oy = (k_begin % ohw) / p.ow;
+    var ox = k_begin % p.ow;
+//% if row_share == "direct"
+    let step = 64u;
+    let mine = li;
+//% else
+    let step = 8u;
+    let mine = lane.lane8;
+//% endif
+    for (var i0 = k_begin; i0 < k_end; i0 += step) {
+        // The lane loads the (<= 4) output gradients of position i0 + mine.
+        var d = vec4<f32>(0.0);
+        let pos = i0 + mine;
+        if (pos < k_end) {
+            let dbase = (pos / ohw) * p.cout * ohw + pos % ohw;
+            for (var q = 0u; q < m; q++) {
+                d[q] = dy[dbase + q * ohw];
+            }
+        }
+//% if row_share == "direct"
+        chunk[li] = d;
+        workgroupBarrier();
+        for (var j = 0u; j < min(64u, k_end - i0); j++) {
+            acc += chunk[j] * score_gather(ci, b * p.cin * p.h * p.w, oy, ox);
+            next_position(&b, &oy, &ox);
+        }
+        workgroupBarrier();
+//% else
+//% for j in range(8)
+        if (i0 + {{ j }}u < k_end) {
+            acc += {{ octet.share("d", j) | trim }} * score_gather(ci, b * p.cin * p.h * p.w, oy, ox);
+            next_position(&b, &oy, &ox);
+        }
+//% endfor
+//% endif
+    }
+    if (col < n) {
+        for (var q = 0u; q < m; q++) {
+            partial[split * m * n + q * n + col] = acc[q];
+        }
+    }
+}
+
 // grad_score: row co, column n = (ci, ky, kx), K = (b, oy, ox) split into slices. Column info:
 // (ci * h * w, ky - pad, kx - pad).
 fn col_info(n: u32) -> vec3<i32> {

@@ -216,6 +216,17 @@ pub fn forward(
     check(x, s.input_len(), DType::F32, "conv input")?;
     check(y, s.output_len(), DType::F32, "conv output")?;
     let m = s.batch * s.oh() * s.ow();
+    if s.cout <= NARROW {
+        let t = Tiling::choose(m as u32, s.cout as u32);
+        let p = params(s, layer.gen(), &t, m, s.cout);
+        let k = gpu
+            .kernel(shader(source.name(), 8, false, s.stride), "forward_narrow")
+            .params(&p)
+            .bind("x", x)
+            .bind("y", y)
+            .groups(groups_for(m, 64)?);
+        return Ok(source.bind(k).build()?);
+    }
     let t = Tiling::choose(m as u32, s.cout as u32);
     let p = params(s, layer.gen(), &t, m, s.cout);
     let aligned = (s.cin * s.kh * s.kw) % 4 == 0;
@@ -244,6 +255,18 @@ pub fn grad_input(
     let m = s.batch * s.h * s.w;
     let t = Tiling::choose(m as u32, s.cin as u32);
     let p = params(s, layer.gen(), &t, m, s.cin);
+    if s.cin <= NARROW {
+        let k = gpu
+            .kernel(
+                shader(source.name(), 8, false, s.stride),
+                "grad_input_narrow",
+            )
+            .params(&p)
+            .bind("dy", dy)
+            .bind("dx", dx)
+            .groups(groups_for(m, 64)?);
+        return Ok(source.bind(k).build()?);
+    }
     let k = gpu
         .kernel(shader(source.name(), t.rows, false, s.stride), "grad_input")
         .params(&p)
@@ -273,6 +296,9 @@ impl ScoreGrad {
     }
 }
 
+/// Channels on the N side up to which the narrow forms (one lane per row) are used.
+const NARROW: usize = 4;
+
 /// Number of K slices for a score gradient: enough workgroups to fill a GPU when the output is
 /// small, but slices of at least 1024 positions.
 fn score_splits(tiles: u32, k_total: usize) -> u32 {
@@ -300,6 +326,11 @@ pub fn grad_score(
     let n = s.cin * s.kh * s.kw;
     let t = Tiling::choose(s.cout as u32, n as u32);
     let mut p = params(s, layer.gen(), &t, s.cout, n);
+    let narrow = s.cout <= NARROW;
+    if narrow {
+        // One lane per column: tiles of 64 columns.
+        p.tiles_total = u32_of(n.div_ceil(64), "weight columns")?;
+    }
     let k_total = s.batch * s.oh() * s.ow();
     p.splits = score_splits(p.tiles_total, k_total);
     p.k_chunk = k_total.div_ceil(p.splits as usize) as u32;
@@ -311,7 +342,14 @@ pub fn grad_score(
         "score-gradient slices",
     )?;
     let partials = gpu
-        .kernel(shader("frozen", t.rows, false, s.stride), "grad_score")
+        .kernel(
+            shader("frozen", t.rows, false, s.stride),
+            if narrow {
+                "grad_score_narrow"
+            } else {
+                "grad_score"
+            },
+        )
         .params(&p)
         .bind("x", x)
         .bind("dy", dy)
