@@ -81,6 +81,29 @@ impl Generator {
         self.materialize(gpu)
     }
 
+    /// Dense mode: sets the weights directly (e.g. loaded from safetensors).
+    pub fn set_dense_weights(&self, gpu: &Gpu, weights: &[Vec<f32>]) -> Result<()> {
+        if weights.len() != self.net.layers.len() {
+            return Err(Error::invalid("one weight tensor per masked layer"));
+        }
+        for (l, w) in self.net.layers.iter().zip(weights) {
+            let d = l
+                .dense
+                .as_ref()
+                .ok_or_else(|| Error::invalid("dense weights need a dense-mode generator"))?;
+            if w.len() != l.info.weights {
+                return Err(Error::invalid(format!(
+                    "layer {}: {} weights, expected {}",
+                    l.info.index,
+                    w.len(),
+                    l.info.weights
+                )));
+            }
+            gpu.write_f32(d, w)?;
+        }
+        Ok(())
+    }
+
     /// In dense mode, writes w * m of every layer (the baseline with weights in memory).
     fn materialize(&self, gpu: &Gpu) -> Result<()> {
         let mut ks = Vec::new();

@@ -300,6 +300,17 @@ enum Command {
         #[command(flatten)]
         gpu: GpuArgs,
     },
+    /// Write a model file from a checkpoint (and optionally the dense weights as safetensors).
+    Export {
+        #[command(flatten)]
+        source: Source,
+        /// The model file to write.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the materialised dense weights (f32) as safetensors, for other runtimes.
+        #[arg(long)]
+        safetensors: Option<PathBuf>,
+    },
     /// Download a dataset (mnist, fashion-mnist, cifar10) and check its checksums.
     Fetch { name: String },
     /// Print the adapters, and the selected adapter's backend, driver, features and limits.
@@ -423,6 +434,38 @@ fn eval(
     Ok(())
 }
 
+fn export(
+    source: &Source,
+    out: Option<&std::path::Path>,
+    st: Option<&std::path::Path>,
+) -> Result<(), Error> {
+    if out.is_none() && st.is_none() {
+        return Err(Error::invalid(
+            "give --out FILE.prism and/or --safetensors FILE",
+        ));
+    }
+    let m = source.load()?;
+    let f32_bytes = 4 * m.weights();
+    if let Some(path) = out {
+        m.save(path)?;
+        let size = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        eprintln!(
+            "{}: {size} bytes for {} weights ({:.3} bits per weight; f32 weights would take {f32_bytes} bytes, {:.1} times more)",
+            path.display(),
+            m.weights(),
+            8.0 * size as f64 / m.weights() as f64,
+            f32_bytes as f64 / size as f64
+        );
+    }
+    if let Some(path) = st {
+        m.export_safetensors(path)?;
+        eprintln!("{}: dense f32 weights", path.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
@@ -451,6 +494,11 @@ fn main() -> ExitCode {
             data,
             gpu,
         } => eval(source, *count, data.as_ref(), gpu),
+        Command::Export {
+            source,
+            out,
+            safetensors,
+        } => export(source, out.as_deref(), safetensors.as_deref()),
         Command::Fetch { name } => match Named::parse(name) {
             Some(n) => {
                 locate::fetch_into(n).map(|d| eprintln!("{} ready in {}", n.name(), d.display()))

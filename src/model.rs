@@ -22,7 +22,7 @@ use crate::fl::checkpoint::{write_atomic, Checkpoint};
 use crate::fl::message::MaskCoder;
 use crate::generate::Generator;
 use crate::gpu::Gpu;
-use crate::kernels::{mask, Init};
+use crate::kernels::{mask, Init, LayerWeights};
 use crate::nn::{Architecture, WeightMode};
 use crate::rng;
 
@@ -284,6 +284,112 @@ impl Model {
     pub fn weights(&self) -> usize {
         self.arch.masked_weights().unwrap_or(0)
     }
+
+    /// The effective weights w * m of every masked layer, regenerated on the host.
+    pub fn dense_weights(&self) -> Result<Vec<Vec<f32>>> {
+        let infos = self.arch.masked_layers()?;
+        Ok(infos
+            .iter()
+            .zip(&self.masks)
+            .map(|(info, bits)| {
+                let lw = LayerWeights {
+                    seed: self.seed,
+                    layer: info.index,
+                    init: self.arch.init,
+                    fan_in: info.fan_in,
+                };
+                crate::kernels::weights::cpu::effective(
+                    &lw,
+                    info.weights,
+                    &crate::kernels::weights::cpu::Source::Packed(bits),
+                )
+            })
+            .collect())
+    }
+
+    /// Writes the materialised weights as safetensors (f32, PyTorch layouts, named
+    /// `masked.<index>.<kind>.weight`), with the architecture in the metadata, so that other
+    /// runtimes can load the generator.
+    pub fn export_safetensors(&self, path: &Path) -> Result<()> {
+        let infos = self.arch.masked_layers()?;
+        let weights = self.dense_weights()?;
+        let bytes: Vec<Vec<u8>> = weights
+            .iter()
+            .map(|w| bytemuck::cast_slice::<f32, u8>(w).to_vec())
+            .collect();
+        let mut views = Vec::new();
+        for (info, b) in infos.iter().zip(&bytes) {
+            let shape: Vec<usize> = match info.kind {
+                "linear" => info.dims[..2].to_vec(),
+                _ => info.dims.to_vec(),
+            };
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, b)
+                .map_err(|e| Error::invalid(format!("safetensors: {e}")))?;
+            views.push((tensor_name(info), view));
+        }
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "prism".to_string());
+        meta.insert(
+            "architecture".to_string(),
+            serde_json::to_string(&self.arch).map_err(|e| Error::invalid(e.to_string()))?,
+        );
+        meta.insert("seed".to_string(), self.seed.to_string());
+        meta.insert("mask".to_string(), format!("{:?}", self.mask_kind));
+        let out = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::invalid(format!("safetensors: {e}")))?;
+        write_atomic(path, &out)
+    }
+}
+
+fn tensor_name(info: &crate::nn::arch::MaskedLayerInfo) -> String {
+    format!("masked.{}.{}.weight", info.index, info.kind)
+}
+
+/// Reads a safetensors file written by [`Model::export_safetensors`]: the architecture and
+/// each masked layer's dense weights, every tensor checked for name, type and shape.
+pub fn load_safetensors(path: &Path) -> Result<(Architecture, Vec<Vec<f32>>)> {
+    let what = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::format(&what, format!("not a safetensors file: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(&what, e.to_string()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    let arch: Architecture = serde_json::from_str(
+        meta.get("architecture")
+            .ok_or_else(|| Error::format(&what, "no architecture in the metadata"))?,
+    )
+    .map_err(|e| Error::format(&what, format!("architecture: {e}")))?;
+    arch.validate()
+        .map_err(|e| Error::format(&what, e.to_string()))?;
+    let mut weights = Vec::new();
+    for info in arch.masked_layers()? {
+        let name = tensor_name(&info);
+        let t = st
+            .tensor(&name)
+            .map_err(|_| Error::format(&what, format!("missing tensor {name}")))?;
+        if t.dtype() != safetensors::Dtype::F32
+            || t.shape().iter().product::<usize>() != info.weights
+        {
+            return Err(Error::format(
+                &what,
+                format!("{name}: expected {} f32 values", info.weights),
+            ));
+        }
+        let w: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        if w.iter().any(|v| !v.is_finite()) {
+            return Err(Error::format(
+                &what,
+                format!("{name} holds NaN or infinity"),
+            ));
+        }
+        weights.push(w);
+    }
+    Ok((arch, weights))
 }
 
 /// Generated images against held-out real ones, with reference rows, as a table.

@@ -83,6 +83,9 @@ pub struct MaskedLayerInfo {
     pub weights: usize,
     pub fan_in: u32,
     pub kind: &'static str,
+    /// The weight tensor's shape in PyTorch's layout: linear [out, in], conv [out, in, k, k],
+    /// transposed conv [in, out, k, k] (unused trailing entries are 1).
+    pub dims: [usize; 4],
 }
 
 impl Layer {
@@ -165,12 +168,14 @@ fn collect_masked(layers: &[Layer], mut s: Shape, out: &mut Vec<MaskedLayerInfo>
                 weights: s.len() * outputs,
                 fan_in: s.len() as u32,
                 kind: "linear",
+                dims: [*outputs, s.len(), 1, 1],
             }),
             Layer::Conv { cout, k, .. } => out.push(MaskedLayerInfo {
                 index,
                 weights: s.c * cout * k * k,
                 fan_in: (s.c * k * k) as u32,
                 kind: "conv",
+                dims: [*cout, s.c, *k, *k],
             }),
             // PRISM.md: the reference's fan_in of a transposed conv is cout * kh * kw.
             Layer::ConvT { cout, k, .. } => out.push(MaskedLayerInfo {
@@ -178,6 +183,7 @@ fn collect_masked(layers: &[Layer], mut s: Shape, out: &mut Vec<MaskedLayerInfo>
                 weights: s.c * cout * k * k,
                 fan_in: (cout * k * k) as u32,
                 kind: "conv_transpose",
+                dims: [s.c, *cout, *k, *k],
             }),
             Layer::Residual { main, skip } => {
                 collect_masked(main, s, out)?;

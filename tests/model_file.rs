@@ -1,0 +1,169 @@
+//! Model files: small, faithful to the checkpoint they come from, reloadable as dense weights
+//! (safetensors), and refused when damaged.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::assert_close;
+use prism::fl::checkpoint::Checkpoint;
+use prism::fl::simulation::{run, RunOptions};
+use prism::fl::TrainConfig;
+use prism::model::{self, MaskKind, Model};
+use prism::nn::Architecture;
+use prism::rng::HostRng;
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("PRISM_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("prism-model-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A model of `arch` with masks sampled from random scores (no training needed for sizes).
+fn random_model(arch: Architecture, seed: u32) -> Model {
+    let mut rng = HostRng::new(seed, &[]);
+    let scores: Vec<Vec<f32>> = arch
+        .masked_layers()
+        .unwrap()
+        .iter()
+        .map(|l| (0..l.weights).map(|_| rng.normal() as f32).collect())
+        .collect();
+    Model {
+        masks: model::masks_from_scores(&scores, MaskKind::Sample, seed),
+        arch,
+        seed,
+        mask_kind: MaskKind::Sample,
+        dataset: "mnist".into(),
+    }
+}
+
+#[test]
+fn model_files_are_small() {
+    let dir = tmp("size");
+    for (preset, bound) in [("conv28", 30.0), ("resnet32", 16.0)] {
+        let m = random_model(Architecture::preset(preset, 1).unwrap(), 5);
+        let path = dir.join(format!("{preset}.prism"));
+        m.save(&path).unwrap();
+        let size = std::fs::metadata(&path).unwrap().len() as f64;
+        let f32_size = 4.0 * m.weights() as f64;
+        assert!(
+            size * bound <= f32_size,
+            "{preset}: {size} bytes is more than 1/{bound} of {f32_size}"
+        );
+        assert_eq!(Model::load(&path).unwrap(), m);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_model_regenerates_its_checkpoints_images_and_its_dense_twin_agrees() {
+    let gpu = common::gpu();
+    let dir = tmp("faithful");
+    let cfg = TrainConfig {
+        arch: "conv28".into(),
+        clients: 2,
+        rounds: 1,
+        local_steps: 2,
+        batch: 16,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut o = RunOptions::new(dir.join("run"));
+    o.data = Some(data_dir());
+    o.sample_every = 0;
+    o.eval_every = 0;
+    run(&gpu, &cfg, &o).unwrap();
+    let ckpt = dir.join("run/checkpoint.bin");
+    for kind in [MaskKind::Sample, MaskKind::Threshold] {
+        // From the checkpoint directly: the global scores and the chosen mask.
+        let direct = model::from_checkpoint(&ckpt, kind).unwrap();
+        let c = Checkpoint::load(&ckpt).unwrap();
+        assert_eq!(
+            direct.masks,
+            model::masks_from_scores(&c.scores, kind, c.config.seed)
+        );
+        // Through a file.
+        let path = dir.join("m.prism");
+        direct.save(&path).unwrap();
+        let loaded = Model::load(&path).unwrap();
+        let a = direct
+            .generator(&gpu, 20)
+            .unwrap()
+            .generate(&gpu, 20, 0)
+            .unwrap();
+        let b = loaded
+            .generator(&gpu, 20)
+            .unwrap()
+            .generate(&gpu, 20, 0)
+            .unwrap();
+        assert_eq!(
+            a, b,
+            "a model file gives the same images as its checkpoint (same latents, same adapter)"
+        );
+        // The same network with dense f32 weights in memory.
+        let d = loaded
+            .dense_generator(&gpu, 20)
+            .unwrap()
+            .generate(&gpu, 20, 0)
+            .unwrap();
+        assert_close("dense vs packed", &d, &a, 1e-5, 1e-4);
+        // Safetensors export and reload.
+        let st = dir.join("m.safetensors");
+        loaded.export_safetensors(&st).unwrap();
+        let (arch, weights) = model::load_safetensors(&st).unwrap();
+        assert_eq!(arch, loaded.arch);
+        let g = prism::generate::Generator::new(
+            &gpu,
+            &arch,
+            loaded.seed,
+            20,
+            prism::nn::WeightMode::Dense,
+        )
+        .unwrap();
+        g.set_dense_weights(&gpu, &weights).unwrap();
+        assert_close(
+            "safetensors reload",
+            &g.generate(&gpu, 20, 0).unwrap(),
+            &a,
+            1e-5,
+            1e-4,
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn damaged_or_foreign_model_files_are_refused() {
+    let dir = tmp("damage");
+    let m = random_model(Architecture::preset("mlp28", 1).unwrap(), 2);
+    let path = dir.join("m.prism");
+    m.save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let bad = dir.join("bad.prism");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (bytes[..bytes.len() / 2].to_vec(), "checksum"),
+        (
+            {
+                let mut b = bytes.clone();
+                b[100] ^= 0x20;
+                b
+            },
+            "checksum",
+        ),
+        (b"PK\x03\x04 definitely a zip".to_vec(), "magic"),
+        (Vec::new(), "too short"),
+    ];
+    for (b, want) in cases {
+        std::fs::write(&bad, &b).unwrap();
+        let e = Model::load(&bad).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("bad.prism"), "{e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
