@@ -1,3 +1,6 @@
+//% if half
+enable f16;
+//% endif
 // Masked 2-D convolution as an implicit GEMM, weights regenerated in the kernel (weights.wgsl),
 // any kernel size, stride and padding. Layouts: x [batch, cin, h, w], y [batch, cout, oh, ow],
 // weights [cout, cin, kh, kw] (PyTorch's). Entry points:
@@ -158,6 +161,12 @@ fn forward({{ octet.entry_args() }}) {
         let w1 = weff4_word(p.g, c1 * k + i, mkey, sw1);
         let w2 = weff4_word(p.g, c2 * k + i, mkey, sw2);
         let w3 = weff4_word(p.g, c3 * k + i, mkey, sw3);
+//% if half
+        let h0 = vec4<f16>(w0);
+        let h1 = vec4<f16>(w1);
+        let h2 = vec4<f16>(w2);
+        let h3 = vec4<f16>(w3);
+//% endif
 //% for r in range(rows)
         {
 //% if row_share == "direct"
@@ -165,7 +174,12 @@ fn forward({{ octet.entry_args() }}) {
 //% else
             let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
 //% endif
+//% if half
+            let xh = vec4<f16>(xr);
+            acc{{ r }} += vec4<f32>(vec4<f16>(dot(xh, h0), dot(xh, h1), dot(xh, h2), dot(xh, h3)));
+//% else
             acc{{ r }} += vec4<f32>(dot(xr, w0), dot(xr, w1), dot(xr, w2), dot(xr, w3));
+//% endif
         }
 //% endfor
     }
@@ -185,7 +199,11 @@ fn forward({{ octet.entry_args() }}) {
 //% else
             let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
 //% endif
+//% if half
+            acc{{ r }} += vec4<f32>(f16(xr) * vec4<f16>(wv));
+//% else
             acc{{ r }} += xr * wv;
+//% endif
         }
 //% endfor
         kp = kpos_next(kp);
@@ -290,7 +308,11 @@ fn grad_input({{ octet.entry_args() }}) {
 //% else
             let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
 //% endif
+//% if half
+            acc{{ r }} += vec4<f32>(f16(d) * vec4<f16>(wv));
+//% else
             acc{{ r }} += d * wv;
+//% endif
         }
 //% endfor
         kp = kpos_next(kp);
@@ -313,6 +335,15 @@ fn grad_input({{ octet.entry_args() }}) {
 // together and share them: with subgroups, 8 steps at a time by broadcasts (lavapipe's workgroup
 // memory is slow); without, 64 at a time through workgroup memory.
 var<workgroup> chunk: array<vec4<f32>, 64>;
+
+// a * w, in f16 for `half` (accumulated by the caller in f32).
+fn mul(a: f32, w: vec4<f32>) -> vec4<f32> {
+//% if half
+    return vec4<f32>(f16(a) * vec4<f16>(w));
+//% else
+    return a * w;
+//% endif
+}
 
 // Advances an output position (b, oy, ox) by one.
 fn next_position(b: ptr<function, u32>, oy: ptr<function, u32>, ox: ptr<function, u32>) {
@@ -350,7 +381,7 @@ fn forward_narrow({{ octet.entry_args() }}) {
         chunk[li] = w;
         workgroupBarrier();
         for (var j = 0u; j < min(64u, k - i0); j++) {
-            acc += fwd_gather(ri, kp) * chunk[j];
+            acc += mul(fwd_gather(ri, kp), chunk[j]);
             kp = kpos_next(kp);
         }
         workgroupBarrier();
@@ -365,7 +396,7 @@ fn forward_narrow({{ octet.entry_args() }}) {
         }
 //% for j in range(8)
         if (i0 + {{ j }}u < k) {
-            acc += fwd_gather(ri, kp) * {{ octet.share("w", j) | trim }};
+            acc += mul(fwd_gather(ri, kp), {{ octet.share("w", j) | trim }});
             kp = kpos_next(kp);
         }
 //% endfor
@@ -415,14 +446,14 @@ fn grad_input_narrow({{ octet.entry_args() }}) {
         chunk[li] = w;
         workgroupBarrier();
         for (var j = 0u; j < min(64u, k - i0); j++) {
-            acc += bwd_gather(ri, kp) * chunk[j];
+            acc += mul(bwd_gather(ri, kp), chunk[j]);
             kp = kpos_next(kp);
         }
         workgroupBarrier();
 //% else
 //% for j in range(8)
         if (i0 + {{ j }}u < k) {
-            acc += bwd_gather(ri, kp) * {{ octet.share("w", j) | trim }};
+            acc += mul(bwd_gather(ri, kp), {{ octet.share("w", j) | trim }});
             kp = kpos_next(kp);
         }
 //% endfor

@@ -1,3 +1,6 @@
+//% if half
+enable f16;
+//% endif
 // Masked dense layer: y = x (w * m)^T with w regenerated from the seed inside the kernel and
 // m from the weight source (weights.wgsl). Three entry points:
 //   forward     y[b, o]  = sum_i x[b, i]  weff[o, i]          (M = batch,   N = outputs, K = inputs)
@@ -20,7 +23,8 @@
 // generation cost small next to the multiply-adds.
 //
 // `aligned` (inputs and outputs multiples of 4) reads operands as vec4 and takes one sign draw
-// per 32 weights; otherwise a scalar loop handles any shape.
+// per 32 weights; otherwise a scalar loop handles any shape. `half` (inference on adapters with
+// SHADER_F16) multiplies in f16 and accumulates in f32; memory stays f32.
 //% include "common.wgsl"
 //% include "weights.wgsl"
 //% include "octet.wgsl"
@@ -113,6 +117,12 @@ fn forward({{ octet.entry_args() }}) {
         let w1 = weff4_word(p.g, c1 * k + i, mkey, sw1);
         let w2 = weff4_word(p.g, c2 * k + i, mkey, sw2);
         let w3 = weff4_word(p.g, c3 * k + i, mkey, sw3);
+//% if half
+        let h0 = vec4<f16>(w0);
+        let h1 = vec4<f16>(w1);
+        let h2 = vec4<f16>(w2);
+        let h3 = vec4<f16>(w3);
+//% endif
 //% for r in range(rows)
         {
 //% if row_share == "direct"
@@ -120,7 +130,12 @@ fn forward({{ octet.entry_args() }}) {
 //% else
             let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
 //% endif
+//% if half
+            let xh = vec4<f16>(xr);
+            acc{{ r }} += vec4<f32>(vec4<f16>(dot(xh, h0), dot(xh, h1), dot(xh, h2), dot(xh, h3)));
+//% else
             acc{{ r }} += vec4<f32>(dot(xr, w0), dot(xr, w1), dot(xr, w2), dot(xr, w3));
+//% endif
         }
 //% endfor
     }
@@ -140,7 +155,11 @@ fn forward({{ octet.entry_args() }}) {
 //% else
             let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
 //% endif
+//% if half
+            acc{{ r }} += vec4<f32>(f16(xr) * vec4<f16>(wv));
+//% else
             acc{{ r }} += xr * wv;
+//% endif
         }
 //% endfor
     }

@@ -31,6 +31,19 @@ impl Generator {
         batch: usize,
         mode: WeightMode,
     ) -> Result<Generator> {
+        Self::with_precision(gpu, arch, seed, batch, mode, false)
+    }
+
+    /// As [`Generator::new`], with the masked layers multiplying in f16 when `half` (adapters
+    /// with SHADER_F16; activations stay f32 in memory and sums accumulate in f32).
+    pub fn with_precision(
+        gpu: &Gpu,
+        arch: &Architecture,
+        seed: u32,
+        batch: usize,
+        mode: WeightMode,
+        half: bool,
+    ) -> Result<Generator> {
         if !matches!(mode, WeightMode::Packed | WeightMode::Dense) {
             return Err(Error::invalid(
                 "generators run on packed masks or dense weights",
@@ -44,6 +57,7 @@ impl Generator {
             backward: Backward::None,
             estimator: Estimator::PScaled,
             layer_offset: 0,
+            half,
         };
         let net = Network::build(gpu, arch, opts, None, None, None)?;
         let step = Rc::new(gpu.zeros(&[StepState::WORDS], DType::U32, "generation step")?);

@@ -284,6 +284,9 @@ enum Command {
         /// Latent stream offset (different offsets, different images).
         #[arg(long, default_value_t = 0)]
         latents: u32,
+        /// Multiply in f16 (adapters with SHADER_F16; sums stay f32).
+        #[arg(long)]
+        f16: bool,
         #[command(flatten)]
         gpu: GpuArgs,
     },
@@ -396,6 +399,7 @@ fn sample(
     folder: Option<&std::path::Path>,
     batch: usize,
     latents: u32,
+    f16: bool,
     gpu_args: &GpuArgs,
 ) -> Result<(), Error> {
     if count == 0 {
@@ -403,7 +407,12 @@ fn sample(
     }
     let m = source.load()?;
     let gpu = gpu_args.open()?;
-    let g = m.generator(&gpu, batch.clamp(1, count))?;
+    let batch = batch.clamp(1, count);
+    let g = if f16 {
+        m.generator_f16(&gpu, batch)?
+    } else {
+        m.generator(&gpu, batch)?
+    };
     let t = std::time::Instant::now();
     let imgs = g.generate(&gpu, count, latents)?;
     let dt = t.elapsed().as_secs_f64();
@@ -478,6 +487,7 @@ fn main() -> ExitCode {
             folder,
             batch,
             latents,
+            f16,
             gpu,
         } => sample(
             source,
@@ -486,6 +496,7 @@ fn main() -> ExitCode {
             folder.as_deref(),
             *batch,
             *latents,
+            *f16,
             gpu,
         ),
         Command::Eval {

@@ -273,6 +273,14 @@ impl Model {
         Ok(g)
     }
 
+    /// A packed-mask generator multiplying in f16 (adapters with SHADER_F16).
+    pub fn generator_f16(&self, gpu: &Gpu, batch: usize) -> Result<Generator> {
+        let g =
+            Generator::with_precision(gpu, &self.arch, self.seed, batch, WeightMode::Packed, true)?;
+        g.set_masks(gpu, &self.masks)?;
+        Ok(g)
+    }
+
     /// The same network with w * m materialised as dense f32 weights (the baseline).
     pub fn dense_generator(&self, gpu: &Gpu, batch: usize) -> Result<Generator> {
         let g = Generator::new(gpu, &self.arch, self.seed, batch, WeightMode::Dense)?;
@@ -511,6 +519,7 @@ fn features(
         backward: Backward::None,
         estimator: crate::kernels::matmul::Estimator::PScaled,
         layer_offset: crate::fl::client::ENCODER_LAYER_OFFSET,
+        half: false,
     };
     let net = Network::build(gpu, &enc, opts, None, None, Some(shape))?;
     let per = shape.len();

@@ -107,6 +107,24 @@ fn a_model_regenerates_its_checkpoints_images_and_its_dense_twin_agrees() {
             a, b,
             "a model file gives the same images as its checkpoint (same latents, same adapter)"
         );
+        // f16 arithmetic where the adapter has SHADER_F16: close to the f32 images.
+        if gpu.features().shader_f16 {
+            let h = loaded
+                .generator_f16(&gpu, 20)
+                .unwrap()
+                .generate(&gpu, 20, 0)
+                .unwrap();
+            let worst = h
+                .iter()
+                .zip(&a)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            let mean = h.iter().zip(&a).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32;
+            assert!(
+                worst < 0.1 && mean < 0.01,
+                "f16 vs f32: worst {worst}, mean {mean}"
+            );
+        }
         // The same network with dense f32 weights in memory.
         let d = loaded
             .dense_generator(&gpu, 20)

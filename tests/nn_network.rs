@@ -101,6 +101,7 @@ fn opts(batch: usize, mode: WeightMode, backward: Backward) -> BuildOptions {
         backward,
         estimator: Estimator::StraightThrough,
         layer_offset: 0,
+        half: false,
     }
 }
 

@@ -12,13 +12,18 @@ const DEVICE: &[(&str, bool, bool)] = &[
 
 fn check(key: ShaderKey) {
     for &(share, sg, f16) in DEVICE {
-        let k = key
-            .clone()
-            .def("row_share", share)
-            .def("subgroups", sg)
-            .def("f16", f16);
-        if let Err(e) = compile(&k, capabilities(sg, f16)) {
-            panic!("{e}");
+        // f16 arithmetic only where the device has shader f16.
+        let halves: &[bool] = if f16 { &[false, true] } else { &[false] };
+        for &half in halves {
+            let k = key
+                .clone()
+                .def("row_share", share)
+                .def("subgroups", sg)
+                .def("f16", f16)
+                .def("half", half);
+            if let Err(e) = compile(&k, capabilities(sg, f16)) {
+                panic!("{e}");
+            }
         }
     }
 }

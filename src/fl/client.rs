@@ -181,6 +181,7 @@ impl Trainer {
             backward: Backward::Scores,
             estimator,
             layer_offset: 0,
+            half: false,
         };
         let net = Network::build(gpu, arch, opts, Some(step.clone()), None, None)?;
         let real =
@@ -248,6 +249,7 @@ impl Trainer {
                     backward: Backward::Input,
                     estimator,
                     layer_offset: ENCODER_LAYER_OFFSET,
+                    half: false,
                 };
                 let generated = Network::build(
                     gpu,

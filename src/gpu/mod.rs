@@ -312,6 +312,8 @@ impl Gpu {
         defaults.insert("subgroups", Def::Bool(row_share != RowShare::Direct));
         defaults.insert("row_share", Def::Str(row_share.as_str().into()));
         defaults.insert("f16", Def::Bool(features.shader_f16));
+        // f16 arithmetic in masked layers; launchers turn it on for Precision::F16.
+        defaults.insert("half", Def::Bool(false));
         Ok(Gpu {
             pool: Arc::new(BufferPool::default()),
             pipelines: PipelineCache::default(),

@@ -6,7 +6,7 @@
 //! convolution's forward, and its score gradient the convolution's with x and dy exchanged.
 
 use super::matmul::Estimator;
-use super::{check, groups_for, u32_of, LayerWeights, MaskSource, Tiling, WeightGen};
+use super::{check, groups_for, u32_of, LayerWeights, MaskSource, Precision, Tiling, WeightGen};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
@@ -194,8 +194,9 @@ fn params(s: &ConvShape, g: WeightGen, t: &Tiling, m: usize, n: usize) -> Params
     }
 }
 
-fn shader(source: &str, rows: u32, aligned: bool, stride: usize) -> ShaderKey {
+fn shader(source: &str, rows: u32, aligned: bool, stride: usize, half: bool) -> ShaderKey {
     ShaderKey::new("masked_conv.wgsl")
+        .def("half", half)
         .def("source", source)
         .def("rows", rows)
         .def("aligned", aligned)
@@ -211,6 +212,20 @@ pub fn forward(
     x: &Tensor,
     y: &Tensor,
 ) -> Result<Kernel> {
+    forward_in(gpu, s, layer, source, x, y, Precision::F32)
+}
+
+/// [`forward`] with the given arithmetic precision.
+pub fn forward_in(
+    gpu: &Gpu,
+    s: &ConvShape,
+    layer: &LayerWeights,
+    source: &MaskSource,
+    x: &Tensor,
+    y: &Tensor,
+    precision: Precision,
+) -> Result<Kernel> {
+    let half = precision.half(gpu)?;
     s.validate()?;
     source.check(s.weights())?;
     check(x, s.input_len(), DType::F32, "conv input")?;
@@ -220,7 +235,10 @@ pub fn forward(
         let t = Tiling::choose(m as u32, s.cout as u32);
         let p = params(s, layer.gen(), &t, m, s.cout);
         let k = gpu
-            .kernel(shader(source.name(), 8, false, s.stride), "forward_narrow")
+            .kernel(
+                shader(source.name(), 8, false, s.stride, half),
+                "forward_narrow",
+            )
             .params(&p)
             .bind("x", x)
             .bind("y", y)
@@ -231,7 +249,10 @@ pub fn forward(
     let p = params(s, layer.gen(), &t, m, s.cout);
     let aligned = (s.cin * s.kh * s.kw) % 4 == 0;
     let k = gpu
-        .kernel(shader(source.name(), t.rows, aligned, s.stride), "forward")
+        .kernel(
+            shader(source.name(), t.rows, aligned, s.stride, half),
+            "forward",
+        )
         .params(&p)
         .bind("x", x)
         .bind("y", y)
@@ -248,6 +269,21 @@ pub fn grad_input(
     dy: &Tensor,
     dx: &Tensor,
 ) -> Result<Kernel> {
+    grad_input_in(gpu, s, layer, source, dy, dx, Precision::F32)
+}
+
+/// [`grad_input`] with the given arithmetic precision (f16 serves the forward pass of a
+/// transposed convolution in inference).
+pub fn grad_input_in(
+    gpu: &Gpu,
+    s: &ConvShape,
+    layer: &LayerWeights,
+    source: &MaskSource,
+    dy: &Tensor,
+    dx: &Tensor,
+    precision: Precision,
+) -> Result<Kernel> {
+    let half = precision.half(gpu)?;
     s.validate()?;
     source.check(s.weights())?;
     check(dy, s.output_len(), DType::F32, "conv output gradient")?;
@@ -258,7 +294,7 @@ pub fn grad_input(
     if s.cin <= NARROW {
         let k = gpu
             .kernel(
-                shader(source.name(), 8, false, s.stride),
+                shader(source.name(), 8, false, s.stride, half),
                 "grad_input_narrow",
             )
             .params(&p)
@@ -268,7 +304,10 @@ pub fn grad_input(
         return Ok(source.bind(k).build()?);
     }
     let k = gpu
-        .kernel(shader(source.name(), t.rows, false, s.stride), "grad_input")
+        .kernel(
+            shader(source.name(), t.rows, false, s.stride, half),
+            "grad_input",
+        )
         .params(&p)
         .bind("dy", dy)
         .bind("dx", dx)
@@ -343,7 +382,7 @@ pub fn grad_score(
     )?;
     let partials = gpu
         .kernel(
-            shader("frozen", t.rows, false, s.stride),
+            shader("frozen", t.rows, false, s.stride, false),
             if narrow {
                 "grad_score_narrow"
             } else {
@@ -357,7 +396,10 @@ pub fn grad_score(
         .groups(p.tiles_total * p.splits)
         .build()?;
     let reduce = gpu
-        .kernel(shader("frozen", t.rows, false, s.stride), "reduce_score")
+        .kernel(
+            shader("frozen", t.rows, false, s.stride, false),
+            "reduce_score",
+        )
         .params(&p)
         .bind("partial_in", &scratch)
         .bind("scores", scores)
@@ -380,8 +422,21 @@ pub fn transpose_forward(
     x: &Tensor,
     y: &Tensor,
 ) -> Result<Kernel> {
+    transpose_forward_in(gpu, s, layer, source, x, y, Precision::F32)
+}
+
+/// [`transpose_forward`] with the given arithmetic precision.
+pub fn transpose_forward_in(
+    gpu: &Gpu,
+    s: &ConvTransposeShape,
+    layer: &LayerWeights,
+    source: &MaskSource,
+    x: &Tensor,
+    y: &Tensor,
+    precision: Precision,
+) -> Result<Kernel> {
     s.validate()?;
-    grad_input(gpu, &s.adjoint(), layer, source, x, y)
+    grad_input_in(gpu, &s.adjoint(), layer, source, x, y, precision)
 }
 
 /// dx <- the input gradient of a transposed convolution.

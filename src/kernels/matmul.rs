@@ -1,7 +1,7 @@
 //! Masked dense layer (`shaders/masked_matmul.wgsl`): forward, gradient with respect to the
 //! input, and gradient with respect to the scores, with weights regenerated in the kernel.
 
-use super::{check, u32_of, LayerWeights, MaskSource, Tiling, WeightGen};
+use super::{check, u32_of, LayerWeights, MaskSource, Precision, Tiling, WeightGen};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
@@ -88,8 +88,9 @@ fn params(s: &LinearShape, g: WeightGen, t: &Tiling, m: usize, n: usize, est: u3
     }
 }
 
-fn shader(s: &LinearShape, source: &str, t: &Tiling) -> ShaderKey {
+fn shader(s: &LinearShape, source: &str, t: &Tiling, half: bool) -> ShaderKey {
     ShaderKey::new("masked_matmul.wgsl")
+        .def("half", half)
         .def("source", source)
         .def("rows", t.rows)
         .def("aligned", s.aligned())
@@ -104,6 +105,20 @@ pub fn forward(
     x: &Tensor,
     y: &Tensor,
 ) -> Result<Kernel> {
+    forward_in(gpu, s, layer, source, x, y, Precision::F32)
+}
+
+/// [`forward`] with the given arithmetic precision.
+pub fn forward_in(
+    gpu: &Gpu,
+    s: &LinearShape,
+    layer: &LayerWeights,
+    source: &MaskSource,
+    x: &Tensor,
+    y: &Tensor,
+    precision: Precision,
+) -> Result<Kernel> {
+    let half = precision.half(gpu)?;
     s.validate()?;
     source.check(s.weights())?;
     check(x, s.batch * s.inputs, DType::F32, "linear input")?;
@@ -111,7 +126,7 @@ pub fn forward(
     let t = Tiling::choose(s.batch as u32, s.outputs as u32);
     let p = params(s, layer.gen(), &t, s.batch, s.outputs, 0);
     let k = gpu
-        .kernel(shader(s, source.name(), &t), "forward")
+        .kernel(shader(s, source.name(), &t, half), "forward")
         .params(&p)
         .bind("x", x)
         .bind("y", y)
@@ -135,7 +150,7 @@ pub fn grad_input(
     let t = Tiling::choose(s.batch as u32, s.inputs as u32);
     let p = params(s, layer.gen(), &t, s.batch, s.inputs, 0);
     let k = gpu
-        .kernel(shader(s, source.name(), &t), "grad_input")
+        .kernel(shader(s, source.name(), &t, false), "grad_input")
         .params(&p)
         .bind("dy", dy)
         .bind("dx", dx)
@@ -164,7 +179,7 @@ pub fn grad_score(
     let t = Tiling::choose(s.outputs as u32, s.inputs as u32);
     let p = params(s, layer.gen(), &t, s.outputs, s.inputs, estimator.code());
     Ok(gpu
-        .kernel(shader(s, "frozen", &t), "grad_score")
+        .kernel(shader(s, "frozen", &t, false), "grad_score")
         .params(&p)
         .bind("x", x)
         .bind("dy", dy)

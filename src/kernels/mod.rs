@@ -41,6 +41,28 @@ impl StepState {
     pub const WORDS: usize = 8;
 }
 
+/// Arithmetic of the inner products of masked layers in inference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// f16 multiplications accumulated in f32 (adapters with SHADER_F16); memory stays f32.
+    F16,
+}
+
+impl Precision {
+    /// The template flag `half`, refusing f16 on adapters without SHADER_F16.
+    pub(crate) fn half(self, gpu: &crate::gpu::Gpu) -> Result<bool> {
+        if self == Precision::F16 && !gpu.features().shader_f16 {
+            return Err(Error::invalid(
+                "this adapter has no SHADER_F16: f16 arithmetic is unavailable",
+            ));
+        }
+        Ok(self == Precision::F16)
+    }
+}
+
 /// Workgroups needed for `n` items at `per_group` items per workgroup.
 pub(crate) fn groups_for(n: usize, per_group: usize) -> Result<u32> {
     u32::try_from(n.div_ceil(per_group))

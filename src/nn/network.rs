@@ -10,7 +10,7 @@ use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::conv::{self, ConvShape, ConvTransposeShape};
 use crate::kernels::matmul::{self, Estimator, LinearShape};
 use crate::kernels::norm::{self, NormShape};
-use crate::kernels::{adam, elementwise as ew, mask, Init, LayerWeights, MaskSource};
+use crate::kernels::{adam, elementwise as ew, mask, Init, LayerWeights, MaskSource, Precision};
 
 /// Kernels to run in order, with the scratch tensors they need kept alive.
 #[derive(Default)]
@@ -72,6 +72,9 @@ pub struct BuildOptions {
     /// Offset added to masked-layer indices in the weight and mask streams (keeps a loss
     /// encoder's weights unrelated to the generator's).
     pub layer_offset: u32,
+    /// f16 multiplications in the masked layers (inference on adapters with SHADER_F16;
+    /// activations stay f32 in memory, sums are accumulated in f32).
+    pub half: bool,
 }
 
 /// The buffers of one masked layer.
@@ -238,6 +241,12 @@ impl<'g> Builder<'g> {
                     let li = self.new_masked()?;
                     let y = self.act(out_shape, "activation")?;
                     let lw = self.layers[li].weights;
+                    let precision = if self.opts.half {
+                        Precision::F16
+                    } else {
+                        Precision::F32
+                    };
+                    let source = self.source(li);
                     let k = match spec {
                         Layer::Linear { outputs } => {
                             let s = LinearShape {
@@ -245,23 +254,25 @@ impl<'g> Builder<'g> {
                                 inputs: x.shape.len(),
                                 outputs: *outputs,
                             };
-                            matmul::forward(self.gpu, &s, &lw, &self.source(li), &x.t, &y.t)?
+                            matmul::forward_in(self.gpu, &s, &lw, &source, &x.t, &y.t, precision)?
                         }
-                        Layer::Conv { .. } => conv::forward(
+                        Layer::Conv { .. } => conv::forward_in(
                             self.gpu,
                             &conv_shape(b, spec, x.shape),
                             &lw,
-                            &self.source(li),
+                            &source,
                             &x.t,
                             &y.t,
+                            precision,
                         )?,
-                        _ => conv::transpose_forward(
+                        _ => conv::transpose_forward_in(
                             self.gpu,
                             &convt_shape(b, spec, x.shape),
                             &lw,
-                            &self.source(li),
+                            &source,
                             &x.t,
                             &y.t,
+                            precision,
                         )?,
                     };
                     self.forward.push(k);
