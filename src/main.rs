@@ -218,6 +218,30 @@ impl TrainArgs {
     }
 }
 
+#[derive(Args, Clone, Debug)]
+struct SampleArgs {
+    #[command(flatten)]
+    source: Source,
+    /// Number of images.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    count: usize,
+    /// A PNG grid of the images.
+    #[arg(long, default_value = "samples.png")]
+    out: PathBuf,
+    /// Also write every image as its own PNG into this folder.
+    #[arg(long)]
+    folder: Option<PathBuf>,
+    /// Images per generation batch.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Latent stream offset (different offsets, different images).
+    #[arg(long, default_value_t = 0)]
+    latents: u32,
+    /// Multiply in f16 (adapters with SHADER_F16; sums stay f32).
+    #[arg(long)]
+    f16: bool,
+}
+
 /// Where a trained generator comes from.
 #[derive(Args, Clone, Debug)]
 struct Source {
@@ -268,25 +292,7 @@ enum Command {
     /// Generate images from a model file or a checkpoint.
     Sample {
         #[command(flatten)]
-        source: Source,
-        /// Number of images.
-        #[arg(short = 'n', long, default_value_t = 100)]
-        count: usize,
-        /// A PNG grid of the images.
-        #[arg(long, default_value = "samples.png")]
-        out: PathBuf,
-        /// Also write every image as its own PNG into this folder.
-        #[arg(long)]
-        folder: Option<PathBuf>,
-        /// Images per generation batch.
-        #[arg(long, default_value_t = 100)]
-        batch: usize,
-        /// Latent stream offset (different offsets, different images).
-        #[arg(long, default_value_t = 0)]
-        latents: u32,
-        /// Multiply in f16 (adapters with SHADER_F16; sums stay f32).
-        #[arg(long)]
-        f16: bool,
+        args: SampleArgs,
         #[command(flatten)]
         gpu: GpuArgs,
     },
@@ -392,34 +398,26 @@ fn train(a: &TrainArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn sample(
-    source: &Source,
-    count: usize,
-    out: &std::path::Path,
-    folder: Option<&std::path::Path>,
-    batch: usize,
-    latents: u32,
-    f16: bool,
-    gpu_args: &GpuArgs,
-) -> Result<(), Error> {
+fn sample(a: &SampleArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
+    let (count, out) = (a.count, &a.out);
     if count == 0 {
         return Err(Error::invalid("--count must be positive"));
     }
-    let m = source.load()?;
+    let m = a.source.load()?;
     let gpu = gpu_args.open()?;
-    let batch = batch.clamp(1, count);
-    let g = if f16 {
+    let batch = a.batch.clamp(1, count);
+    let g = if a.f16 {
         m.generator_f16(&gpu, batch)?
     } else {
         m.generator(&gpu, batch)?
     };
     let t = std::time::Instant::now();
-    let imgs = g.generate(&gpu, count, latents)?;
+    let imgs = g.generate(&gpu, count, a.latents)?;
     let dt = t.elapsed().as_secs_f64();
     let s = g.image;
     let cols = (count as f64).sqrt().ceil() as usize;
     prism::io::grid::write_grid(out, &imgs, count, s.c, s.h, s.w, cols)?;
-    if let Some(dir) = folder {
+    if let Some(dir) = &a.folder {
         prism::io::grid::write_images(dir, &imgs, count, s.c, s.h, s.w)?;
     }
     eprintln!(
@@ -480,25 +478,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Info { gpu } => info(gpu),
         Command::Train { args, gpu } => train(args, gpu),
-        Command::Sample {
-            source,
-            count,
-            out,
-            folder,
-            batch,
-            latents,
-            f16,
-            gpu,
-        } => sample(
-            source,
-            *count,
-            out,
-            folder.as_deref(),
-            *batch,
-            *latents,
-            *f16,
-            gpu,
-        ),
+        Command::Sample { args, gpu } => sample(args, gpu),
         Command::Eval {
             source,
             count,
