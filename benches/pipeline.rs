@@ -1,0 +1,271 @@
+//! Whole-pipeline benchmarks: generation from a model file (packed masks read in the kernels,
+//! optionally f16 arithmetic) against the same network with dense f32 weights in memory; one
+//! training step; one federated round. Each is checked before it is timed.
+//!
+//! Generation reports images/s (criterion's elements/s), latency at batch 1 and peak GPU
+//! memory (the buffer pool's high-water mark of the generator alone).
+//! `PRISM_BENCH_QUICK=1` runs small sizes only (the smoke test of .ci/run). Training benches
+//! need MNIST (`$PRISM_DATA`, or ../shared/data).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use prism::data::locate::Split;
+use prism::fl::simulation::load_dataset;
+use prism::fl::{TrainConfig, Trainer};
+use prism::generate::Generator;
+use prism::gpu::Gpu;
+use prism::model::{masks_from_scores, MaskKind, Model};
+use prism::nn::Architecture;
+use prism::rng::HostRng;
+
+fn quick() -> bool {
+    std::env::var("PRISM_BENCH_QUICK").is_ok_and(|v| v != "0")
+}
+
+fn open_gpu() -> Gpu {
+    Gpu::new(Default::default()).unwrap_or_else(|e| panic!("benchmarks need a GPU adapter: {e}"))
+}
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("PRISM_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+}
+
+fn random_model(preset: &str) -> Model {
+    let arch = Architecture::preset(preset, 1).unwrap();
+    let mut rng = HostRng::new(1, &[]);
+    let scores: Vec<Vec<f32>> = arch
+        .masked_layers()
+        .unwrap()
+        .iter()
+        .map(|l| (0..l.weights).map(|_| rng.normal() as f32).collect())
+        .collect();
+    Model {
+        masks: masks_from_scores(&scores, MaskKind::Sample, 1),
+        arch,
+        seed: 1,
+        mask_kind: MaskKind::Sample,
+        dataset: "mnist".into(),
+    }
+}
+
+/// A fresh adapter per variant, so that the pool's high-water mark is the variant's own.
+fn build(preset: &str, variant: &str, batch: usize) -> (Gpu, Generator) {
+    let gpu = open_gpu();
+    let m = random_model(preset);
+    let g = match variant {
+        "packed mask" => m.generator(&gpu, batch).unwrap(),
+        "packed mask f16" => m.generator_f16(&gpu, batch).unwrap(),
+        _ => m.dense_generator(&gpu, batch).unwrap(),
+    };
+    (gpu, g)
+}
+
+fn bench_generation(c: &mut Criterion) {
+    let presets: &[&str] = if quick() {
+        &["conv28"]
+    } else {
+        &["conv28", "resnet32"]
+    };
+    let mut group = c.benchmark_group("generation");
+    let mut report = Vec::new();
+    for &preset in presets {
+        for batch in [1usize, if quick() { 16 } else { 256 }] {
+            group.throughput(Throughput::Elements(batch as u64));
+            let reference = {
+                let (gpu, g) = build(preset, "packed mask", batch);
+                g.generate(&gpu, batch, 0).unwrap()
+            };
+            for variant in ["packed mask", "packed mask f16", "dense f32 weights"] {
+                if variant.ends_with("f16") && !open_gpu().features().shader_f16 {
+                    continue;
+                }
+                let (gpu, g) = build(preset, variant, batch);
+                let imgs = g.generate(&gpu, batch, 0).unwrap();
+                let worst = imgs
+                    .iter()
+                    .zip(&reference)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                let tol = if variant.ends_with("f16") { 0.1 } else { 1e-4 };
+                assert!(
+                    worst <= tol,
+                    "{preset} {variant}: images differ from the packed-mask ones by {worst}"
+                );
+                let peak = gpu.pool_stats().peak_bytes;
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{preset} {variant}"), batch),
+                    &batch,
+                    |b, _| {
+                        b.iter_custom(|iters| {
+                            let t = Instant::now();
+                            for i in 0..iters {
+                                g.set_batch_index(&gpu, i as u32).unwrap();
+                                gpu.run(&g.batch_kernels()).unwrap();
+                            }
+                            t.elapsed()
+                        })
+                    },
+                );
+                let reps = 5;
+                let t = Instant::now();
+                for i in 0..reps {
+                    g.set_batch_index(&gpu, i).unwrap();
+                    gpu.run(&g.batch_kernels()).unwrap();
+                }
+                let per = t.elapsed().as_secs_f64() / reps as f64;
+                report.push((preset, variant, batch, per, peak));
+            }
+        }
+    }
+    group.finish();
+    println!(
+        "\nGeneration ({} wall clock per batch, including submission and wait):",
+        prism::gpu::describe_adapter(open_gpu().info())
+    );
+    println!("| model | variant | batch | images/s | latency | peak GPU memory |");
+    println!("|---|---|---|---|---|---|");
+    for (preset, variant, batch, per, peak) in report {
+        println!(
+            "| {preset} | {variant} | {batch} | {:.1} | {:.2} ms | {:.1} MiB |",
+            batch as f64 / per,
+            per * 1e3,
+            peak as f64 / (1 << 20) as f64
+        );
+    }
+}
+
+fn bench_training(c: &mut Criterion) {
+    let gpu = open_gpu();
+    let presets: &[&str] = if quick() {
+        &["mlp28"]
+    } else {
+        &["conv28", "mlp28"]
+    };
+    let mut group = c.benchmark_group("training");
+    for &preset in presets {
+        let batch = if quick() { 16 } else { 64 };
+        let cfg = TrainConfig {
+            arch: preset.into(),
+            batch,
+            clients: 1,
+            local_steps: 1,
+            ..Default::default()
+        };
+        let (ds, arch) =
+            load_dataset("mnist", Some(&data_dir()), false, Split::Train, preset).unwrap();
+        let ds = ds.take(2000);
+        let trainer = Trainer::new(&gpu, &cfg, &arch, &ds, &[(0..2000).collect()]).unwrap();
+        let server = prism::fl::ServerModel::new(
+            &gpu,
+            &trainer.layer_sizes(),
+            &vec![false; trainer.layer_sizes().len()],
+            1,
+            1,
+        )
+        .unwrap();
+        let mut state = trainer.new_client_state(&gpu).unwrap();
+        // Checked before timing: a step runs and yields a finite loss.
+        let run = trainer
+            .local_run(&gpu, 0, 0, &server.scores, &mut state)
+            .unwrap();
+        assert!(
+            run.losses.iter().all(|l| l.is_finite() && *l > 0.0),
+            "{:?}",
+            run.losses
+        );
+        let ks = trainer.step_kernels(0);
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new("step (images/s)", preset), |b| {
+            b.iter_custom(|iters| gpu.time_kernels(&ks, iters as u32).unwrap());
+        });
+    }
+    group.finish();
+}
+
+fn bench_round(c: &mut Criterion) {
+    let gpu = open_gpu();
+    let mut group = c.benchmark_group("round");
+    group.sample_size(10);
+    let (clients, steps) = if quick() { (2, 2) } else { (10, 10) };
+    let cfg = TrainConfig {
+        arch: "conv28".into(),
+        clients,
+        local_steps: steps,
+        batch: if quick() { 16 } else { 64 },
+        ..Default::default()
+    };
+    let (ds, arch) =
+        load_dataset("mnist", Some(&data_dir()), false, Split::Train, "conv28").unwrap();
+    let parts = prism::data::partition::Partition::parse("shards:4")
+        .unwrap()
+        .split(&ds.labels, clients, &mut HostRng::new(1, &[]))
+        .unwrap();
+    let trainer = Trainer::new(&gpu, &cfg, &arch, &ds, &parts).unwrap();
+    let sizes = trainer.layer_sizes();
+    let mut server =
+        prism::fl::ServerModel::new(&gpu, &sizes, &vec![false; sizes.len()], clients, 1).unwrap();
+    let mut states: Vec<_> = (0..clients)
+        .map(|_| trainer.new_client_state(&gpu).unwrap())
+        .collect();
+    let mut strategy = prism::fl::Prism::default();
+    use prism::fl::Strategy;
+    let mut round = 0u32;
+    let mut one_round = || {
+        let mut ups = Vec::new();
+        for (k, state) in states.iter_mut().enumerate() {
+            let run = trainer
+                .local_run(&gpu, k, round, &server.scores, state)
+                .unwrap();
+            ups.push(prism::fl::message::Upload {
+                round,
+                client: k as u32,
+                layers: run.upload,
+            });
+        }
+        let r = strategy
+            .aggregate_fit(&gpu, round, &mut server, &ups, &[])
+            .unwrap();
+        round += 1;
+        r
+    };
+    let first = one_round();
+    assert!(first.lambda.is_some_and(|l| l > 0.0 && l < 1.0) && first.used == clients);
+    group.bench_function(
+        format!("{clients} clients x {steps} local steps, conv28"),
+        |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    one_round();
+                }
+                t.elapsed()
+            })
+        },
+    );
+    group.finish();
+}
+
+fn config() -> Criterion {
+    if quick() {
+        Criterion::default()
+            .sample_size(10)
+            .measurement_time(Duration::from_millis(300))
+            .warm_up_time(Duration::from_millis(100))
+    } else {
+        Criterion::default()
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(5))
+            .warm_up_time(Duration::from_secs(1))
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = bench_generation, bench_training, bench_round
+}
+criterion_main!(benches);
