@@ -102,9 +102,12 @@ struct TrainArgs {
     /// Local steps of each client per round.
     #[arg(long, default_value_t = 10)]
     local_steps: usize,
-    /// Latents (and real images) per step.
+    /// Latents per step.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Real images per step (the MMD's other sample; default: the same as --batch).
+    #[arg(long, default_value_t = 0)]
+    real_batch: usize,
     /// Data partition: iid, shards[:N] (N label-sorted shards a client), dirichlet[:ALPHA].
     #[arg(long, default_value = "shards:4")]
     partition: String,
@@ -151,6 +154,9 @@ struct TrainArgs {
     /// Fault injection: fraction of selected clients that drop out of each round.
     #[arg(long, default_value_t = 0.0)]
     drop_rate: f64,
+    /// Fault injection: the first N clients are adversaries that upload all-ones masks.
+    #[arg(long, default_value_t = 0)]
+    adversaries: usize,
     /// Send masks bit-packed instead of entropy-coded.
     #[arg(long)]
     no_entropy_coding: bool,
@@ -186,6 +192,7 @@ impl TrainArgs {
             rounds: self.rounds,
             local_steps: self.local_steps,
             batch: self.batch,
+            real_batch: self.real_batch,
             partition: self.partition.clone(),
             fraction_fit: self.fraction_fit,
             min_fit_clients: self.min_fit_clients,
@@ -212,6 +219,7 @@ impl TrainArgs {
                 delta: self.dp_delta,
             }),
             drop_rate: self.drop_rate,
+            adversaries: self.adversaries,
             entropy_coding: !self.no_entropy_coding,
             robust: self.robust,
         }

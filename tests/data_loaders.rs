@@ -96,8 +96,9 @@ fn image_folders_with_classes_sizes_and_formats() {
         std::fs::create_dir_all(d.join(class)).unwrap();
         for i in 0..n {
             let (w, h) = (20 + 7 * i as u32, 16 + 3 * i as u32);
-            let img =
-                image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 200]));
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([(x * 7) as u8, (y * 13) as u8, 200])
+            });
             let ext = if i == 1 { "jpg" } else { "png" };
             img.save(d.join(class).join(format!("{i}.{ext}"))).unwrap();
         }

@@ -184,8 +184,11 @@ impl Trainer {
             half: false,
         };
         let net = Network::build(gpu, arch, opts, Some(step.clone()), None, None)?;
-        let real =
-            Rc::new(gpu.tensor(&[b, image.c, image.h, image.w], DType::F32, "real batch")?);
+        let real = Rc::new(gpu.tensor(
+            &[cfg.real_batch(), image.c, image.h, image.w],
+            DType::F32,
+            "real batch",
+        )?);
 
         let mut clients = Vec::with_capacity(parts.len());
         for (k, part) in parts.iter().enumerate() {
@@ -264,6 +267,7 @@ impl Trainer {
                     &enc,
                     BuildOptions {
                         backward: Backward::None,
+                        batch: cfg.real_batch(),
                         ..eopts
                     },
                     None,
@@ -275,7 +279,7 @@ impl Trainer {
                 let mut ks: Vec<&Kernel> = vec![&clients[0].gather];
                 ks.extend(real_enc.forward.refs());
                 gpu.run(&ks)?;
-                let med = median_distance(&gpu.read_f32(&real_enc.output)?, b);
+                let med = median_distance(&gpu.read_f32(&real_enc.output)?, cfg.real_batch());
                 let fsig: Vec<f32> = [0.25f32, 0.5, 1.0, 2.0, 4.0]
                     .iter()
                     .map(|f| f * med)

@@ -47,7 +47,11 @@ pub struct TrainConfig {
     pub clients: usize,
     pub rounds: usize,
     pub local_steps: usize,
+    /// Latents per step.
     pub batch: usize,
+    /// Real images per step (the MMD's other sample); 0 means the same as `batch`.
+    #[serde(default)]
+    pub real_batch: usize,
     /// iid, shards[:N], dirichlet[:ALPHA].
     pub partition: String,
     /// Fraction of clients asked to train each round (Flower's fraction_fit).
@@ -70,6 +74,10 @@ pub struct TrainConfig {
     pub dp: Option<DpConfig>,
     /// Fraction of selected clients that drop out of a round (fault injection).
     pub drop_rate: f64,
+    /// The first this many clients are adversaries that upload all-ones masks (fault
+    /// injection, to show what robust aggregation does).
+    #[serde(default)]
+    pub adversaries: usize,
     /// Entropy-code uploads.
     pub entropy_coding: bool,
     /// Bound how far one client can move the global probabilities (robust aggregation).
@@ -85,6 +93,7 @@ impl Default for TrainConfig {
             rounds: 40,
             local_steps: 10,
             batch: 64,
+            real_batch: 0,
             partition: "shards:4".into(),
             fraction_fit: 1.0,
             min_fit_clients: 1,
@@ -100,6 +109,7 @@ impl Default for TrainConfig {
             seed: 1,
             dp: None,
             drop_rate: 0.0,
+            adversaries: 0,
             entropy_coding: true,
             robust: false,
         }
@@ -107,6 +117,15 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Real images per step.
+    pub fn real_batch(&self) -> usize {
+        if self.real_batch == 0 {
+            self.batch
+        } else {
+            self.real_batch
+        }
+    }
+
     /// Checks ranges before anything is allocated.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(m));
@@ -119,6 +138,12 @@ impl TrainConfig {
         if self.batch < 2 || self.batch > 4096 {
             return bad(format!("batch = {} must be 2 to 4096", self.batch));
         }
+        if self.real_batch == 1 || self.real_batch > 4096 {
+            return bad(format!(
+                "real batch = {} must be 0 (same as batch) or 2 to 4096",
+                self.real_batch
+            ));
+        }
         if !(self.fraction_fit > 0.0 && self.fraction_fit <= 1.0) {
             return bad(format!(
                 "fraction_fit = {} must be in (0, 1]",
@@ -127,6 +152,12 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.alpha) {
             return bad(format!("alpha = {} must be in [0, 1]", self.alpha));
+        }
+        if self.adversaries > self.clients {
+            return bad(format!(
+                "{} adversaries among {} clients",
+                self.adversaries, self.clients
+            ));
         }
         if !(0.0..1.0).contains(&self.drop_rate) {
             return bad(format!("drop rate = {} must be in [0, 1)", self.drop_rate));

@@ -2,7 +2,7 @@
 //! vocabulary: each round the strategy's `configure_fit` picks the clients that train, and
 //! `aggregate_fit` turns their results (and the failures) into the next global model.
 
-use super::message::{Payload, Upload};
+use super::message::{MaskCoder, Payload, Upload};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::mask::{self, AggregateOptions, Aggregation};
@@ -19,6 +19,8 @@ pub enum FailureReason {
     Unexpected,
     /// A second upload from the same client in one round.
     Duplicate,
+    /// Rejected by robust aggregation: the mask is far from the round's majority.
+    Outlier,
 }
 
 /// A failed client in a round.
@@ -37,6 +39,8 @@ pub struct AggregateReport {
     pub used: usize,
     /// True when too few valid uploads arrived and the previous global scores were kept.
     pub kept_previous: bool,
+    /// Clients whose uploads robust aggregation rejected.
+    pub rejected: Vec<u32>,
 }
 
 /// The global model and the scratch buffers of aggregation, on the GPU.
@@ -137,6 +141,28 @@ impl ServerModel {
     }
 }
 
+/// The server's intake of one message: decode and validate it (`coder` decodes entropy-coded
+/// layers), then check that it belongs to this round, comes from a selected client and is that
+/// client's first. Anything else is a failure of the round, never an error of the server.
+pub fn receive(
+    bytes: &[u8],
+    sizes: &[usize],
+    round: u32,
+    selected: &[usize],
+    so_far: &[Upload],
+    coder: Option<&dyn MaskCoder>,
+) -> std::result::Result<Upload, FailureReason> {
+    let up = super::message::decode(bytes, sizes, coder)
+        .map_err(|e| FailureReason::Malformed(e.to_string()))?;
+    if up.round != round || !selected.contains(&(up.client as usize)) {
+        return Err(FailureReason::Unexpected);
+    }
+    if so_far.iter().any(|u| u.client == up.client) {
+        return Err(FailureReason::Duplicate);
+    }
+    Ok(up)
+}
+
 /// A federated strategy (Flower's interface, specialised to mask uploads).
 pub trait Strategy {
     fn name(&self) -> String;
@@ -166,6 +192,8 @@ pub struct Prism {
     /// Smoothing of bits: 0 -> lo, 1 -> hi (PRISM: 0.01, 0.99).
     pub lo: f32,
     pub hi: f32,
+    /// Reject uploads whose masks are outliers (see [`outliers`]).
+    pub robust: bool,
 }
 
 impl Default for Prism {
@@ -177,8 +205,66 @@ impl Default for Prism {
             mada: true,
             lo: 0.01,
             hi: 0.99,
+            robust: false,
         }
     }
+}
+
+/// Robust aggregation's test: the uploads (indices) whose masks are far from the round's
+/// coordinate-wise majority. A client's distance is the fraction of mask bits where it
+/// disagrees with the majority; an upload is an outlier when its distance exceeds the median
+/// distance by more than 3 median absolute deviations plus 0.02. Honest clients sample from
+/// similar probabilities and sit close together; a mask of all ones (or any mask unrelated to
+/// the model) sits far away. Needs at least 3 uploads.
+pub fn outliers(results: &[Upload], score_layers: &[bool]) -> Vec<usize> {
+    let m = results.len();
+    if m < 3 {
+        return Vec::new();
+    }
+    let mut dist = vec![0u64; m];
+    let mut total = 0u64;
+    for (l, &is_scores) in score_layers.iter().enumerate() {
+        if is_scores {
+            continue;
+        }
+        let masks: Vec<&Vec<u32>> = results
+            .iter()
+            .filter_map(|u| match &u.layers[l] {
+                Payload::Bits(b) => Some(b),
+                Payload::Scores(_) => None,
+            })
+            .collect();
+        if masks.len() != m {
+            continue;
+        }
+        for w in 0..masks[0].len() {
+            // Majority of each bit position: count ones across clients, 32 positions at once.
+            let mut majority = 0u32;
+            for bit in 0..32 {
+                let ones = masks.iter().filter(|b| (b[w] >> bit) & 1 == 1).count();
+                if 2 * ones > m {
+                    majority |= 1 << bit;
+                }
+            }
+            for (d, b) in dist.iter_mut().zip(&masks) {
+                *d += (b[w] ^ majority).count_ones() as u64;
+            }
+            total += 32;
+        }
+    }
+    if total == 0 {
+        return Vec::new();
+    }
+    let frac: Vec<f64> = dist.iter().map(|&d| d as f64 / total as f64).collect();
+    let median = |v: &mut Vec<f64>| -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let med = median(&mut frac.clone());
+    let mad = median(&mut frac.iter().map(|f| (f - med).abs()).collect());
+    (0..m)
+        .filter(|&i| frac[i] > med + 3.0 * mad + 0.02)
+        .collect()
 }
 
 impl Strategy for Prism {
@@ -208,11 +294,25 @@ impl Strategy for Prism {
         results: &[Upload],
         _failures: &[Failure],
     ) -> Result<AggregateReport> {
+        let rejected_idx = if self.robust {
+            outliers(results, &model.score_layers)
+        } else {
+            Vec::new()
+        };
+        let rejected: Vec<u32> = rejected_idx.iter().map(|&i| results[i].client).collect();
+        let kept: Vec<Upload> = results
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !rejected_idx.contains(i))
+            .map(|(_, u)| u.clone())
+            .collect();
+        let results = &kept[..];
         if results.len() < self.min_fit_clients.max(1) {
             return Ok(AggregateReport {
                 lambda: None,
                 used: results.len(),
                 kept_previous: true,
+                rejected,
             });
         }
         if results.len() > model.capacity {
@@ -338,6 +438,7 @@ impl Strategy for Prism {
             lambda,
             used: m,
             kept_previous: false,
+            rejected,
         })
     }
 }

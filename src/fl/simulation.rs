@@ -12,7 +12,7 @@ use super::checkpoint::{write_atomic, Checkpoint};
 use super::client::{ClientState, Trainer};
 use super::config::TrainConfig;
 use super::dp::Accountant;
-use super::message::{self, MaskCoder, Upload};
+use super::message::{self, MaskCoder, Payload, Upload};
 use super::server::{Failure, FailureReason, Prism, ServerModel, Strategy};
 use crate::codec::RangeCoder;
 use crate::data::locate::{self, Named, Split};
@@ -77,7 +77,10 @@ pub struct RoundMetrics {
     pub lambda: Option<f64>,
     pub selected: usize,
     pub valid_uploads: usize,
+    /// Uploads that did not count: malformed, dropped, unexpected, duplicate, rejected.
     pub failures: usize,
+    /// Of those, rejected by robust aggregation.
+    pub rejected: usize,
     pub kept_previous: bool,
     /// Bits received from all clients this round.
     pub bits_up: u64,
@@ -210,6 +213,7 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
             Aggregation::MeanOfSmoothed
         },
         mada: cfg.mada,
+        robust: cfg.robust,
         ..Default::default()
     };
     let mut clients: Vec<ClientState> = (0..cfg.clients)
@@ -296,15 +300,25 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
             let mean =
                 run.losses.iter().map(|&v| v as f64).sum::<f64>() / run.losses.len().max(1) as f64;
             losses.push((mean, *run.losses.last().unwrap_or(&0.0) as f64));
+            let mut layers = run.upload;
+            if k < cfg.adversaries {
+                // Fault injection: an adversary replaces its mask by all ones.
+                for (l, payload) in layers.iter_mut().enumerate() {
+                    if let Payload::Bits(b) = payload {
+                        *b = all_ones(sizes[l]);
+                    }
+                }
+            }
             let up = Upload {
                 round: r,
                 client: k as u32,
-                layers: run.upload,
+                layers,
             };
             let coder = cfg.entropy_coding.then_some(&RangeCoder as &dyn MaskCoder);
             let bytes = message::encode(&up, &sizes, coder);
             bits_up += 8 * bytes.len() as u64;
-            match receive(&bytes, &sizes, r, &selected, &results) {
+            match super::server::receive(&bytes, &sizes, r, &selected, &results, Some(&RangeCoder))
+            {
                 Ok(up) => results.push(up),
                 Err(reason) => failures.push(Failure {
                     client: k as u32,
@@ -359,7 +373,8 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
             lambda: report.lambda,
             selected: selected.len(),
             valid_uploads: results.len(),
-            failures: failures.len(),
+            failures: failures.len() + report.rejected.len(),
+            rejected: report.rejected.len(),
             kept_previous: report.kept_previous,
             bits_up,
             bits_up_per_client: bits_up as f64 / n_up as f64,
@@ -400,24 +415,13 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
     })
 }
 
-/// The server's intake of one message: decode, then check it belongs to this round, comes from
-/// a selected client and is the client's first.
-fn receive(
-    bytes: &[u8],
-    sizes: &[usize],
-    round: u32,
-    selected: &[usize],
-    so_far: &[Upload],
-) -> std::result::Result<Upload, FailureReason> {
-    let up = message::decode(bytes, sizes, Some(&RangeCoder))
-        .map_err(|e| FailureReason::Malformed(e.to_string()))?;
-    if up.round != round || !selected.contains(&(up.client as usize)) {
-        return Err(FailureReason::Unexpected);
+/// A packed mask of `n` ones.
+fn all_ones(n: usize) -> Vec<u32> {
+    let mut w = vec![u32::MAX; n.div_ceil(32)];
+    if n % 32 != 0 {
+        w[n / 32] = (1u32 << (n % 32)) - 1;
     }
-    if so_far.iter().any(|u| u.client == up.client) {
-        return Err(FailureReason::Duplicate);
-    }
-    Ok(up)
+    w
 }
 
 fn save_checkpoint(
