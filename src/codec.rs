@@ -74,7 +74,7 @@ pub fn decode(bytes: &[u8], n: usize) -> Result<Vec<u32>> {
     if bytes.len() < 4 || (bytes.len() - 4) % 4 != 0 {
         return Err(bad("length is not a count plus whole words"));
     }
-    let ones = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
+    let ones = crate::bytes::le_u32(bytes) as usize;
     if ones > n {
         return Err(bad("more ones than bits"));
     }
@@ -90,10 +90,7 @@ pub fn decode(bytes: &[u8], n: usize) -> Result<Vec<u32>> {
         }
         return Ok(words);
     }
-    let compressed: Vec<u32> = bytes[4..]
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect();
+    let compressed = crate::bytes::u32s(&bytes[4..]);
     let m = model(ones, n)?;
     let mut dec = DefaultRangeDecoder::from_compressed(compressed)
         .map_err(|_| bad("unreadable range-coder state"))?;

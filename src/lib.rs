@@ -11,6 +11,7 @@
 //! Layers, from the bottom: [`gpu`] (device, shaders, pipelines, buffers), [`kernels`] (one
 //! module per shader file, each with its CPU reference), and the host layers above them.
 
+pub mod bytes;
 pub mod codec;
 pub mod data;
 pub mod error;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use prism::data::locate::{self, Named};
 use prism::fl::simulation::{self, RunOptions};
 use prism::fl::{DpConfig, FeatureSpace, LossChoice, TrainConfig};
@@ -78,6 +78,10 @@ enum EstimatorArg {
 
 #[derive(Args, Clone, Debug)]
 struct TrainArgs {
+    /// A JSON file with the configuration (the fields of config.json in a run folder; missing
+    /// fields take their defaults, unknown ones are refused). Flags given as well override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// mnist, fashion-mnist, cifar10, or a folder of PNG/JPEG images (sub-folders are classes).
     #[arg(long, default_value = "mnist")]
     dataset: String,
@@ -94,28 +98,28 @@ struct TrainArgs {
     #[arg(long, default_value = "conv28")]
     arch: String,
     /// Number of clients.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = TrainConfig::default().clients)]
     clients: usize,
     /// Communication rounds.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = TrainConfig::default().rounds)]
     rounds: usize,
     /// Local steps of each client per round.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = TrainConfig::default().local_steps)]
     local_steps: usize,
     /// Latents per step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = TrainConfig::default().batch)]
     batch: usize,
     /// Real images per step (the MMD's other sample; default: the same as --batch).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainConfig::default().real_batch)]
     real_batch: usize,
     /// Data partition: iid, shards[:N] (N label-sorted shards a client), dirichlet[:ALPHA].
     #[arg(long, default_value = "shards:4")]
     partition: String,
     /// Fraction of clients that train each round.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = TrainConfig::default().fraction_fit)]
     fraction_fit: f64,
     /// Fewest valid uploads for a round to change the model (else the previous scores stay).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = TrainConfig::default().min_fit_clients)]
     min_fit_clients: usize,
     /// PRISM without MADA: the new scores are logit of the mean smoothed mask.
     #[arg(long)]
@@ -124,23 +128,23 @@ struct TrainArgs {
     #[arg(long)]
     persistent_prior: bool,
     /// PRISM-alpha: this fraction of masked layers, from the output side, send scores.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = TrainConfig::default().alpha)]
     alpha: f64,
     #[arg(long, value_enum, default_value = "mmd")]
     loss: LossArg,
     #[arg(long, value_enum, default_value = "pixels")]
     features: FeaturesArg,
     /// Adam learning rate on the scores.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = TrainConfig::default().lr)]
     lr: f32,
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = TrainConfig::default().beta1)]
     beta1: f32,
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = TrainConfig::default().beta2)]
     beta2: f32,
     #[arg(long, value_enum, default_value = "p-scaled")]
     estimator: EstimatorArg,
     /// Seed of everything: weights, scores, data split, masks, latents.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
     seed: u32,
     /// Differential privacy: noise multiplier (noise std / L2 sensitivity); enables DP.
     #[arg(long)]
@@ -152,10 +156,10 @@ struct TrainArgs {
     #[arg(long, default_value_t = 1e-5)]
     dp_delta: f64,
     /// Fault injection: fraction of selected clients that drop out of each round.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = TrainConfig::default().drop_rate)]
     drop_rate: f64,
     /// Fault injection: the first N clients are adversaries that upload all-ones masks.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = TrainConfig::default().adversaries)]
     adversaries: usize,
     /// Send masks bit-packed instead of entropy-coded.
     #[arg(long)]
@@ -183,7 +187,61 @@ struct TrainArgs {
     quiet: bool,
 }
 
+/// The configuration fields that a `prism train` flag sets (flag id, field).
+const FLAG_FIELDS: &[(&str, &str)] = &[
+    ("dataset", "dataset"),
+    ("arch", "arch"),
+    ("clients", "clients"),
+    ("rounds", "rounds"),
+    ("local_steps", "local_steps"),
+    ("batch", "batch"),
+    ("real_batch", "real_batch"),
+    ("partition", "partition"),
+    ("fraction_fit", "fraction_fit"),
+    ("min_fit_clients", "min_fit_clients"),
+    ("no_mada", "mada"),
+    ("persistent_prior", "persistent_prior"),
+    ("alpha", "alpha"),
+    ("loss", "loss"),
+    ("features", "features"),
+    ("lr", "lr"),
+    ("beta1", "beta1"),
+    ("beta2", "beta2"),
+    ("estimator", "p_scaled_estimator"),
+    ("seed", "seed"),
+    ("dp_noise", "dp"),
+    ("dp_clip", "dp"),
+    ("dp_delta", "dp"),
+    ("drop_rate", "drop_rate"),
+    ("adversaries", "adversaries"),
+    ("no_entropy_coding", "entropy_coding"),
+    ("robust", "robust"),
+];
+
 impl TrainArgs {
+    /// The run's configuration: the flags, or the --config file with the flags given on the
+    /// command line (`given`) laid over it.
+    fn resolve(&self, given: &dyn Fn(&str) -> bool) -> Result<TrainConfig, Error> {
+        let flags = self.config();
+        let Some(path) = &self.config else {
+            return Ok(flags);
+        };
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let what = path.display().to_string();
+        let mut merged: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::format(&what, format!("not JSON: {e}")))?;
+        let flag_values =
+            serde_json::to_value(&flags).map_err(|e| Error::invalid(e.to_string()))?;
+        if let Some(obj) = merged.as_object_mut() {
+            for (flag, field) in FLAG_FIELDS {
+                if given(flag) {
+                    obj.insert(field.to_string(), flag_values[field].clone());
+                }
+            }
+        }
+        TrainConfig::from_json(&serde_json::to_vec(&merged).unwrap_or_default(), &what)
+    }
+
     fn config(&self) -> TrainConfig {
         TrainConfig {
             dataset: self.dataset.clone(),
@@ -363,8 +421,8 @@ fn info(gpu_args: &GpuArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn train(a: &TrainArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
-    let cfg = a.config();
+fn train(a: &TrainArgs, gpu_args: &GpuArgs, given: &dyn Fn(&str) -> bool) -> Result<(), Error> {
+    let cfg = a.resolve(given)?;
     cfg.validate()?;
     let gpu = gpu_args.open()?;
     let mut opts = RunOptions::new(&a.out);
@@ -482,10 +540,21 @@ fn export(
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // Which flags the user typed (not defaulted): they override a --config file.
+    let given = |id: &str| {
+        matches.subcommand_matches("train").is_some_and(|m| {
+            m.try_get_raw(id).is_ok_and(|v| v.is_some())
+                && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        })
+    };
     let result = match &cli.command {
         Command::Info { gpu } => info(gpu),
-        Command::Train { args, gpu } => train(args, gpu),
+        Command::Train { args, gpu } => train(args, gpu, &given),
         Command::Sample { args, gpu } => sample(args, gpu),
         Command::Eval {
             source,

@@ -16,6 +16,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bytes::{split_crc, Reader};
 use crate::codec::RangeCoder;
 use crate::error::{Error, Result};
 use crate::fl::checkpoint::{write_atomic, Checkpoint};
@@ -164,22 +165,22 @@ impl Model {
         if &bytes[..8] != MAGIC {
             return Err(bad("not a prism model file (wrong magic)".into()));
         }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-            return Err(bad("checksum mismatch: the file is damaged".into()));
-        }
-        let version = u16::from_le_bytes([body[8], body[9]]);
+        let body = split_crc(bytes, what)?;
+        let mut r = Reader::new(body, what);
+        r.take(8)?;
+        let version = r.u16()?;
         if version != VERSION {
             return Err(bad(format!(
                 "format version {version}; this prism reads version {VERSION}"
             )));
         }
-        let hlen = u32::from_le_bytes(body[12..16].try_into().expect("4 bytes")) as usize;
-        if hlen > MAX_HEADER || 16 + hlen > body.len() {
+        r.u16()?;
+        let hlen = r.u32()? as usize;
+        if hlen > MAX_HEADER {
             return Err(bad(format!("header length {hlen} is impossible")));
         }
-        let header: Header = serde_json::from_slice(&body[16..16 + hlen])
-            .map_err(|e| bad(format!("header: {e}")))?;
+        let header: Header =
+            serde_json::from_slice(r.take(hlen)?).map_err(|e| bad(format!("header: {e}")))?;
         if header.init != header.architecture.init {
             return Err(bad("init scheme disagrees with the layer table".into()));
         }
@@ -197,27 +198,17 @@ impl Model {
         if sizes != header.layers {
             return Err(bad("layer sizes disagree with the layer table".into()));
         }
-        let mut at = 16 + hlen;
         let mut masks = Vec::with_capacity(sizes.len());
         for (i, &n) in sizes.iter().enumerate() {
-            if body.len() - at < 9 {
-                return Err(bad(format!("truncated before layer {i}")));
-            }
-            let enc = body[at];
-            let w = u32::from_le_bytes(body[at + 1..at + 5].try_into().expect("4 bytes")) as usize;
-            let len =
-                u32::from_le_bytes(body[at + 5..at + 9].try_into().expect("4 bytes")) as usize;
-            at += 9;
+            let enc = r.u8()?;
+            let w = r.u32()? as usize;
+            let len = r.u32()? as usize;
             if w != n {
                 return Err(bad(format!(
                     "layer {i}: {w} weights, the layer table says {n}"
                 )));
             }
-            if body.len() - at < len {
-                return Err(bad(format!("layer {i}: truncated payload")));
-            }
-            let payload = &body[at..at + len];
-            at += len;
+            let payload = r.take(len)?;
             let words = match enc {
                 0 => {
                     if len != n.div_ceil(8) {
@@ -245,9 +236,7 @@ impl Model {
             }
             masks.push(words);
         }
-        if at != body.len() {
-            return Err(bad("unexpected bytes after the last layer".into()));
-        }
+        r.finish()?;
         Ok(Model {
             arch: header.architecture,
             seed: header.seed,
@@ -387,7 +376,7 @@ pub fn load_safetensors(path: &Path) -> Result<(Architecture, Vec<Vec<f32>>)> {
         let w: Vec<f32> = t
             .data()
             .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         if w.iter().any(|v| !v.is_finite()) {
             return Err(Error::format(

@@ -218,31 +218,46 @@ pub fn read_idx_pair(images: &Path, labels: &Path, name: &str) -> Result<Dataset
 /// Reads CIFAR-10 binary batches: records of one label byte (< 10) and 3072 pixel bytes
 /// (3 x 32 x 32, channel-major).
 pub fn read_cifar10(files: &[&Path]) -> Result<Dataset> {
-    const REC: usize = 1 + 3 * 32 * 32;
-    let mut images = Vec::new();
-    let mut labels = Vec::new();
+    let mut all = Dataset {
+        name: "cifar10".into(),
+        channels: 3,
+        height: 32,
+        width: 32,
+        images: Vec::new(),
+        labels: Vec::new(),
+    };
     for f in files {
         let bytes = std::fs::read(f).map_err(|e| Error::io(*f, e))?;
-        let what = f.display().to_string();
-        if bytes.is_empty() || bytes.len() % REC != 0 {
+        let part = parse_cifar10(&bytes, &f.display().to_string())?;
+        all.images.extend_from_slice(&part.images);
+        all.labels.extend_from_slice(&part.labels);
+    }
+    Ok(all)
+}
+
+/// Parses the bytes of one CIFAR-10 binary batch; `what` names it in errors.
+pub fn parse_cifar10(bytes: &[u8], what: &str) -> Result<Dataset> {
+    const REC: usize = 1 + 3 * 32 * 32;
+    if bytes.is_empty() || bytes.len() % REC != 0 {
+        return Err(Error::format(
+            what,
+            format!(
+                "{} bytes is not a whole number of 3073-byte CIFAR-10 records",
+                bytes.len()
+            ),
+        ));
+    }
+    let mut images = Vec::with_capacity(bytes.len());
+    let mut labels = Vec::with_capacity(bytes.len() / REC);
+    for rec in bytes.chunks_exact(REC) {
+        if rec[0] >= 10 {
             return Err(Error::format(
                 what,
-                format!(
-                    "{} bytes is not a whole number of 3073-byte CIFAR-10 records",
-                    bytes.len()
-                ),
+                format!("label {} is not a CIFAR-10 class (0-9)", rec[0]),
             ));
         }
-        for rec in bytes.chunks_exact(REC) {
-            if rec[0] >= 10 {
-                return Err(Error::format(
-                    what,
-                    format!("label {} is not a CIFAR-10 class (0-9)", rec[0]),
-                ));
-            }
-            labels.push(rec[0]);
-            images.extend_from_slice(&rec[1..]);
-        }
+        labels.push(rec[0]);
+        images.extend_from_slice(&rec[1..]);
     }
     Ok(Dataset {
         name: "cifar10".into(),
@@ -252,6 +267,41 @@ pub fn read_cifar10(files: &[&Path]) -> Result<Dataset> {
         images,
         labels,
     })
+}
+
+/// Decodes one PNG or JPEG image (format sniffed from the bytes, size limits enforced
+/// before allocation) and brings it to `size` x `size` with `channels` channels, planes
+/// channel-major. `what` names it in errors.
+pub fn decode_image(bytes: &[u8], what: &str, size: usize, channels: usize) -> Result<Vec<u8>> {
+    let bad = |m: String| Error::format(what, m);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(format!("cannot read image: {e}")))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(16_384);
+    limits.max_image_height = Some(16_384);
+    limits.max_alloc = Some(512 << 20);
+    reader.limits(limits);
+    let decoded = reader
+        .decode()
+        .map_err(|e| bad(format!("cannot decode image: {e}")))?;
+    let (w, h) = (decoded.width() as usize, decoded.height() as usize);
+    if w == 0 || h == 0 {
+        return Err(bad("image has no pixels".into()));
+    }
+    let planes: Vec<Vec<u8>> = if channels == 1 {
+        vec![decoded.to_luma8().into_raw()]
+    } else {
+        let rgb = decoded.to_rgb8().into_raw();
+        (0..3)
+            .map(|c| rgb.iter().skip(c).step_by(3).copied().collect())
+            .collect()
+    };
+    let mut out = Vec::with_capacity(channels * size * size);
+    for plane in planes {
+        out.extend(resize_plane(&plane, h, w, size, size));
+    }
+    Ok(out)
 }
 
 /// Reads a folder of PNG or JPEG images. Sub-folders are classes (sorted by name); images
@@ -315,34 +365,13 @@ pub fn read_image_folder(dir: &Path, size: usize, channels: usize) -> Result<Dat
         labels: Vec::new(),
     };
     for (path, label) in files {
-        let img = image::ImageReader::open(&path)
-            .map_err(|e| Error::io(&path, e))?
-            .with_guessed_format()
-            .map_err(|e| Error::io(&path, e))?;
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(16_384);
-        limits.max_image_height = Some(16_384);
-        limits.max_alloc = Some(512 << 20);
-        let mut img = img;
-        img.limits(limits);
-        let decoded = img.decode().map_err(|e| {
-            Error::format(
-                path.display().to_string(),
-                format!("cannot decode image: {e}"),
-            )
-        })?;
-        let (w, h) = (decoded.width() as usize, decoded.height() as usize);
-        let planes: Vec<Vec<u8>> = if channels == 1 {
-            vec![decoded.to_luma8().into_raw()]
-        } else {
-            let rgb = decoded.to_rgb8().into_raw();
-            (0..3)
-                .map(|c| rgb.iter().skip(c).step_by(3).copied().collect())
-                .collect()
-        };
-        for plane in planes {
-            ds.images.extend(resize_plane(&plane, h, w, size, size));
-        }
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        ds.images.extend(decode_image(
+            &bytes,
+            &path.display().to_string(),
+            size,
+            channels,
+        )?);
         ds.labels.push(label);
     }
     Ok(ds)

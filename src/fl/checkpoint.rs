@@ -13,6 +13,7 @@ use std::io::Write;
 use std::path::Path;
 
 use super::config::TrainConfig;
+use crate::bytes::{split_crc, Reader};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"PRCK";
@@ -75,61 +76,34 @@ impl Checkpoint {
         if bytes.len() < 12 {
             return Err(bad("too short to be a checkpoint".into()));
         }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if &body[..4] != MAGIC {
+        if &bytes[..4] != MAGIC {
             return Err(bad("not a prism checkpoint (wrong magic)".into()));
         }
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-            return Err(bad("checksum mismatch: the checkpoint is damaged".into()));
-        }
-        let mut at = 4usize;
-        let mut take = |n: usize| -> Result<&[u8]> {
-            if body.len() - at < n {
-                return Err(Error::format(what, format!("truncated at byte {at}")));
-            }
-            let s = &body[at..at + n];
-            at += n;
-            Ok(s)
-        };
-        let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
-        let version = u32_of(take(4)?);
+        let body = split_crc(bytes, what)?;
+        let mut r = Reader::new(body, what);
+        r.take(4)?;
+        let version = r.u32()?;
         if version != VERSION {
             return Err(bad(format!("version {version} is not {VERSION}")));
         }
-        let n = u32_of(take(4)?) as usize;
+        let n = r.u32()? as usize;
         let config: TrainConfig =
-            serde_json::from_slice(take(n)?).map_err(|e| bad(format!("configuration: {e}")))?;
+            serde_json::from_slice(r.take(n)?).map_err(|e| bad(format!("configuration: {e}")))?;
         config.validate()?;
-        let rounds_done = u32_of(take(4)?);
-        let layers = u32_of(take(4)?) as usize;
-        let floats = |b: &[u8]| -> Vec<f32> {
-            b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect()
-        };
+        let rounds_done = r.u32()?;
+        let layers = r.u32()? as usize;
         let mut scores = Vec::new();
         let mut priors = Vec::new();
         let mut sizes = Vec::new();
-        for _ in 0..layers {
-            let w = u32_of(take(4)?) as usize;
-            // take() refuses lengths beyond the bytes present, so nothing is allocated from an
-            // absurd size.
-            let s = floats(take(
-                w.checked_mul(4)
-                    .ok_or_else(|| bad("size overflow".into()))?,
-            )?);
-            let p = floats(take(
-                w.checked_mul(8)
-                    .ok_or_else(|| bad("size overflow".into()))?,
-            )?);
-            if s.iter().chain(&p).any(|v| !v.is_finite()) {
-                return Err(bad("scores or priors contain NaN or infinity".into()));
-            }
+        for i in 0..layers {
+            // The reader refuses lengths beyond the bytes present, so nothing is allocated
+            // from an absurd size.
+            let w = r.u32()? as usize;
+            scores.push(r.finite_f32s(w, &format!("layer {i}: scores"))?);
+            priors.push(r.finite_f32s(2 * w, &format!("layer {i}: priors"))?);
             sizes.push(w);
-            scores.push(s);
-            priors.push(p);
         }
-        let clients = u32_of(take(4)?) as usize;
+        let clients = r.u32()? as usize;
         if clients != config.clients {
             return Err(bad(format!(
                 "{clients} clients but the configuration has {}",
@@ -138,24 +112,18 @@ impl Checkpoint {
         }
         let mut client_steps = Vec::new();
         let mut client_moments = Vec::new();
-        for _ in 0..clients {
-            client_steps.push(u32_of(take(4)?));
+        for k in 0..clients {
+            client_steps.push(r.u32()?);
             let mut ms = Vec::new();
             for &w in &sizes {
-                let m = floats(take(w * 8)?);
-                if m.iter().any(|v| !v.is_finite()) {
-                    return Err(bad("Adam moments contain NaN or infinity".into()));
-                }
-                ms.push(m);
+                ms.push(r.finite_f32s(2 * w, &format!("client {k}: Adam moments"))?);
             }
             client_moments.push(ms);
         }
-        let n = u32_of(take(4)?) as usize;
+        let n = r.u32()? as usize;
         let metrics: Vec<serde_json::Value> =
-            serde_json::from_slice(take(n)?).map_err(|e| bad(format!("metrics: {e}")))?;
-        if at != body.len() {
-            return Err(bad("unexpected bytes at the end".into()));
-        }
+            serde_json::from_slice(r.take(n)?).map_err(|e| bad(format!("metrics: {e}")))?;
+        r.finish()?;
         Ok(Checkpoint {
             config,
             rounds_done,

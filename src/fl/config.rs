@@ -37,8 +37,10 @@ pub struct DpConfig {
     pub delta: f64,
 }
 
-/// A federated training run.
+/// A federated training run. As JSON (a `--config` file, the `config.json` of a run folder)
+/// missing fields take their defaults and unknown fields are refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// mnist, fashion-mnist, cifar10, or a folder of images.
     pub dataset: String,
@@ -126,6 +128,15 @@ impl TrainConfig {
         }
     }
 
+    /// Parses and validates a configuration file's bytes; `what` names it in errors.
+    pub fn from_json(bytes: &[u8], what: &str) -> Result<TrainConfig> {
+        let cfg: TrainConfig = serde_json::from_slice(bytes)
+            .map_err(|e| Error::format(what, format!("configuration: {e}")))?;
+        cfg.validate()
+            .map_err(|e| Error::format(what, e.to_string()))?;
+        Ok(cfg)
+    }
+
     /// Checks ranges before anything is allocated.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::invalid(m));
@@ -134,6 +145,15 @@ impl TrainConfig {
         }
         if self.rounds == 0 || self.local_steps == 0 {
             return bad("rounds and local steps must be positive".into());
+        }
+        if self.rounds > 1_000_000 || self.local_steps > 1_000_000 {
+            return bad("rounds and local steps must be at most 1000000".into());
+        }
+        if self.min_fit_clients > self.clients {
+            return bad(format!(
+                "min_fit_clients = {} is more than the {} clients",
+                self.min_fit_clients, self.clients
+            ));
         }
         if self.batch < 2 || self.batch > 4096 {
             return bad(format!("batch = {} must be 2 to 4096", self.batch));

@@ -11,6 +11,7 @@
 //! Decoding checks every field against what the server expects (layer count and sizes), so a
 //! malformed upload is a typed error, never a panic or an unbounded allocation.
 
+use crate::bytes::{split_crc, Reader};
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 4] = b"PRSM";
@@ -97,38 +98,6 @@ pub fn encode(up: &Upload, sizes: &[usize], coder: Option<&dyn MaskCoder>) -> Ve
     out
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.b.len() - self.at < n {
-            return Err(Error::format(
-                "upload",
-                format!("truncated at byte {} (needs {n} more)", self.at),
-            ));
-        }
-        let s = &self.b[self.at..self.at + n];
-        self.at += n;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-}
-
 /// Decodes and validates an upload for a model whose masked layers have `sizes` weights.
 /// `coder` decodes entropy-coded layers.
 pub fn decode(bytes: &[u8], sizes: &[usize], coder: Option<&dyn MaskCoder>) -> Result<Upload> {
@@ -139,15 +108,12 @@ pub fn decode(bytes: &[u8], sizes: &[usize], coder: Option<&dyn MaskCoder>) -> R
             bytes.len()
         )));
     }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    let crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-    if &body[..4] != MAGIC {
+    if &bytes[..4] != MAGIC {
         return Err(bad("wrong magic: not a prism upload".into()));
     }
-    if crc32fast::hash(body) != crc {
-        return Err(bad("checksum mismatch: the upload is damaged".into()));
-    }
-    let mut r = Reader { b: body, at: 4 };
+    let body = split_crc(bytes, "upload")?;
+    let mut r = Reader::new(body, "upload");
+    r.take(4)?;
     let version = r.u16()?;
     if version != VERSION {
         return Err(bad(format!("version {version} is not {VERSION}")));
@@ -197,15 +163,7 @@ pub fn decode(bytes: &[u8], sizes: &[usize], coder: Option<&dyn MaskCoder>) -> R
                         "layer {i}: {len} bytes of scores for {n} weights"
                     )));
                 }
-                let raw = r.take(len)?;
-                let s: Vec<f32> = raw
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                    .collect();
-                if s.iter().any(|v| !v.is_finite()) {
-                    return Err(bad(format!("layer {i}: scores contain NaN or infinity")));
-                }
-                Payload::Scores(s)
+                Payload::Scores(r.finite_f32s(n, &format!("layer {i}: scores"))?)
             }
             2 => {
                 if len > n.div_ceil(8) + 64 {
@@ -228,12 +186,7 @@ pub fn decode(bytes: &[u8], sizes: &[usize], coder: Option<&dyn MaskCoder>) -> R
         };
         out.push(payload);
     }
-    if r.at != body.len() {
-        return Err(bad(format!(
-            "{} unexpected bytes after the last layer",
-            body.len() - r.at
-        )));
-    }
+    r.finish()?;
     Ok(Upload {
         round,
         client,

@@ -88,10 +88,54 @@ pub struct MaskedLayerInfo {
     pub dims: [usize; 4],
 }
 
+/// Largest channel count, side, kernel, stride, padding or width a layer table may name.
+/// Layer tables come from model files and checkpoints, so every size is bounded before any
+/// arithmetic: with these bounds no product below overflows.
+pub const MAX_DIM: usize = 1 << 16;
+/// Largest activation (elements of one image at one layer).
+pub const MAX_ACTIVATION: usize = 1 << 26;
+/// Largest number of masked weights of a whole network (2^31: indices stay u32 in kernels).
+pub const MAX_WEIGHTS: usize = 1 << 31;
+
 impl Layer {
+    /// The sizes this layer names (checked against [`MAX_DIM`]).
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            Layer::Linear { outputs } => vec![*outputs],
+            Layer::Conv {
+                cout,
+                k,
+                stride,
+                pad,
+            }
+            | Layer::ConvT {
+                cout,
+                k,
+                stride,
+                pad,
+            } => vec![*cout, *k, *stride, *pad],
+            Layer::Reshape { c, h, w } => vec![*c, *h, *w],
+            _ => Vec::new(),
+        }
+    }
+
     /// Output shape for an input shape, or an error saying why the layer cannot apply.
     pub fn output_shape(&self, s: Shape) -> Result<Shape> {
         let bad = |why: &str| Err(Error::invalid(format!("{self:?} on input {s:?}: {why}")));
+        if self
+            .dims()
+            .iter()
+            .chain([&s.c, &s.h, &s.w])
+            .any(|&d| d > MAX_DIM)
+        {
+            return bad(&format!("a size beyond {MAX_DIM}"));
+        }
+        if s.len() > MAX_ACTIVATION {
+            return bad(&format!("more than {MAX_ACTIVATION} activations"));
+        }
+        if matches!(self, Layer::Conv { .. } | Layer::ConvT { .. }) && s.h * s.w == 0 {
+            return bad("empty input");
+        }
         Ok(match self {
             Layer::Linear { outputs } => Shape::flat(*outputs),
             Layer::Conv {
@@ -100,7 +144,7 @@ impl Layer {
                 stride,
                 pad,
             } => {
-                if s.h + 2 * pad < *k || s.w + 2 * pad < *k || *stride == 0 {
+                if s.h + 2 * pad < *k || s.w + 2 * pad < *k || *stride == 0 || *k == 0 {
                     return bad("kernel larger than the padded input");
                 }
                 Shape {
@@ -158,6 +202,19 @@ pub fn shape_through(layers: &[Layer], mut s: Shape) -> Result<Shape> {
     Ok(s)
 }
 
+/// The product of sizes, refused beyond [`MAX_WEIGHTS`] (sizes come from untrusted files).
+fn weight_count(dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| {
+            a.checked_mul(d).filter(|&p| p <= MAX_WEIGHTS)
+        })
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "a layer of {dims:?} weights; at most {MAX_WEIGHTS} are supported"
+            ))
+        })
+}
+
 fn collect_masked(layers: &[Layer], mut s: Shape, out: &mut Vec<MaskedLayerInfo>) -> Result<Shape> {
     for l in layers {
         let next = l.output_shape(s)?;
@@ -165,23 +222,23 @@ fn collect_masked(layers: &[Layer], mut s: Shape, out: &mut Vec<MaskedLayerInfo>
         match l {
             Layer::Linear { outputs } => out.push(MaskedLayerInfo {
                 index,
-                weights: s.len() * outputs,
+                weights: weight_count(&[s.len(), *outputs])?,
                 fan_in: s.len() as u32,
                 kind: "linear",
                 dims: [*outputs, s.len(), 1, 1],
             }),
             Layer::Conv { cout, k, .. } => out.push(MaskedLayerInfo {
                 index,
-                weights: s.c * cout * k * k,
-                fan_in: (s.c * k * k) as u32,
+                weights: weight_count(&[s.c, *cout, *k, *k])?,
+                fan_in: weight_count(&[s.c, *k, *k])? as u32,
                 kind: "conv",
                 dims: [*cout, s.c, *k, *k],
             }),
             // PRISM.md: the reference's fan_in of a transposed conv is cout * kh * kw.
             Layer::ConvT { cout, k, .. } => out.push(MaskedLayerInfo {
                 index,
-                weights: s.c * cout * k * k,
-                fan_in: (cout * k * k) as u32,
+                weights: weight_count(&[s.c, *cout, *k, *k])?,
+                fan_in: weight_count(&[*cout, *k, *k])? as u32,
                 kind: "conv_transpose",
                 dims: [s.c, *cout, *k, *k],
             }),
@@ -206,12 +263,24 @@ impl Architecture {
     pub fn masked_layers(&self) -> Result<Vec<MaskedLayerInfo>> {
         let mut v = Vec::new();
         collect_masked(&self.layers, Shape::flat(self.latent), &mut v)?;
+        Self::check_size(&v)?;
         Ok(v)
     }
 
     /// Total number of masked weights.
     pub fn masked_weights(&self) -> Result<usize> {
         Ok(self.masked_layers()?.iter().map(|l| l.weights).sum())
+    }
+
+    /// Refuses networks too large to address (see [`MAX_WEIGHTS`]).
+    fn check_size(layers: &[MaskedLayerInfo]) -> Result<()> {
+        let total: usize = layers.iter().map(|l| l.weights).sum();
+        if total > MAX_WEIGHTS {
+            return Err(Error::invalid(format!(
+                "{total} masked weights; at most {MAX_WEIGHTS} are supported"
+            )));
+        }
+        Ok(())
     }
 
     /// Checks the architecture: shapes compose, at least one masked layer, image output.
