@@ -35,6 +35,8 @@ fn tiny(rounds: usize) -> TrainConfig {
         rounds,
         local_steps: 6,
         batch: 32,
+        real_batch: 0,
+        lr: 0.1,
         partition: "shards:2".into(),
         seed: 7,
         ..Default::default()
