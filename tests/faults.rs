@@ -80,7 +80,14 @@ fn malformed_late_unselected_and_duplicate_uploads_are_failures_not_errors() {
 
     // The same client again in the same round.
     assert_eq!(
-        receive(&bytes, &sizes, 4, &selected, &[first.clone()], Some(coder)),
+        receive(
+            &bytes,
+            &sizes,
+            4,
+            &selected,
+            std::slice::from_ref(&first),
+            Some(coder)
+        ),
         Err(FailureReason::Duplicate)
     );
     // Late: an answer for an earlier round.
