@@ -24,11 +24,15 @@ fn sigmoid(x: f32) -> f32 {
     return 1.0 / (1.0 + exp(-x));
 }
 
-// a / b for a < 2^24 without an integer division: lavapipe (and some GPUs) emulate per-lane
-// integer division at tens of cycles, a float product and one correction cost a few. `inv_b`
-// is 1/b as f32 (computed on the host); the estimate is off by at most one either way.
+// a / b for a < 2^31 without an integer division: lavapipe (and some GPUs) emulate per-lane
+// integer division at tens of cycles, float products and one correction cost a few. `inv_b`
+// is 1/b as f32 (computed on the host). The first estimate is within a few units of a / b (f32
+// keeps 24 bits of a); a second float step on the small signed remainder brings it within one,
+// and a compare fixes that.
 fn div_small(a: u32, b: u32, inv_b: f32) -> u32 {
     var q = u32(f32(a) * inv_b);
+    let r = i32(a - q * b);
+    q = u32(i32(q) + i32(floor(f32(r) * inv_b)));
     if (q * b > a) {
         q -= 1u;
     } else if ((q + 1u) * b <= a) {

@@ -196,6 +196,23 @@ fn upsampling_and_its_adjoint() {
 }
 
 #[test]
+fn upsampling_past_two_to_the_24_elements_indexes_exactly() {
+    // The shaders divide indices by a float reciprocal with correction steps; beyond 2^24 the
+    // first estimate is off by several units, so this pins the corrections. The values are
+    // their own indices, so every misplaced element shows.
+    let gpu = common::gpu();
+    let (planes, h, w) = (1, 2_700_001, 3); // 32,400,012 outputs (<= 128 MiB), odd row width
+    let x: Vec<f32> = (0..planes * h * w).map(|i| i as f32).collect();
+    let (tx, ty) = (up(&gpu, &x), out(&gpu, 4 * x.len()));
+    let f = ew::upsample2x(&gpu, planes, h, w, &tx, &ty).unwrap();
+    gpu.run(&[&f]).unwrap();
+    let got = gpu.read_f32(&ty).unwrap();
+    let want = ew::cpu::upsample2x(planes, h, w, &x);
+    let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(bad, None, "first wrong element");
+}
+
+#[test]
 fn add_scale_and_latents() {
     let gpu = common::gpu();
     let mut rng = HostRng::new(44, &[]);

@@ -96,11 +96,11 @@ pub fn scale(gpu: &Gpu, alpha: f32, a: &Tensor, out: &Tensor) -> Result<Kernel> 
     launch(gpu, "scale", p, &[("a", a)], out)
 }
 
-/// `div_small` in the shaders is exact below 2^24.
+/// `div_small` in the shaders is exact below 2^31.
 fn check_small(n: usize) -> Result<u32> {
-    if n >= 1 << 24 {
+    if n >= 1 << 31 {
         return Err(Error::invalid(format!(
-            "{n} elements in one upsampling exceed 2^24; use a smaller batch"
+            "{n} elements in one upsampling exceed 2^31; use a smaller batch"
         )));
     }
     Ok(n as u32)
@@ -207,5 +207,41 @@ pub mod cpu {
     pub fn latent(base_key: u32, step: &StepState, n: usize) -> Vec<f32> {
         let key = rng::key(rng::key(base_key, step.client), step.step);
         (0..n as u32).map(|i| rng::normal_bm(key, i)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `div_small` of shaders/common.wgsl, step for step in f32 and u32/i32 arithmetic that
+    /// wraps as WGSL's does (`i32(u32)` reinterprets the bits).
+    fn div_small(a: u32, b: u32, inv_b: f32) -> u32 {
+        let mut q = (a as f32 * inv_b) as u32;
+        let r = a.wrapping_sub(q.wrapping_mul(b)) as i32;
+        q = (q as i32).wrapping_add((r as f32 * inv_b).floor() as i32) as u32;
+        if q.wrapping_mul(b) > a {
+            q = q.wrapping_sub(1);
+        } else if q.wrapping_add(1).wrapping_mul(b) <= a {
+            q = q.wrapping_add(1);
+        }
+        q
+    }
+
+    #[test]
+    fn float_division_with_corrections_is_exact_below_2_to_the_31() {
+        let mut rng = crate::rng::HostRng::new(3, &[]);
+        for i in 0..1_000_000u32 {
+            let b = match i % 4 {
+                0 => 1 + rng.next_u32() % 8,
+                1 => 1 + rng.next_u32() % 1000,
+                2 => 1 + rng.next_u32() % (1 << 20),
+                _ => 1 + rng.next_u32() % (1 << 31),
+            };
+            let a = if i % 7 == 0 {
+                (1u32 << 31) - 1 - rng.next_u32() % 1000
+            } else {
+                rng.next_u32() >> 1
+            };
+            assert_eq!(div_small(a, b, 1.0 / b as f32), a / b, "{a} / {b}");
+        }
     }
 }

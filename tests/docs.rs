@@ -1,0 +1,45 @@
+//! The documents match the code: README explains every flag of `prism train`, and `.ci/run`
+//! runs exactly README's test command.
+
+use std::process::Command;
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
+}
+
+#[test]
+fn readme_explains_every_train_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_prism"))
+        .args(["train", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let flags: Vec<&str> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .collect();
+    assert!(flags.len() > 30, "parsed only {flags:?}");
+    let readme = readme();
+    let missing: Vec<&&str> = flags
+        .iter()
+        .filter(|f| **f != "--help" && !readme.contains(&format!("`{f}")))
+        .collect();
+    assert!(missing.is_empty(), "README does not explain {missing:?}");
+}
+
+#[test]
+fn ci_runs_readmes_test_command() {
+    let readme = readme();
+    let test_cmd = readme
+        .split("Run the whole test suite:")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.lines().next())
+        .expect("README has a test command block");
+    let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).unwrap();
+    assert!(
+        ci.lines().any(|l| l.trim() == test_cmd.trim()),
+        ".ci/run does not run README's test command {test_cmd:?}"
+    );
+}
