@@ -373,10 +373,7 @@ fn train_command(out: &Path) -> Command {
 fn killed_at_random_moments_a_run_resumes_to_exactly_the_same_scores() {
     // The reference: one uninterrupted run.
     let clean = out_dir("clean");
-    let t0 = Instant::now();
     let status = train_command(&clean).status().unwrap();
-    // Kill moments scale with how long a whole run takes on this machine.
-    let whole = t0.elapsed().as_secs_f64();
     assert!(status.success(), "uninterrupted run failed: {status}");
     let want = Checkpoint::load(&clean.join("checkpoint.bin")).unwrap();
     assert_eq!(want.rounds_done, 12);
@@ -386,20 +383,41 @@ fn killed_at_random_moments_a_run_resumes_to_exactly_the_same_scores() {
     let mut rng = HostRng::new(99, &[0]);
     let mut kills = 0;
     let mut rounds_at_kill = Vec::new();
-    for _ in 0..8 {
+    let metrics = killed.join("metrics.jsonl");
+    let rounds_logged = || {
+        std::fs::read_to_string(&metrics)
+            .map(|m| m.lines().count())
+            .unwrap_or(0)
+    };
+    // Kill moments are tied to the run's progress, not to the clock (other tests share the
+    // CPU): once during start-up, then a random 0-400 ms after the metrics log reaches rounds
+    // 2, 5, 8 and 10, which lands in the middle of a round or of a checkpoint write.
+    for target in [0usize, 2, 5, 8, 10] {
         let mut child = train_command(&killed).spawn().unwrap();
-        let wait = Duration::from_secs_f64(whole * (0.15 + 0.45 * rng.unit_f64()));
         let t = Instant::now();
         let mut finished = false;
-        while t.elapsed() < wait {
+        let mut reached: Option<Instant> = None;
+        let extra = Duration::from_millis(if target == 0 {
+            200 + (rng.unit_f64() * 800.0) as u64
+        } else {
+            (rng.unit_f64() * 400.0) as u64
+        });
+        loop {
             if child.try_wait().unwrap().is_some() {
                 finished = true;
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            if reached.is_none() && (target == 0 || rounds_logged() >= target) {
+                reached = Some(Instant::now());
+            }
+            if reached.is_some_and(|r| r.elapsed() >= extra) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(600), "the run hangs");
+            std::thread::sleep(Duration::from_millis(5));
         }
         if finished {
-            break;
+            continue;
         }
         child.kill().unwrap(); // SIGKILL on Unix
         child.wait().unwrap();
