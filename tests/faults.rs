@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,24 +18,6 @@ use prism::fl::server::{outliers, receive};
 use prism::fl::simulation::{run, RunOptions};
 use prism::fl::{FailureReason, Prism, ServerModel, Strategy, TrainConfig};
 use prism::rng::HostRng;
-
-fn data_dir() -> PathBuf {
-    let p = std::env::var_os("PRISM_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    assert!(
-        p.join("mnist").is_dir() || p.join("train-images-idx3-ubyte.gz").is_file(),
-        "MNIST not found in {} (set PRISM_DATA to a folder holding mnist/)",
-        p.display()
-    );
-    p
-}
-
-fn out_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prism-faults-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 /// A mask of `n` weights, each kept with probability `p`.
 fn random_bits(rng: &mut HostRng, n: usize, p: f64) -> Vec<u32> {
@@ -244,7 +226,7 @@ fn small(clients: usize, rounds: usize) -> TrainConfig {
 
 fn options(out: &Path, eval_every: usize) -> RunOptions {
     let mut o = RunOptions::new(out);
-    o.data = Some(data_dir());
+    o.data = Some(common::data_dir());
     o.sample_every = 0;
     o.eval_every = eval_every;
     o
@@ -253,7 +235,7 @@ fn options(out: &Path, eval_every: usize) -> RunOptions {
 #[test]
 fn a_run_with_thirty_percent_of_clients_dropping_still_converges() {
     let gpu = common::gpu();
-    let out = out_dir("drops");
+    let out = common::scratch("faults", "drops");
     let cfg = TrainConfig {
         drop_rate: 0.3,
         ..small(10, 8)
@@ -293,7 +275,7 @@ fn robust_aggregation_bounds_what_one_all_ones_client_does() {
         ("attacked", 1, false),
         ("attacked-robust", 1, true),
     ] {
-        let out = out_dir(name);
+        let out = common::scratch("faults", name);
         let cfg = TrainConfig {
             adversaries,
             robust,
@@ -361,7 +343,7 @@ fn train_command(out: &Path) -> Command {
         "--resume",
     ])
     .arg("--data")
-    .arg(data_dir())
+    .arg(common::data_dir())
     .arg("--out")
     .arg(out)
     .stdout(Stdio::null())
@@ -372,14 +354,14 @@ fn train_command(out: &Path) -> Command {
 #[test]
 fn killed_at_random_moments_a_run_resumes_to_exactly_the_same_scores() {
     // The reference: one uninterrupted run.
-    let clean = out_dir("clean");
+    let clean = common::scratch("faults", "clean");
     let status = train_command(&clean).status().unwrap();
     assert!(status.success(), "uninterrupted run failed: {status}");
     let want = Checkpoint::load(&clean.join("checkpoint.bin")).unwrap();
     assert_eq!(want.rounds_done, 12);
 
     // The same run, killed with SIGKILL at random moments and resumed each time.
-    let killed = out_dir("killed");
+    let killed = common::scratch("faults", "killed");
     let mut rng = HostRng::new(99, &[0]);
     let mut kills = 0;
     let mut rounds_at_kill = Vec::new();

@@ -13,12 +13,6 @@ use prism::model::{self, MaskKind, Model};
 use prism::nn::Architecture;
 use prism::rng::HostRng;
 
-fn data_dir() -> PathBuf {
-    std::env::var_os("PRISM_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
-}
-
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("prism-model-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -76,7 +70,7 @@ fn a_model_regenerates_its_checkpoints_images_and_its_dense_twin_agrees() {
         ..Default::default()
     };
     let mut o = RunOptions::new(dir.join("run"));
-    o.data = Some(data_dir());
+    o.data = Some(common::data_dir());
     o.sample_every = 0;
     o.eval_every = 0;
     run(&gpu, &cfg, &o).unwrap();

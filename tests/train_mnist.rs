@@ -10,24 +10,6 @@ use prism::fl::checkpoint::Checkpoint;
 use prism::fl::simulation::{run, RunOptions};
 use prism::fl::TrainConfig;
 
-fn data_dir() -> PathBuf {
-    let p = std::env::var_os("PRISM_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    assert!(
-        p.join("mnist").is_dir() || p.join("train-images-idx3-ubyte.gz").is_file(),
-        "MNIST not found in {} (set PRISM_DATA to a folder holding mnist/)",
-        p.display()
-    );
-    p
-}
-
-fn out_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("prism-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
 fn tiny(rounds: usize) -> TrainConfig {
     TrainConfig {
         arch: "mlp28".into(),
@@ -45,7 +27,7 @@ fn tiny(rounds: usize) -> TrainConfig {
 
 fn options(out: &PathBuf) -> RunOptions {
     let mut o = RunOptions::new(out);
-    o.data = Some(data_dir());
+    o.data = Some(common::data_dir());
     o.sample_every = 0;
     o.eval_every = 1;
     o
@@ -54,7 +36,7 @@ fn options(out: &PathBuf) -> RunOptions {
 #[test]
 fn a_tiny_federated_run_learns() {
     let gpu = common::gpu();
-    let out = out_dir("learns");
+    let out = common::scratch("test", "learns");
     // Packed uploads: exactly one bit per masked weight plus the header.
     let cfg = TrainConfig {
         entropy_coding: false,
@@ -105,8 +87,8 @@ fn a_tiny_federated_run_learns() {
 fn same_seed_same_result_and_exact_resume() {
     let gpu = common::gpu();
     let cfg = tiny(4);
-    let a = out_dir("det-a");
-    let b = out_dir("det-b");
+    let a = common::scratch("test", "det-a");
+    let b = common::scratch("test", "det-b");
     run(&gpu, &cfg, &options(&a)).unwrap();
     // The second run stops after 2 rounds and resumes for the rest.
     let mut o = options(&b);
@@ -130,7 +112,7 @@ fn same_seed_same_result_and_exact_resume() {
         .iter()
         .all(|m| m["bits_per_weight"].as_f64().unwrap() < 1.01));
     // A different seed gives a different model.
-    let c = out_dir("det-c");
+    let c = common::scratch("test", "det-c");
     run(&gpu, &TrainConfig { seed: 8, ..cfg }, &options(&c)).unwrap();
     assert_ne!(
         Checkpoint::load(&c.join("checkpoint.bin")).unwrap().scores,

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use prism::gpu::{Gpu, GpuOptions};
@@ -73,4 +74,25 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
             got[i], want[i]
         );
     }
+}
+
+/// The folder holding MNIST: $PRISM_DATA, else the shared data next to the checkout. Fails
+/// with the fix when MNIST is not there.
+pub fn data_dir() -> PathBuf {
+    let p = std::env::var_os("PRISM_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    assert!(
+        p.join("mnist").is_dir() || p.join("train-images-idx3-ubyte.gz").is_file(),
+        "MNIST not found in {} (set PRISM_DATA to a folder holding mnist/)",
+        p.display()
+    );
+    p
+}
+
+/// An empty scratch folder for this test process (`prefix` names the test file).
+pub fn scratch(prefix: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("prism-{prefix}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
 }
