@@ -1,21 +1,45 @@
 //! Times every kernel of one training step of a preset on the default adapter:
-//! `cargo run --release --example profile_step -- [ARCH] [BATCH]` (needs MNIST, see README).
+//! `cargo run --release --example profile_step -- [ARCH] [BATCH] [REAL_BATCH] [FEATURES]` with
+//! FEATURES one of pixels, random-conv, random-patches (needs MNIST, see README).
 
 use prism::data::locate::Split;
 use prism::fl::simulation::load_dataset;
-use prism::fl::{TrainConfig, Trainer};
+use prism::fl::{FeatureSpace, TrainConfig, Trainer};
 
 fn main() -> Result<(), prism::Error> {
     let args: Vec<String> = std::env::args().collect();
-    let arch = args.get(1).cloned().unwrap_or_else(|| "conv28".into());
-    let batch: usize = args.get(2).and_then(|b| b.parse().ok()).unwrap_or(64);
+    let defaults = TrainConfig::default();
+    let arch = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| defaults.arch.clone());
+    let batch: usize = args
+        .get(2)
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(defaults.batch);
+    let real_batch: usize = args
+        .get(3)
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(defaults.real_batch);
     let gpu = prism::gpu::Gpu::new(Default::default())?;
+    let features = match args.get(4).map(String::as_str) {
+        None | Some("pixels") => FeatureSpace::Pixels,
+        Some("random-conv") => FeatureSpace::RandomConv,
+        Some("random-patches") => FeatureSpace::RandomPatches,
+        Some(other) => {
+            return Err(prism::Error::invalid(format!(
+                "unknown feature space {other:?}: pixels, random-conv or random-patches"
+            )))
+        }
+    };
     let cfg = TrainConfig {
+        features,
         arch: arch.clone(),
         batch,
+        real_batch,
         clients: 1,
         local_steps: 1,
-        ..Default::default()
+        ..defaults
     };
     let (ds, a) = load_dataset("mnist", None, false, Split::Train, &arch)?;
     let ds = ds.take(1000);

@@ -468,6 +468,119 @@ fn grad_input_narrow({{ octet.entry_args() }}) {
     }
 }
 
+// grad_input for cin <= 4 and stride > 1. An input position (iy, ix) only meets the taps with
+// ky = (iy + pad) mod stride (mod stride), likewise kx: a quarter of them for stride 2. The
+// lanes are ordered by that residue class, each class padded to whole workgroups, so that every
+// lane of a workgroup walks the same short list of (co, ky, kx) and the weights can be shared;
+// the output position of tap j is then (oy0 - jy, ox0 - jx) with no division in the loop.
+@compute @workgroup_size(64)
+fn grad_input_strided_narrow({{ octet.entry_args() }}) {
+{{ octet.lane_setup() }}
+    let s = p.stride;
+    let qh = (p.h + s - 1u) / s;
+    let qw = (p.w + s - 1u) / s;
+    let per_class = ((p.batch * qh * qw + 63u) / 64u) * 64u;
+    let m = linear_workgroup(wid, nwg) * 64u + li;
+    let residue = min(m / per_class, s * s - 1u);
+    let r = m % per_class;
+    let py = residue / s;
+    let px = residue % s;
+    let b = r / (qh * qw);
+    let iy = py + s * ((r % (qh * qw)) / qw);
+    let ix = px + s * (r % qw);
+    let live = m < per_class * s * s && b < p.batch && iy < p.h && ix < p.w;
+    // First tap of the class and the output position it reaches.
+    let ky0 = (py + p.pad) % s;
+    let kx0 = (px + p.pad) % s;
+    let nty = select(0u, (p.kh - ky0 + s - 1u) / s, ky0 < p.kh);
+    let ntx = select(0u, (p.kw - kx0 + s - 1u) / s, kx0 < p.kw);
+    let taps = nty * ntx;
+    let oy0 = i32(iy + p.pad - ky0) / i32(s);
+    let ox0 = i32(ix + p.pad - kx0) / i32(s);
+    let n = p.cin;
+    let khw = p.kh * p.kw;
+    let k = p.cout * taps;
+    let ohw = p.oh * p.ow;
+    let dy_base = min(b, p.batch - 1u) * p.cout * ohw;
+    let mkey = step_mask_key(p.g);
+    var acc = vec4<f32>(0.0);
+    var tp = TapPos(0u, 0u, 0u);
+//% if row_share == "direct"
+    let step = 64u;
+    let mine = li;
+//% else
+    let step = 8u;
+    let mine = lane.lane8;
+//% endif
+    for (var i0 = 0u; i0 < k; i0 += step) {
+        // Step i0 + mine is (co, jy, jx); its weights are [co, ci, ky0 + s jy, kx0 + s jx].
+        var w = vec4<f32>(0.0);
+        let i = i0 + mine;
+        if (i < k) {
+            let co = i / taps;
+            let t = i % taps;
+            let tap = (ky0 + s * (t / ntx)) * p.kw + kx0 + s * (t % ntx);
+            for (var q = 0u; q < n; q++) {
+                w[q] = weff1(p.g, (co * n + q) * khw + tap, mkey);
+            }
+        }
+//% if row_share == "direct"
+        chunk[li] = w;
+        workgroupBarrier();
+        for (var j = 0u; j < min(64u, k - i0); j++) {
+            acc += mul(strided_gather(tp, dy_base, oy0, ox0), chunk[j]);
+            tp = tap_next(tp, nty, ntx);
+        }
+        workgroupBarrier();
+//% else
+//% for j in range(8)
+        if (i0 + {{ j }}u < k) {
+            acc += mul(strided_gather(tp, dy_base, oy0, ox0), {{ octet.share("w", j) | trim }});
+            tp = tap_next(tp, nty, ntx);
+        }
+//% endfor
+//% endif
+    }
+    if (live) {
+        let hw = p.h * p.w;
+        let base = b * n * hw + iy * p.w + ix;
+        for (var q = 0u; q < n; q++) {
+            dx[base + q * hw] = acc[q];
+        }
+    }
+}
+
+// A tap step of grad_input_strided_narrow: output channel and tap (jy, jx) of the class.
+struct TapPos {
+    co: u32,
+    jy: u32,
+    jx: u32,
+}
+
+fn tap_next(t: TapPos, nty: u32, ntx: u32) -> TapPos {
+    var n = t;
+    n.jx += 1u;
+    if (n.jx == ntx) {
+        n.jx = 0u;
+        n.jy += 1u;
+        if (n.jy == nty) {
+            n.jy = 0u;
+            n.co += 1u;
+        }
+    }
+    return n;
+}
+
+// dy at the output position that tap step t reaches.
+fn strided_gather(t: TapPos, dy_base: u32, oy0: i32, ox0: i32) -> f32 {
+    let oy = oy0 - i32(t.jy);
+    let ox = ox0 - i32(t.jx);
+    if (oy < 0 || ox < 0 || oy >= i32(p.oh) || ox >= i32(p.ow)) {
+        return 0.0;
+    }
+    return dy[dy_base + t.co * p.oh * p.ow + u32(oy) * p.ow + u32(ox)];
+}
+
 //% if source != "dense"
 // grad_score for cout <= 4: one lane per weight column (ci, ky, kx), all (<= 4) rows; the
 // output gradient of a position is the same for every lane. Split along K like grad_score;

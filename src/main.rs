@@ -66,6 +66,8 @@ enum FeaturesArg {
     Pixels,
     /// Pixels plus a frozen random convolutional encoder regenerated from the seed.
     RandomConv,
+    /// Pixels plus the first layer of that encoder (random 4x4 patch detectors).
+    RandomPatches,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -94,8 +96,9 @@ struct TrainArgs {
     /// Output folder: metrics.jsonl, samples.png, samples/, checkpoint.bin, model.prism.
     #[arg(long, default_value = "runs/mnist")]
     out: PathBuf,
-    /// Generator preset: conv28, conv28-wide, mlp28 (28x28) or resnet32 (the paper's, 32x32).
-    #[arg(long, default_value = "conv28")]
+    /// Generator preset: conv28, conv28-wide, mlp28, mlp28-wide (28x28) or resnet32 (the
+    /// paper's, 32x32).
+    #[arg(long, default_value_t = TrainConfig::default().arch)]
     arch: String,
     /// Number of clients.
     #[arg(long, default_value_t = TrainConfig::default().clients)]
@@ -265,6 +268,7 @@ impl TrainArgs {
             features: match self.features {
                 FeaturesArg::Pixels => FeatureSpace::Pixels,
                 FeaturesArg::RandomConv => FeatureSpace::RandomConv,
+                FeaturesArg::RandomPatches => FeatureSpace::RandomPatches,
             },
             lr: self.lr,
             beta1: self.beta1,
@@ -582,5 +586,21 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `prism train` without flags trains `TrainConfig::default()`: the flags' defaults written
+    /// as strings (enums) cannot drift from the library's.
+    #[test]
+    fn train_flag_defaults_are_the_library_defaults() {
+        let cli = Cli::try_parse_from(["prism", "train"]).expect("parses");
+        let Command::Train { args, .. } = cli.command else {
+            panic!("not the train command");
+        };
+        assert_eq!(args.config(), TrainConfig::default());
     }
 }

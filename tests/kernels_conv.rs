@@ -39,12 +39,15 @@ fn cs(
 
 fn shapes() -> Vec<ConvShape> {
     vec![
-        cs(2, 3, 5, 7, 7, 3, 1, 1),   // 3x3, odd channel counts
-        cs(1, 8, 16, 8, 8, 3, 1, 1),  // batch 1, aligned K (8 * 9 = 72)
-        cs(3, 4, 6, 6, 5, 1, 1, 0),   // 1x1, non-square
-        cs(2, 2, 3, 9, 9, 4, 2, 1),   // stride 2
-        cs(1, 3, 2, 11, 10, 5, 2, 2), // 5x5 stride 2
-        cs(2, 16, 33, 5, 5, 3, 1, 1), // more outputs than one octet
+        cs(2, 3, 5, 7, 7, 3, 1, 1),    // 3x3, odd channel counts
+        cs(1, 8, 16, 8, 8, 3, 1, 1),   // batch 1, aligned K (8 * 9 = 72)
+        cs(3, 4, 6, 6, 5, 1, 1, 0),    // 1x1, non-square
+        cs(2, 2, 3, 9, 9, 4, 2, 1),    // stride 2
+        cs(1, 3, 2, 11, 10, 5, 2, 2),  // 5x5 stride 2
+        cs(2, 16, 33, 5, 5, 3, 1, 1),  // more outputs than one octet
+        cs(3, 1, 32, 28, 28, 4, 2, 1), // the loss's random patch encoder
+        cs(2, 4, 5, 8, 7, 3, 3, 1),    // stride 3, taps per class 1 or 2
+        cs(2, 1, 4, 7, 7, 1, 2, 0),    // kernel smaller than the stride: classes without taps
     ]
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use prism::fl::checkpoint::Checkpoint;
 use prism::fl::simulation::{run, RunOptions};
-use prism::fl::TrainConfig;
+use prism::fl::{FeatureSpace, TrainConfig};
 
 fn tiny(rounds: usize) -> TrainConfig {
     TrainConfig {
@@ -81,6 +81,40 @@ fn a_tiny_federated_run_learns() {
     );
     assert!(out.join("samples.png").is_file() && out.join("checkpoint.bin").is_file());
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// Both feature-space losses (pixels plus a frozen random encoder of one or two stages, the
+/// second through the strided narrow input-gradient kernel) train: loss and held-out MMD fall.
+#[test]
+fn feature_space_losses_learn() {
+    let gpu = common::gpu();
+    for features in [FeatureSpace::RandomPatches, FeatureSpace::RandomConv] {
+        let out = common::scratch("test", &format!("features-{features:?}"));
+        let cfg = TrainConfig {
+            features,
+            ..tiny(6)
+        };
+        run(&gpu, &cfg, &options(&out)).unwrap();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let f = |i: usize, k: &str| lines[i][k].as_f64().unwrap();
+        assert!(
+            f(5, "loss") < 0.8 * f(0, "loss"),
+            "{features:?}: loss {} -> {}",
+            f(0, "loss"),
+            f(5, "loss")
+        );
+        assert!(
+            f(5, "mmd_heldout") < 0.8 * f(0, "mmd_heldout"),
+            "{features:?}: held-out MMD {} -> {}",
+            f(0, "mmd_heldout"),
+            f(5, "mmd_heldout")
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }
 
 #[test]

@@ -44,7 +44,13 @@ pub struct LocalRun {
 
 /// The frozen random encoder of the feature-space loss: two stride-2 4x4 convolutions.
 pub fn encoder_arch() -> Architecture {
-    Architecture {
+    encoder_layers(2)
+}
+
+/// The first `depth` (1 or 2) conv+ReLU stages of the encoder. Weights are a function of
+/// (seed, layer, index), so the one-stage encoder is exactly the first stage of the two-stage one.
+pub fn encoder_layers(depth: usize) -> Architecture {
+    let mut a = Architecture {
         name: "random-conv-encoder".into(),
         latent: 0,
         layers: vec![
@@ -64,7 +70,9 @@ pub fn encoder_arch() -> Architecture {
             Layer::Relu,
         ],
         init: Init::SignedConstant,
-    }
+    };
+    a.layers.truncate(2 * depth.clamp(1, 2));
+    a
 }
 
 /// Layer offset of the encoder's weight streams, keeping them unrelated to the generator's.
@@ -233,7 +241,7 @@ impl Trainer {
                 )?,
                 None,
             ),
-            FeatureSpace::RandomConv => {
+            FeatureSpace::RandomConv | FeatureSpace::RandomPatches => {
                 let pixel_grad =
                     Rc::new(gpu.tensor(&[b * pixels], DType::F32, "pixel loss gradient")?);
                 let pixel_loss = mmd::loss(
@@ -244,7 +252,11 @@ impl Trainer {
                     &real,
                     &pixel_grad,
                 )?;
-                let enc = encoder_arch();
+                let enc = encoder_layers(if cfg.features == FeatureSpace::RandomPatches {
+                    1
+                } else {
+                    2
+                });
                 let eopts = BuildOptions {
                     batch: b,
                     seed: cfg.seed,
@@ -524,4 +536,26 @@ impl Trainer {
 /// the L2 sensitivity (1 - 2 clip) sqrt(d) of the clipped probability vector of d weights.
 pub fn dp_sigma(dp: &DpConfig, weights: usize) -> f32 {
     (dp.noise_multiplier * (1.0 - 2.0 * dp.clip as f64) * (weights as f64).sqrt()) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_patch_encoder_is_the_first_stage_of_the_conv_encoder() {
+        let one = encoder_layers(1);
+        let two = encoder_arch();
+        assert_eq!(one.layers.len(), 2);
+        assert_eq!(one.layers[..], two.layers[..2]);
+        let shape = crate::nn::Shape { c: 1, h: 28, w: 28 };
+        assert_eq!(
+            crate::nn::arch::shape_through(&one.layers, shape).unwrap(),
+            crate::nn::Shape {
+                c: 32,
+                h: 14,
+                w: 14
+            }
+        );
+    }
 }

@@ -13,6 +13,10 @@ pub enum FeatureSpace {
     /// Pixels plus the features of a frozen random convolutional encoder regenerated from the
     /// seed (two stride-2 4x4 convs with ReLU).
     RandomConv,
+    /// Pixels plus the first layer of that encoder only: 32 random 4x4 patch detectors
+    /// (stride 2, ReLU). Cheap, and it penalises the isolated bright pixels of mask noise that
+    /// pixel-space MMD with GMMN's bandwidths barely sees.
+    RandomPatches,
 }
 
 /// Loss function.

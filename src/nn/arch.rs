@@ -304,6 +304,7 @@ impl Architecture {
             "conv28" => Ok(conv28(channels)),
             "conv28-wide" => Ok(conv28_wide(channels)),
             "mlp28" => Ok(mlp28(channels)),
+            "mlp28-wide" => Ok(mlp28_wide(channels)),
             _ => Err(Error::invalid(format!(
                 "unknown architecture {name:?}; presets: {}",
                 PRESETS.join(", ")
@@ -313,7 +314,7 @@ impl Architecture {
 }
 
 /// Names of the presets.
-pub const PRESETS: &[&str] = &["conv28", "conv28-wide", "mlp28", "resnet32"];
+pub const PRESETS: &[&str] = &["conv28", "conv28-wide", "mlp28", "mlp28-wide", "resnet32"];
 
 /// The paper's residual block: main `BN, ReLU, up x2, conv3x3, BN, ReLU, conv3x3`, skip
 /// `conv1x1, up x2`.
@@ -453,14 +454,24 @@ pub fn conv28_wide(channels: usize) -> Architecture {
 
 /// A fully connected generator at 28x28 (GMMN-like).
 pub fn mlp28(channels: usize) -> Architecture {
+    mlp28_hidden("mlp28", channels, 512)
+}
+
+/// mlp28 with 1,024 units before the output. A masked output pixel sums over the hidden units
+/// with random keep decisions, so a wider fan-in lowers the relative mask noise of the images.
+pub fn mlp28_wide(channels: usize) -> Architecture {
+    mlp28_hidden("mlp28-wide", channels, 1024)
+}
+
+fn mlp28_hidden(name: &str, channels: usize, hidden: usize) -> Architecture {
     Architecture {
-        name: "mlp28".into(),
+        name: name.into(),
         latent: 32,
         layers: vec![
             Layer::Linear { outputs: 256 },
             Layer::BatchNorm,
             Layer::Relu,
-            Layer::Linear { outputs: 512 },
+            Layer::Linear { outputs: hidden },
             Layer::BatchNorm,
             Layer::Relu,
             Layer::Linear {
