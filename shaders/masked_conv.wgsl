@@ -411,6 +411,16 @@ fn forward_narrow({{ octet.entry_args() }}) {
     }
 }
 
+// Effective weights [co, ci, tap] of every input channel ci (< 4) of the narrow input
+// gradients, where tap = ky * kw + kx.
+fn weff_inputs(co: u32, tap: u32, mkey: u32) -> vec4<f32> {
+    var w = vec4<f32>(0.0);
+    for (var q = 0u; q < p.cin; q++) {
+        w[q] = weff1(p.g, (co * p.cin + q) * p.kh * p.kw + tap, mkey);
+    }
+    return w;
+}
+
 // grad_input for cin <= 4: one lane per input position.
 @compute @workgroup_size(64)
 fn grad_input_narrow({{ octet.entry_args() }}) {
@@ -436,11 +446,7 @@ fn grad_input_narrow({{ octet.entry_args() }}) {
         var w = vec4<f32>(0.0);
         let i = i0 + mine;
         if (i < k) {
-            let co = i / khw;
-            let r = i % khw;
-            for (var q = 0u; q < n; q++) {
-                w[q] = weff1(p.g, (co * n + q) * khw + r, mkey);
-            }
+            w = weff_inputs(i / khw, i % khw, mkey);
         }
 //% if row_share == "direct"
         chunk[li] = w;
@@ -498,10 +504,8 @@ fn grad_input_strided_narrow({{ octet.entry_args() }}) {
     let oy0 = i32(iy + p.pad - ky0) / i32(s);
     let ox0 = i32(ix + p.pad - kx0) / i32(s);
     let n = p.cin;
-    let khw = p.kh * p.kw;
     let k = p.cout * taps;
-    let ohw = p.oh * p.ow;
-    let dy_base = min(b, p.batch - 1u) * p.cout * ohw;
+    let dy_base = min(b, p.batch - 1u) * p.cout * p.oh * p.ow;
     let mkey = step_mask_key(p.g);
     var acc = vec4<f32>(0.0);
     var tp = TapPos(0u, 0u, 0u);
@@ -517,12 +521,8 @@ fn grad_input_strided_narrow({{ octet.entry_args() }}) {
         var w = vec4<f32>(0.0);
         let i = i0 + mine;
         if (i < k) {
-            let co = i / taps;
             let t = i % taps;
-            let tap = (ky0 + s * (t / ntx)) * p.kw + kx0 + s * (t % ntx);
-            for (var q = 0u; q < n; q++) {
-                w[q] = weff1(p.g, (co * n + q) * khw + tap, mkey);
-            }
+            w = weff_inputs(i / taps, (ky0 + s * (t / ntx)) * p.kw + kx0 + s * (t % ntx), mkey);
         }
 //% if row_share == "direct"
         chunk[li] = w;

@@ -8,7 +8,7 @@
 
 use std::rc::Rc;
 
-use super::config::{DpConfig, FeatureSpace, LossChoice, TrainConfig};
+use super::config::{DpConfig, LossChoice, TrainConfig};
 use super::message::Payload;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -229,8 +229,8 @@ impl Trainer {
         let sigmas = GMMN_MNIST_SIGMAS.to_vec();
         // Generator outputs are tanh values in [-1, 1]; the scale 1/4 measures distances between
         // pixels in [0, 1], the space GMMN's bandwidths are meant for.
-        let (pixel_loss, features) = match cfg.features {
-            FeatureSpace::Pixels => (
+        let (pixel_loss, features) = match cfg.features.encoder_stages() {
+            None => (
                 mmd::loss(
                     gpu,
                     &loss_kind(cfg.loss, sigmas),
@@ -241,7 +241,7 @@ impl Trainer {
                 )?,
                 None,
             ),
-            FeatureSpace::RandomConv | FeatureSpace::RandomPatches => {
+            Some(stages) => {
                 let pixel_grad =
                     Rc::new(gpu.tensor(&[b * pixels], DType::F32, "pixel loss gradient")?);
                 let pixel_loss = mmd::loss(
@@ -252,11 +252,7 @@ impl Trainer {
                     &real,
                     &pixel_grad,
                 )?;
-                let enc = encoder_layers(if cfg.features == FeatureSpace::RandomPatches {
-                    1
-                } else {
-                    2
-                });
+                let enc = encoder_layers(stages);
                 let eopts = BuildOptions {
                     batch: b,
                     seed: cfg.seed,

@@ -19,6 +19,18 @@ pub enum FeatureSpace {
     RandomPatches,
 }
 
+impl FeatureSpace {
+    /// Conv+ReLU stages of the frozen random encoder whose features join the pixels in the
+    /// loss; None for pixels alone.
+    pub fn encoder_stages(self) -> Option<usize> {
+        match self {
+            FeatureSpace::Pixels => None,
+            FeatureSpace::RandomConv => Some(2),
+            FeatureSpace::RandomPatches => Some(1),
+        }
+    }
+}
+
 /// Loss function.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LossChoice {

@@ -291,31 +291,23 @@ pub fn grad_input_in(
     let m = s.batch * s.h * s.w;
     let t = Tiling::choose(m as u32, s.cin as u32);
     let p = params(s, layer.gen(), &t, m, s.cin);
-    if s.cin <= NARROW && s.stride > 1 {
-        // Lanes ordered by residue class (see the shader), each class padded to 64 lanes.
-        let q = s.batch * s.h.div_ceil(s.stride) * s.w.div_ceil(s.stride);
-        let lanes = q.div_ceil(64) * 64 * s.stride * s.stride;
-        let k = gpu
-            .kernel(
-                shader(source.name(), 8, false, s.stride, half),
+    if s.cin <= NARROW {
+        let (entry, lanes) = if s.stride > 1 {
+            // Lanes ordered by residue class (see the shader), each class padded to 64 lanes.
+            let q = s.batch * s.h.div_ceil(s.stride) * s.w.div_ceil(s.stride);
+            (
                 "grad_input_strided_narrow",
+                q.div_ceil(64) * 64 * s.stride * s.stride,
             )
+        } else {
+            ("grad_input_narrow", m)
+        };
+        let k = gpu
+            .kernel(shader(source.name(), 8, false, s.stride, half), entry)
             .params(&p)
             .bind("dy", dy)
             .bind("dx", dx)
             .groups(groups_for(lanes, 64)?);
-        return Ok(source.bind(k).build()?);
-    }
-    if s.cin <= NARROW {
-        let k = gpu
-            .kernel(
-                shader(source.name(), 8, false, s.stride, half),
-                "grad_input_narrow",
-            )
-            .params(&p)
-            .bind("dy", dy)
-            .bind("dx", dx)
-            .groups(groups_for(m, 64)?);
         return Ok(source.bind(k).build()?);
     }
     let k = gpu

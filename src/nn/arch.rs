@@ -386,66 +386,38 @@ pub fn resnet32(channels: usize) -> Architecture {
 /// A small convolutional generator at 28x28, sized for the 10-minute default run on a
 /// 2-core machine without a GPU: latent 32, linear to 64x7x7, then two upsample-conv stages.
 pub fn conv28(channels: usize) -> Architecture {
-    Architecture {
-        name: "conv28".into(),
-        latent: 32,
-        layers: vec![
-            Layer::Linear {
-                outputs: 64 * 7 * 7,
-            },
-            Layer::BatchNorm,
-            Layer::Relu,
-            Layer::Reshape { c: 64, h: 7, w: 7 },
-            Layer::Upsample2x,
-            Layer::Conv {
-                cout: 32,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
-            Layer::BatchNorm,
-            Layer::Relu,
-            Layer::Upsample2x,
-            Layer::Conv {
-                cout: channels,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
-            Layer::Tanh,
-        ],
-        init: Init::SignedConstant,
-    }
+    conv28_sized("conv28", channels, 32, 64, 32)
 }
 
 /// conv28 with twice the channels: slower, sharper.
 pub fn conv28_wide(channels: usize) -> Architecture {
+    conv28_sized("conv28-wide", channels, 64, 128, 64)
+}
+
+/// Linear to c1 x 7 x 7, then upsample-conv to c2 channels at 14x14 and to `channels` at 28x28.
+fn conv28_sized(name: &str, channels: usize, latent: usize, c1: usize, c2: usize) -> Architecture {
+    let conv3 = |cout| Layer::Conv {
+        cout,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
     Architecture {
-        name: "conv28-wide".into(),
-        latent: 64,
+        name: name.into(),
+        latent,
         layers: vec![
             Layer::Linear {
-                outputs: 128 * 7 * 7,
+                outputs: c1 * 7 * 7,
             },
             Layer::BatchNorm,
             Layer::Relu,
-            Layer::Reshape { c: 128, h: 7, w: 7 },
+            Layer::Reshape { c: c1, h: 7, w: 7 },
             Layer::Upsample2x,
-            Layer::Conv {
-                cout: 64,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
+            conv3(c2),
             Layer::BatchNorm,
             Layer::Relu,
             Layer::Upsample2x,
-            Layer::Conv {
-                cout: channels,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
+            conv3(channels),
             Layer::Tanh,
         ],
         init: Init::SignedConstant,
