@@ -10,9 +10,9 @@ struct Params {
     w: u32,
     key: u32,      // latent: base key (seed, LATENT); the step adds client and step
     alpha: f32,    // scale / axpy factor
-    inv: f32,      // upsample: 1 / (row width of the indexed tensor), for div_small
-    _pad1: u32,
-    _pad2: u32,
+    inv: f32,      // upsample, blur: 1 / (row width of the indexed tensor), for div_small
+    inv_h: f32,    // blur: 1 / h, for div_small
+    _pad: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -95,6 +95,41 @@ fn upsample2x_adjoint(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let ow = 2u * p.w;
     let base = 2u * row * ow + x0;
     out[i] = a[base] + a[base + 1u] + a[base + ow] + a[base + ow + 1u];
+}
+
+// Fixed 3x3 binomial smoothing of every plane, ([1 2 1] x [1 2 1]) / 16 with zero padding:
+// out and a are [planes, h, w]; p.n = elements. The stencil is symmetric with stride 1, so
+// this kernel is also its own adjoint: the backward pass runs it on the output gradient.
+@compute @workgroup_size(256)
+fn blur3x3(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i >= p.n) {
+        return;
+    }
+    let row = div_small(i, p.w, p.inv); // row of all planes in sequence
+    let x = i32(i - row * p.w);
+    let y = i32(row - div_small(row, p.h, p.inv_h) * p.h);
+    let h = i32(p.h);
+    let w = i32(p.w);
+    var sum = 0.0;
+    for (var dy = -1; dy <= 1; dy++) {
+        let yy = y + dy;
+        if (yy < 0 || yy >= h) {
+            continue;
+        }
+        let wy = select(1.0, 2.0, dy == 0);
+        var row_sum = 0.0;
+        for (var dx = -1; dx <= 1; dx++) {
+            let xx = x + dx;
+            if (xx < 0 || xx >= w) {
+                continue;
+            }
+            row_sum += select(1.0, 2.0, dx == 0) * a[i32(i) + dy * w + dx];
+        }
+        sum += wy * row_sum;
+    }
+    out[i] = sum * 0.0625;
 }
 
 // out = a + b

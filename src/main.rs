@@ -112,7 +112,7 @@ struct TrainArgs {
     /// Latents per step.
     #[arg(long, default_value_t = TrainConfig::default().batch)]
     batch: usize,
-    /// Real images per step (the MMD's other sample; default: the same as --batch).
+    /// Real images per step, the MMD's other sample (0: the same as --batch).
     #[arg(long, default_value_t = TrainConfig::default().real_batch)]
     real_batch: usize,
     /// Data partition: iid, shards[:N] (N label-sorted shards a client), dirichlet[:ALPHA].

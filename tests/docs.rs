@@ -43,3 +43,44 @@ fn ci_runs_readmes_test_command() {
         ".ci/run does not run README's test command {test_cmd:?}"
     );
 }
+
+#[test]
+fn readmes_train_defaults_are_the_clis() {
+    let out = Command::new(env!("CARGO_BIN_EXE_prism"))
+        .args(["train", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    // `--flag <VALUE>` starts a section; its `[default: X]` line follows.
+    let mut defaults = Vec::new();
+    let mut flag = None;
+    for line in help.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("--") {
+            flag = rest.split_whitespace().next().map(|f| format!("--{f}"));
+        } else if let (Some(f), Some(d)) = (&flag, line.strip_prefix("[default: ")) {
+            defaults.push((f.clone(), d.trim_end_matches(']').to_string()));
+        }
+    }
+    assert!(defaults.len() > 15, "parsed only {defaults:?}");
+    let readme = readme();
+    let mut checked = 0;
+    for (flag, default) in &defaults {
+        let row = readme
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("| `{flag}`")) || l.starts_with(&format!("| `{flag} "))
+            })
+            .unwrap_or_else(|| panic!("README's flag table has no row for {flag}"));
+        let cell = row.split('|').nth(2).unwrap().trim().trim_matches('`');
+        // Numbers may be written differently (1e-5 and 0.00001).
+        let same_number = matches!(
+            (cell.parse::<f64>(), default.parse::<f64>()),
+            (Ok(a), Ok(b)) if a == b
+        );
+        if !same_number {
+            assert_eq!(cell, default, "README's default of {flag}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, defaults.len());
+}

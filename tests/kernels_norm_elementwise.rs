@@ -196,6 +196,47 @@ fn upsampling_and_its_adjoint() {
 }
 
 #[test]
+fn smoothing_matches_the_reference_and_is_its_own_adjoint() {
+    let mut rng = HostRng::new(47, &[]);
+    for gpu in devices() {
+        // 1x1 and one-row planes (only padding around), odd sizes, and the generators' 28x28
+        // output planes, 256 of them so that plane boundaries fall inside workgroups.
+        for (planes, h, w) in [(1, 1, 1), (2, 1, 7), (3, 5, 4), (5, 13, 11), (256, 28, 28)] {
+            let x = uniform(&mut rng, planes * h * w);
+            let r = uniform(&mut rng, planes * h * w);
+            let (tx, ty, tr, tdx) = (
+                up(&gpu, &x),
+                out(&gpu, x.len()),
+                up(&gpu, &r),
+                out(&gpu, r.len()),
+            );
+            let f = ew::blur3x3(&gpu, planes, h, w, &tx, &ty).unwrap();
+            let b = ew::blur3x3(&gpu, planes, h, w, &tr, &tdx).unwrap();
+            gpu.run(&[&f, &b]).unwrap();
+            let want = ew::cpu::blur3x3(planes, h, w, &x);
+            assert_close("blur", &gpu.read_f32(&ty).unwrap(), &want, 1e-6, 1e-6);
+            // A 1x1 plane keeps 4/16 of its value: the rest of the stencil falls on padding.
+            if (planes, h, w) == (1, 1, 1) {
+                assert!((want[0] - 0.25 * x[0]).abs() < 1e-7);
+            }
+            // <blur(x), r> = <x, blur(r)>: the same kernel is the backward pass.
+            let dx = gpu.read_f32(&tdx).unwrap();
+            let dot = |a: &[f32], b: &[f32]| -> f64 {
+                a.iter()
+                    .zip(b)
+                    .map(|(u, v)| (*u as f64) * (*v as f64))
+                    .sum()
+            };
+            let (lhs, rhs) = (dot(&want, &r), dot(&x, &dx));
+            assert!(
+                (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
+                "{lhs} vs {rhs}"
+            );
+        }
+    }
+}
+
+#[test]
 fn upsampling_past_two_to_the_24_elements_indexes_exactly() {
     // The shaders divide indices by a float reciprocal with correction steps; beyond 2^24 the
     // first estimate is off by several units, so this pins the corrections. The values are

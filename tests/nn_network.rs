@@ -93,6 +93,24 @@ fn tiny_conv() -> Architecture {
     }
 }
 
+/// mlp28's shape in miniature: linear layers, reshape to images, fixed smoothing, tanh.
+fn tiny_mlp() -> Architecture {
+    Architecture {
+        name: "tiny-mlp".into(),
+        latent: 4,
+        layers: vec![
+            Layer::Linear { outputs: 6 },
+            Layer::BatchNorm,
+            Layer::Relu,
+            Layer::Linear { outputs: 2 * 5 * 4 },
+            Layer::Reshape { c: 2, h: 5, w: 4 },
+            Layer::Blur,
+            Layer::Tanh,
+        ],
+        init: Init::SignedConstant,
+    }
+}
+
 fn opts(batch: usize, mode: WeightMode, backward: Backward) -> BuildOptions {
     BuildOptions {
         batch,
@@ -145,7 +163,7 @@ fn init_scores(gpu: &Gpu, net: &Network, rng: &mut HostRng) -> (Vec<Vec<f32>>, V
 fn training_forward_matches_the_cpu_interpreter() {
     let gpu = common::gpu();
     let mut rng = HostRng::new(71, &[]);
-    for arch in [tiny_resnet(), tiny_conv()] {
+    for arch in [tiny_resnet(), tiny_conv(), tiny_mlp()] {
         for batch in [1usize, 4] {
             let step = Rc::new(
                 gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[8], "step")
@@ -234,7 +252,7 @@ fn encoder_input_gradient_finite_differences() {
 fn score_gradients_finite_differences() {
     let gpu = common::gpu();
     let mut rng = HostRng::new(73, &[]);
-    for arch in [tiny_conv(), tiny_resnet()] {
+    for arch in [tiny_conv(), tiny_resnet(), tiny_mlp()] {
         let batch = 3;
         let step = Rc::new(
             gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[8], "step")

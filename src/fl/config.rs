@@ -106,11 +106,11 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             dataset: "mnist".into(),
-            arch: "conv28".into(),
+            arch: "mlp28-wide".into(),
             clients: 10,
-            rounds: 30,
-            local_steps: 10,
-            batch: 64,
+            rounds: 40,
+            local_steps: 20,
+            batch: 128,
             real_batch: 128,
             partition: "shards:4".into(),
             fraction_fit: 1.0,

@@ -1,5 +1,5 @@
 //! Elementwise and layout kernels (`shaders/elementwise.wgsl`): ReLU, tanh, nearest 2x
-//! upsampling and its adjoint, add, scale, and Gaussian latents.
+//! upsampling and its adjoint, fixed 3x3 smoothing, add, scale, and Gaussian latents.
 
 use super::StepState;
 use super::{check, groups_for, u32_of};
@@ -16,7 +16,8 @@ struct Params {
     key: u32,
     alpha: f32,
     inv: f32,
-    _pad: [u32; 2],
+    inv_h: f32,
+    _pad: u32,
 }
 
 fn launch(
@@ -100,7 +101,7 @@ pub fn scale(gpu: &Gpu, alpha: f32, a: &Tensor, out: &Tensor) -> Result<Kernel> 
 fn check_small(n: usize) -> Result<u32> {
     if n >= 1 << 31 {
         return Err(Error::invalid(format!(
-            "{n} elements in one upsampling exceed 2^31; use a smaller batch"
+            "{n} elements in one upsampling or smoothing exceed 2^31; use a smaller batch"
         )));
     }
     Ok(n as u32)
@@ -154,6 +155,29 @@ pub fn upsample2x_adjoint(
     launch(gpu, "upsample2x_adjoint", p, &[("a", dy)], dx)
 }
 
+/// Fixed 3x3 binomial smoothing of `planes` planes of h x w, zero padding. Self-adjoint, so
+/// it is also the backward pass (applied to the output gradient).
+pub fn blur3x3(
+    gpu: &Gpu,
+    planes: usize,
+    h: usize,
+    w: usize,
+    x: &Tensor,
+    out: &Tensor,
+) -> Result<Kernel> {
+    check(x, planes * h * w, DType::F32, "blur input")?;
+    check(out, planes * h * w, DType::F32, "blur output")?;
+    let p = Params {
+        n: check_small(planes * h * w)?,
+        h: h as u32,
+        w: w as u32,
+        inv: 1.0 / w as f32,
+        inv_h: 1.0 / h as f32,
+        ..Default::default()
+    };
+    launch(gpu, "blur3x3", p, &[("a", x)], out)
+}
+
 /// out <- standard normal latents of the current step: stream key(key(base, client), step).
 pub fn latent(gpu: &Gpu, base_key: u32, step: &Tensor, out: &Tensor) -> Result<Kernel> {
     check(step, StepState::WORDS, DType::U32, "step state")?;
@@ -201,6 +225,36 @@ pub mod cpu {
             }
         }
         dx
+    }
+
+    /// [`super::blur3x3`]: same stencil, same summation order (rows of three, then rows).
+    pub fn blur3x3(planes: usize, h: usize, w: usize, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; planes * h * w];
+        for p in 0..planes {
+            for y in 0..h {
+                for x0 in 0..w {
+                    let mut sum = 0f32;
+                    for dy in -1i64..=1 {
+                        let yy = y as i64 + dy;
+                        if yy < 0 || yy >= h as i64 {
+                            continue;
+                        }
+                        let mut row_sum = 0f32;
+                        for dx in -1i64..=1 {
+                            let xx = x0 as i64 + dx;
+                            if xx < 0 || xx >= w as i64 {
+                                continue;
+                            }
+                            let wx = if dx == 0 { 2.0 } else { 1.0 };
+                            row_sum += wx * x[(p * h + yy as usize) * w + xx as usize];
+                        }
+                        sum += if dy == 0 { 2.0 } else { 1.0 } * row_sum;
+                    }
+                    out[(p * h + y) * w + x0] = sum * 0.0625;
+                }
+            }
+        }
+        out
     }
 
     /// Latents of a step.

@@ -87,6 +87,7 @@ fn run(
             Layer::Relu => x.iter().map(|v| v.max(0.0)).collect(),
             Layer::Tanh => x.iter().map(|v| v.tanh()).collect(),
             Layer::Upsample2x => ew::cpu::upsample2x(batch * s.c, s.h, s.w, &x),
+            Layer::Blur => ew::cpu::blur3x3(batch * s.c, s.h, s.w, &x),
             Layer::Reshape { .. } => x,
             Layer::Residual { main, skip } => {
                 let (a, _) = run(main, batch, x.clone(), s, weff, next)?;

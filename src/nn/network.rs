@@ -124,6 +124,9 @@ enum Node {
         x: Act,
         y: Act,
     },
+    Blur {
+        y: Act,
+    },
     Reshape {
         x: Act,
     },
@@ -326,6 +329,18 @@ impl<'g> Builder<'g> {
                     )?);
                     Node::Up { x: x.clone(), y }
                 }
+                Layer::Blur => {
+                    let y = self.act(out_shape, "smoothed")?;
+                    self.forward.push(ew::blur3x3(
+                        self.gpu,
+                        b * x.shape.c,
+                        x.shape.h,
+                        x.shape.w,
+                        &x.t,
+                        &y.t,
+                    )?);
+                    Node::Blur { y }
+                }
                 Layer::Reshape { .. } => Node::Reshape { x: x.clone() },
                 Layer::Residual { main, skip } => {
                     let (ym, main_tape) = self.build(main, x.clone())?;
@@ -346,6 +361,7 @@ impl<'g> Builder<'g> {
                 | Node::Norm { y, .. }
                 | Node::Relu { y }
                 | Node::Tanh { y }
+                | Node::Blur { y }
                 | Node::Up { y, .. } => y.clone(),
                 Node::Reshape { x } => Act {
                     t: x.t.clone(),
@@ -614,6 +630,22 @@ impl BackBuilder<'_, '_> {
                         b * x.shape.c,
                         x.shape.h,
                         x.shape.w,
+                        &dy,
+                        &dx,
+                    )?);
+                    dy = dx;
+                }
+                Node::Blur { y } => {
+                    if !want_dx {
+                        return Ok(None);
+                    }
+                    // The smoothing is self-adjoint: its gradient is the same stencil.
+                    let dx = self.grad_like(y, "smoothing gradient")?;
+                    self.program.push(ew::blur3x3(
+                        self.gpu,
+                        b * y.shape.c,
+                        y.shape.h,
+                        y.shape.w,
                         &dy,
                         &dx,
                     )?);
