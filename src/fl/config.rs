@@ -106,9 +106,9 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             dataset: "mnist".into(),
-            arch: "mlp28-wide".into(),
+            arch: "mlp28-deep".into(),
             clients: 10,
-            rounds: 40,
+            rounds: 35,
             local_steps: 20,
             batch: 128,
             real_batch: 128,
