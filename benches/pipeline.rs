@@ -68,7 +68,7 @@ fn bench_generation(c: &mut Criterion) {
     let presets: &[&str] = if quick() {
         &["conv28"]
     } else {
-        &["mlp28-wide", "conv28", "resnet32"]
+        &["mlp28-deep", "conv28", "resnet32"]
     };
     let mut group = c.benchmark_group("generation");
     let mut report = Vec::new();
@@ -143,7 +143,7 @@ fn bench_training(c: &mut Criterion) {
     let presets: &[&str] = if quick() {
         &["mlp28"]
     } else {
-        &["mlp28-wide", "conv28", "mlp28"]
+        &["mlp28-deep", "conv28", "mlp28"]
     };
     let mut group = c.benchmark_group("training");
     for &preset in presets {
