@@ -450,8 +450,9 @@ pub fn mlp28_wide(channels: usize) -> Architecture {
     mlp28_hidden("mlp28-wide", channels, &[256, 1024])
 }
 
-/// mlp28-wide with a third hidden layer (256, 512, 1024): the default generator. In our
-/// 10-minute runs it drew more distinct digits than mlp28-wide for 25% more time a step.
+/// mlp28-wide with a third hidden layer (256, 512, 1024): the default generator. In the
+/// 10-minute default run it reached lower MMD and higher precision, density and coverage than
+/// mlp28-wide (README's table) for 25% more time a step.
 pub fn mlp28_deep(channels: usize) -> Architecture {
     mlp28_hidden("mlp28-deep", channels, &[256, 512, 1024])
 }
