@@ -5,7 +5,8 @@
 //! Generation reports images/s (criterion's elements/s), latency at batch 1 and peak GPU
 //! memory (the buffer pool's high-water mark of the generator alone).
 //! `PRISM_BENCH_QUICK=1` runs small sizes only (the smoke test of .ci/run). Training benches
-//! need MNIST (`$PRISM_DATA`, or ../shared/data).
+//! need MNIST (`$PRISM_DATA`, or ../shared/data). `PRISM_BENCH_PRESETS=a,b` keeps only those
+//! presets: criterion's name filter skips timing but not each preset's set-up and check.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,6 +23,17 @@ use prism::rng::HostRng;
 
 fn quick() -> bool {
     std::env::var("PRISM_BENCH_QUICK").is_ok_and(|v| v != "0")
+}
+
+/// `list`, less the presets `PRISM_BENCH_PRESETS` (comma-separated) leaves out.
+fn presets(list: &[&'static str]) -> Vec<&'static str> {
+    match std::env::var("PRISM_BENCH_PRESETS") {
+        Ok(keep) => {
+            let keep: Vec<&str> = keep.split(',').map(str::trim).collect();
+            list.iter().copied().filter(|p| keep.contains(p)).collect()
+        }
+        Err(_) => list.to_vec(),
+    }
 }
 
 fn open_gpu() -> Gpu {
@@ -65,14 +77,14 @@ fn build(preset: &str, variant: &str, batch: usize) -> (Gpu, Generator) {
 }
 
 fn bench_generation(c: &mut Criterion) {
-    let presets: &[&str] = if quick() {
+    let presets = presets(if quick() {
         &["conv28"]
     } else {
         &["mlp28-deep", "conv28", "resnet32"]
-    };
+    });
     let mut group = c.benchmark_group("generation");
     let mut report = Vec::new();
-    for &preset in presets {
+    for &preset in &presets {
         for batch in [1usize, if quick() { 16 } else { 256 }] {
             group.throughput(Throughput::Elements(batch as u64));
             let reference = {
@@ -140,14 +152,18 @@ fn bench_generation(c: &mut Criterion) {
 
 fn bench_training(c: &mut Criterion) {
     let gpu = open_gpu();
-    let presets: &[&str] = if quick() {
+    let presets = presets(if quick() {
         &["mlp28"]
     } else {
         &["mlp28-deep", "conv28", "mlp28"]
-    };
+    });
     let mut group = c.benchmark_group("training");
-    for &preset in presets {
-        let batch = if quick() { 16 } else { 64 };
+    for &preset in &presets {
+        let batch = if quick() {
+            16
+        } else {
+            TrainConfig::default().batch
+        };
         let cfg = TrainConfig {
             arch: preset.into(),
             batch,
