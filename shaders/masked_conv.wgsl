@@ -421,6 +421,50 @@ fn weff_inputs(co: u32, tap: u32, mkey: u32) -> vec4<f32> {
     return w;
 }
 
+// The K loop of both narrow input gradients: step i's weights for the lane's input channels
+// (`weights`, an expression of i), shared across the workgroup, times the upstream gradient of
+// step i at the lane's position (`gather`, advanced by `advance` in step order).
+//% macro narrow_k_loop(weights, gather, advance)
+//% if row_share == "direct"
+    let step = 64u;
+    let mine = li;
+//% else
+    let step = 8u;
+    let mine = lane.lane8;
+//% endif
+    for (var i0 = 0u; i0 < k; i0 += step) {
+        var w = vec4<f32>(0.0);
+        let i = i0 + mine;
+        if (i < k) {
+            w = {{ weights }};
+        }
+//% if row_share == "direct"
+        chunk[li] = w;
+        workgroupBarrier();
+        for (var j = 0u; j < min(64u, k - i0); j++) {
+            acc += mul({{ gather }}, chunk[j]);
+            {{ advance }};
+        }
+        workgroupBarrier();
+//% else
+//% for j in range(8)
+        if (i0 + {{ j }}u < k) {
+            acc += mul({{ gather }}, {{ octet.share("w", j) | trim }});
+            {{ advance }};
+        }
+//% endfor
+//% endif
+    }
+//% endmacro
+
+// Weights of step i of a residue class in grad_input_strided_narrow: output channel i / taps,
+// tap (ky0 + s jy, kx0 + s jx) with (jy, jx) the class's tap i % taps.
+fn weff_class(i: u32, taps: u32, ntx: u32, ky0: u32, kx0: u32, mkey: u32) -> vec4<f32> {
+    let t = i % taps;
+    let s = p.stride;
+    return weff_inputs(i / taps, (ky0 + s * (t / ntx)) * p.kw + kx0 + s * (t % ntx), mkey);
+}
+
 // grad_input for cin <= 4: one lane per input position.
 @compute @workgroup_size(64)
 fn grad_input_narrow({{ octet.entry_args() }}) {
@@ -434,37 +478,8 @@ fn grad_input_narrow({{ octet.entry_args() }}) {
     let mkey = step_mask_key(p.g);
     var acc = vec4<f32>(0.0);
     var kp = KPos(0u, 0u, 0u);
-//% if row_share == "direct"
-    let step = 64u;
-    let mine = li;
-//% else
-    let step = 8u;
-    let mine = lane.lane8;
-//% endif
-    for (var i0 = 0u; i0 < k; i0 += step) {
-        // K step i0 + mine is (co, ky, kx); its weights are [co, ci, ky, kx] for the lane's ci.
-        var w = vec4<f32>(0.0);
-        let i = i0 + mine;
-        if (i < k) {
-            w = weff_inputs(i / khw, i % khw, mkey);
-        }
-//% if row_share == "direct"
-        chunk[li] = w;
-        workgroupBarrier();
-        for (var j = 0u; j < min(64u, k - i0); j++) {
-            acc += mul(bwd_gather(ri, kp), chunk[j]);
-            kp = kpos_next(kp);
-        }
-        workgroupBarrier();
-//% else
-//% for j in range(8)
-        if (i0 + {{ j }}u < k) {
-            acc += mul(bwd_gather(ri, kp), {{ octet.share("w", j) | trim }});
-            kp = kpos_next(kp);
-        }
-//% endfor
-//% endif
-    }
+    // K step i is (co, ky, kx); its weights are [co, ci, ky, kx] for the lane's ci.
+{{ narrow_k_loop("weff_inputs(i / khw, i % khw, mkey)", "bwd_gather(ri, kp)", "kp = kpos_next(kp)") }}
     if (m < rows) {
         let hw = p.h * p.w;
         let base = (m / hw) * n * hw + m % hw;
@@ -509,38 +524,8 @@ fn grad_input_strided_narrow({{ octet.entry_args() }}) {
     let mkey = step_mask_key(p.g);
     var acc = vec4<f32>(0.0);
     var tp = TapPos(0u, 0u, 0u);
-//% if row_share == "direct"
-    let step = 64u;
-    let mine = li;
-//% else
-    let step = 8u;
-    let mine = lane.lane8;
-//% endif
-    for (var i0 = 0u; i0 < k; i0 += step) {
-        // Step i0 + mine is (co, jy, jx); its weights are [co, ci, ky0 + s jy, kx0 + s jx].
-        var w = vec4<f32>(0.0);
-        let i = i0 + mine;
-        if (i < k) {
-            let t = i % taps;
-            w = weff_inputs(i / taps, (ky0 + s * (t / ntx)) * p.kw + kx0 + s * (t % ntx), mkey);
-        }
-//% if row_share == "direct"
-        chunk[li] = w;
-        workgroupBarrier();
-        for (var j = 0u; j < min(64u, k - i0); j++) {
-            acc += mul(strided_gather(tp, dy_base, oy0, ox0), chunk[j]);
-            tp = tap_next(tp, nty, ntx);
-        }
-        workgroupBarrier();
-//% else
-//% for j in range(8)
-        if (i0 + {{ j }}u < k) {
-            acc += mul(strided_gather(tp, dy_base, oy0, ox0), {{ octet.share("w", j) | trim }});
-            tp = tap_next(tp, nty, ntx);
-        }
-//% endfor
-//% endif
-    }
+    // Step i is (co, jy, jx); its weights are [co, ci, ky0 + s jy, kx0 + s jx].
+{{ narrow_k_loop("weff_class(i, taps, ntx, ky0, kx0, mkey)", "strided_gather(tp, dy_base, oy0, ox0)", "tp = tap_next(tp, nty, ntx)") }}
     if (live) {
         let hw = p.h * p.w;
         let base = b * n * hw + iy * p.w + ix;
