@@ -7,14 +7,18 @@ fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
 }
 
-#[test]
-fn readme_explains_every_train_flag() {
+fn train_help() -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_prism"))
         .args(["train", "--help"])
         .output()
         .unwrap();
     assert!(out.status.success());
-    let help = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn readme_explains_every_train_flag() {
+    let help = train_help();
     let flags: Vec<&str> = help
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
         .filter(|w| w.starts_with("--") && w.len() > 2)
@@ -46,11 +50,7 @@ fn ci_runs_readmes_test_command() {
 
 #[test]
 fn readmes_train_defaults_are_the_clis() {
-    let out = Command::new(env!("CARGO_BIN_EXE_prism"))
-        .args(["train", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8(out.stdout).unwrap();
+    let help = train_help();
     // `--flag <VALUE>` starts a section; its `[default: X]` line follows.
     let mut defaults = Vec::new();
     let mut flag = None;

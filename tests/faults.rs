@@ -201,14 +201,6 @@ fn mean_keep_probability(ckpt: &Path) -> f64 {
     sum / n as f64
 }
 
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn small(clients: usize, rounds: usize) -> TrainConfig {
     TrainConfig {
         arch: "mlp28".into(),
@@ -241,7 +233,7 @@ fn a_run_with_thirty_percent_of_clients_dropping_still_converges() {
         ..small(10, 8)
     };
     run(&gpu, &cfg, &options(&out, 1)).unwrap();
-    let m = metrics(&out);
+    let m = common::metrics(&out);
     assert_eq!(m.len(), 8);
     let dropped: u64 = m.iter().map(|l| l["failures"].as_u64().unwrap()).sum();
     let selected: u64 = m.iter().map(|l| l["selected"].as_u64().unwrap()).sum();
@@ -282,7 +274,7 @@ fn robust_aggregation_bounds_what_one_all_ones_client_does() {
             ..base.clone()
         };
         run(&gpu, &cfg, &options(&out, 0)).unwrap();
-        let rejected: Vec<u64> = metrics(&out)
+        let rejected: Vec<u64> = common::metrics(&out)
             .iter()
             .map(|l| l["rejected"].as_u64().unwrap())
             .collect();

@@ -44,11 +44,7 @@ fn a_tiny_federated_run_learns() {
     };
     let s = run(&gpu, &cfg, &options(&out)).unwrap();
     assert_eq!(s.rounds_done, 8);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = common::metrics(&out);
     assert_eq!(lines.len(), 8);
     let f = |i: usize, k: &str| lines[i][k].as_f64().unwrap();
     assert!(
@@ -95,11 +91,7 @@ fn feature_space_losses_learn() {
             ..tiny(6)
         };
         run(&gpu, &cfg, &options(&out)).unwrap();
-        let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = common::metrics(&out);
         let f = |i: usize, k: &str| lines[i][k].as_f64().unwrap();
         assert!(
             f(5, "loss") < 0.8 * f(0, "loss"),

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use prism::gpu::{Gpu, GpuOptions};
@@ -95,4 +95,13 @@ pub fn scratch(prefix: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("prism-{prefix}-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
+}
+
+/// The lines of a run's `metrics.jsonl`, one JSON object per round.
+pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
