@@ -171,10 +171,10 @@ struct TrainArgs {
     #[arg(long)]
     robust: bool,
     /// Write a sample grid every N rounds (and after the last).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 4)]
     sample_every: usize,
     /// Measure MMD to held-out images every N rounds (and after the last).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 4)]
     eval_every: usize,
     /// Save a checkpoint every N rounds (and after the last).
     #[arg(long, default_value_t = 1)]
