@@ -108,7 +108,7 @@ impl Default for TrainConfig {
             dataset: "mnist".into(),
             arch: "mlp28-deep".into(),
             clients: 10,
-            rounds: 12,
+            rounds: 10,
             local_steps: 50,
             batch: 128,
             real_batch: 128,
