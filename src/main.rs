@@ -171,13 +171,13 @@ struct TrainArgs {
     #[arg(long)]
     robust: bool,
     /// Write a sample grid every N rounds (and after the last).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = RunOptions::new("").sample_every)]
     sample_every: usize,
     /// Measure MMD to held-out images every N rounds (and after the last).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = RunOptions::new("").eval_every)]
     eval_every: usize,
     /// Save a checkpoint every N rounds (and after the last).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = RunOptions::new("").checkpoint_every)]
     checkpoint_every: usize,
     /// Continue from the output folder's checkpoint.
     #[arg(long)]

@@ -15,19 +15,15 @@ pub fn write_grid(
     w: usize,
     cols: usize,
 ) -> Result<()> {
-    write_tiled(path, images, n, c, h, w, cols, 2)
+    write_tiled(path, images, [n, c, h, w], cols, 2)
 }
 
 /// The grid writer behind both entry points: `pad` dark pixels around and between tiles.
 /// One-channel images are written as 8-bit grey PNGs, three-channel ones as RGB.
-#[allow(clippy::too_many_arguments)]
 fn write_tiled(
     path: &Path,
     images: &[f32],
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
+    [n, c, h, w]: [usize; 4],
     cols: usize,
     pad: usize,
 ) -> Result<()> {
@@ -90,10 +86,7 @@ pub fn write_images(
         write_tiled(
             &dir.join(format!("{i:05}.png")),
             &images[i * per..(i + 1) * per],
-            1,
-            c,
-            h,
-            w,
+            [1, c, h, w],
             1,
             0,
         )?;
