@@ -52,7 +52,7 @@ impl GpuArgs {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LossArg {
-    /// sqrt(MMD^2), Gaussian kernels with GMMN's bandwidths (biased estimator).
+    /// sqrt(MMD^2), a sum of Gaussian kernels (--bandwidths), biased estimator.
     Mmd,
     /// sqrt of the unbiased MMD^2 estimate.
     MmdUnbiased,
@@ -135,6 +135,10 @@ struct TrainArgs {
     alpha: f64,
     #[arg(long, value_enum, default_value = "mmd")]
     loss: LossArg,
+    /// Bandwidths of the pixel-space MMD's Gaussian kernels, for pixels in [0, 1] (1 to 8,
+    /// comma-separated; default: GMMN's MNIST set).
+    #[arg(long, value_delimiter = ',', default_value = "2,5,10,20,40,80")]
+    bandwidths: Vec<f32>,
     #[arg(long, value_enum, default_value = "pixels")]
     features: FeaturesArg,
     /// Adam learning rate on the scores.
@@ -206,6 +210,7 @@ const FLAG_FIELDS: &[(&str, &str)] = &[
     ("persistent_prior", "persistent_prior"),
     ("alpha", "alpha"),
     ("loss", "loss"),
+    ("bandwidths", "bandwidths"),
     ("features", "features"),
     ("lr", "lr"),
     ("beta1", "beta1"),
@@ -265,6 +270,7 @@ impl TrainArgs {
                 LossArg::MmdUnbiased => LossChoice::MmdUnbiased,
                 LossArg::Moments => LossChoice::Moments,
             },
+            bandwidths: self.bandwidths.clone(),
             features: match self.features {
                 FeaturesArg::Pixels => FeatureSpace::Pixels,
                 FeaturesArg::RandomConv => FeatureSpace::RandomConv,
@@ -602,5 +608,25 @@ mod tests {
             panic!("not the train command");
         };
         assert_eq!(args.config(), TrainConfig::default());
+    }
+
+    #[test]
+    fn bandwidths_are_a_comma_list_checked_before_training() {
+        let parse = |list: &str| {
+            let flag = format!("--bandwidths={list}");
+            let cli = Cli::try_parse_from(["prism", "train", flag.as_str()]).expect("parses");
+            let Command::Train { args, .. } = cli.command else {
+                panic!("not the train command");
+            };
+            args.config()
+        };
+        let cfg = parse("1,2.5,8");
+        assert_eq!(cfg.bandwidths, vec![1.0, 2.5, 8.0]);
+        assert!(cfg.validate().is_ok());
+        for bad in ["0,2", "-1", "1,2,3,4,5,6,7,8,9", "inf"] {
+            let err = parse(bad).validate().expect_err(bad).to_string();
+            assert!(err.contains("bandwidths"), "{bad}: {err}");
+        }
+        assert!(Cli::try_parse_from(["prism", "train", "--bandwidths", "2,x"]).is_err());
     }
 }

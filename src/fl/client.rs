@@ -14,7 +14,7 @@ use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::matmul::Estimator;
-use crate::kernels::mmd::{self, LossKernels, LossKind, GMMN_MNIST_SIGMAS};
+use crate::kernels::mmd::{self, LossKernels, LossKind};
 use crate::kernels::{adam, data, elementwise as ew, mask, Init, StepState};
 use crate::nn::{Architecture, Backward, BuildOptions, Layer, Network, Program, Shape, WeightMode};
 use crate::rng;
@@ -226,7 +226,7 @@ impl Trainer {
             .grad_output
             .clone()
             .ok_or_else(|| Error::invalid("training network has no output gradient"))?;
-        let sigmas = GMMN_MNIST_SIGMAS.to_vec();
+        let sigmas = cfg.bandwidths.clone();
         // Generator outputs are tanh values in [-1, 1]; the scale 1/4 measures distances between
         // pixels in [0, 1], the space GMMN's bandwidths are meant for.
         let (pixel_loss, features) = match cfg.features.encoder_stages() {

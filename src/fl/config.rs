@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::kernels::mmd::GMMN_MNIST_SIGMAS;
 
 /// Feature space of the loss.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -34,7 +35,7 @@ impl FeatureSpace {
 /// Loss function.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LossChoice {
-    /// sqrt(MMD^2) with GMMN's bandwidths (biased estimator).
+    /// sqrt(MMD^2) with a sum of Gaussian kernels (biased estimator).
     Mmd,
     /// Unbiased MMD^2 estimate under the square root.
     MmdUnbiased,
@@ -82,6 +83,9 @@ pub struct TrainConfig {
     /// PRISM-alpha: the last fraction of masked layers (from the output) send real scores.
     pub alpha: f64,
     pub loss: LossChoice,
+    /// Bandwidths of the Gaussian kernels of the pixel-space MMD, for pixels in [0, 1]
+    /// (GMMN's MNIST set by default). Feature-space MMDs take theirs from the median heuristic.
+    pub bandwidths: Vec<f32>,
     pub features: FeatureSpace,
     pub lr: f32,
     pub beta1: f32,
@@ -119,6 +123,7 @@ impl Default for TrainConfig {
             persistent_prior: false,
             alpha: 0.0,
             loss: LossChoice::Mmd,
+            bandwidths: GMMN_MNIST_SIGMAS.to_vec(),
             features: FeatureSpace::Pixels,
             lr: 0.3,
             beta1: 0.5,
@@ -184,6 +189,15 @@ impl TrainConfig {
             return bad(format!(
                 "fraction_fit = {} must be in (0, 1]",
                 self.fraction_fit
+            ));
+        }
+        if self.bandwidths.is_empty()
+            || self.bandwidths.len() > 8
+            || self.bandwidths.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return bad(format!(
+                "bandwidths {:?}: the MMD takes 1 to 8 positive bandwidths",
+                self.bandwidths
             ));
         }
         if !(0.0..=1.0).contains(&self.alpha) {
