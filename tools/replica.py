@@ -1,0 +1,133 @@
+"""A PyTorch replica of prism's default generator and loss, trained by one client alone, for
+quick studies of what limits sample quality (the loss, the masking, the batch) apart from the
+federated mechanics. Not part of the test suite; needs PyTorch (`pip install torch numpy pillow`).
+
+The replica follows PRISM.md sections 1 to 3 as prism implements them for `mlp28-deep`: latent 32,
+Linear-BatchNorm(no affine)-ReLU at 256, 512 and 1024, Linear to 784, a fixed 3x3 binomial blur
+of the pre-activations, tanh; frozen signed-constant weights with scores s ~ N(0, 1), a fresh
+Bernoulli(sigmoid(s)) mask each step and the p-scaled estimator; Adam(lr, betas (0.5, 0.999)) on
+the scores; sqrt of the biased MMD^2 with GMMN's bandwidths on pixels in [0, 1]. `--dense` trains
+ordinary Kaiming-normal weights of the same network instead (Adam lr 1e-3), the baseline that
+shows what masking costs. Its random numbers are PyTorch's, so it matches prism in distribution,
+not bit for bit.
+
+    python3 tools/replica.py --data ../shared/data/mnist --steps 1000 --out /tmp/replica
+    python3 tools/digit_score.py --data ../shared/data/mnist /tmp/replica
+"""
+import argparse, gzip, os, time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="data/mnist", help="folder with MNIST's IDX files")
+    ap.add_argument("--out", required=True, help="folder for 1000 samples as 28x28 PNGs")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=128, help="latents and real images per step")
+    ap.add_argument("--lr", type=float, default=None, help="default 0.3 (scores) or 1e-3 (--dense)")
+    ap.add_argument("--bandwidths", default="2,5,10,20,40,80")
+    ap.add_argument("--features", type=int, default=0, choices=[0, 1, 2],
+                    help="also match MMD on 1 or 2 stages of a frozen random conv encoder "
+                         "(prism's random-patches / random-conv), median-heuristic bandwidths")
+    ap.add_argument("--dense", action="store_true", help="train dense weights instead of masks")
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    lr = a.lr if a.lr is not None else (1e-3 if a.dense else 0.3)
+    with gzip.open(os.path.join(a.data, "train-images-idx3-ubyte.gz")) as g:
+        real = np.frombuffer(g.read(), np.uint8, offset=16).reshape(-1, 784).astype(np.float32)
+    real = torch.tensor(real / 127.5 - 1.0)  # tanh range, as prism feeds the loss
+
+    class Bernoulli(torch.autograd.Function):
+        """m ~ Bernoulli(p); backward dm/dp = p (the reference code's p-scaled estimator)."""
+
+        @staticmethod
+        def forward(ctx, p):
+            ctx.save_for_backward(p)
+            return torch.bernoulli(p)
+
+        @staticmethod
+        def backward(ctx, g):
+            (p,) = ctx.saved_tensors
+            return g * p
+
+    class MaskedLinear(nn.Module):
+        def __init__(self, inputs, outputs):
+            super().__init__()
+            if a.dense:
+                self.w = nn.Parameter(nn.init.kaiming_normal_(torch.empty(outputs, inputs)))
+            else:
+                sign = torch.randint(0, 2, (outputs, inputs)).float() * 2 - 1
+                self.register_buffer("w", sign * (2.0 / inputs) ** 0.5)
+                self.s = nn.Parameter(torch.randn(outputs, inputs))
+
+        def forward(self, x):
+            w = self.w if a.dense else self.w * Bernoulli.apply(torch.sigmoid(self.s))
+            return x @ w.t()
+
+    widths = [32, 256, 512, 1024]
+    layers = []
+    for i, o in zip(widths[:-1], widths[1:]):
+        layers += [MaskedLinear(i, o), nn.BatchNorm1d(o, affine=False), nn.ReLU()]
+    net = nn.Sequential(*layers, MaskedLinear(1024, 784))
+    blur = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]).view(1, 1, 3, 3) / 16
+
+    def generate(n):
+        h = F.conv2d(net(torch.randn(n, 32)).view(-1, 1, 28, 28), blur, padding=1)
+        return torch.tanh(h).view(n, 784)
+
+    def mmd(x, y, sigmas):
+        z = torch.cat([x, y])
+        sq = (z * z).sum(1)
+        d = (sq[:, None] + sq[None] - 2 * z @ z.t()).clamp(min=0)
+        k = sum(torch.exp(-d / (2 * s * s)) for s in sigmas)
+        n = len(x)
+        return (k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()).clamp(min=1e-12).sqrt()
+
+    sigmas = [float(s) for s in a.bandwidths.split(",")]
+    gen = torch.Generator().manual_seed(a.seed + 1000)
+    enc = [torch.randint(0, 2, (32, 1, 4, 4), generator=gen).float() * 2 - 1,
+           torch.randint(0, 2, (64, 32, 4, 4), generator=gen).float() * 2 - 1]
+    enc = [enc[0] * (2 / 16) ** 0.5, enc[1] * (2 / 512) ** 0.5]
+
+    def encode(x):
+        h = x.view(-1, 1, 28, 28)
+        for w in enc[: a.features]:
+            h = F.relu(F.conv2d(h, w, stride=2, padding=1))
+        return h.flatten(1)
+
+    if a.features:
+        with torch.no_grad():
+            f = encode(real[:128])
+            med = torch.cdist(f, f).median().item()
+        feature_sigmas = [m * med for m in (0.25, 0.5, 1, 2, 4)]
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), eps=1e-8)
+    start = time.time()
+    for step in range(a.steps):
+        x = generate(a.batch)
+        y = real[torch.randint(0, len(real), (a.batch,))]
+        loss = mmd(x * 0.5, y * 0.5, sigmas)  # distances between pixels in [0, 1]
+        if a.features:
+            loss = loss + mmd(encode(x), encode(y), feature_sigmas)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == a.steps - 1:
+            print(f"step {step}: loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    with torch.no_grad():
+        images = torch.cat([generate(250) for _ in range(4)])
+    for i, im in enumerate(((images + 1) * 127.5).round().clamp(0, 255).byte().view(-1, 28, 28)):
+        Image.fromarray(im.numpy(), "L").save(os.path.join(a.out, f"{i:04}.png"))
+    print(f"{a.steps} steps in {time.time() - start:.0f} s; 1000 samples in {a.out}")
+
+
+if __name__ == "__main__":
+    main()
