@@ -14,13 +14,14 @@ not bit for bit.
     python3 tools/replica.py --data ../shared/data/mnist --steps 1000 --out /tmp/replica
     python3 tools/digit_score.py --data ../shared/data/mnist /tmp/replica
 """
-import argparse, gzip, os, time
+import argparse, os, time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+from digit_score import idx_images  # this script's folder is on the module path
 
 
 def main():
@@ -40,9 +41,8 @@ def main():
     torch.manual_seed(a.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     lr = a.lr if a.lr is not None else (1e-3 if a.dense else 0.3)
-    with gzip.open(os.path.join(a.data, "train-images-idx3-ubyte.gz")) as g:
-        real = np.frombuffer(g.read(), np.uint8, offset=16).reshape(-1, 784).astype(np.float32)
-    real = torch.tensor(real / 127.5 - 1.0)  # tanh range, as prism feeds the loss
+    real = idx_images(os.path.join(a.data, "train-images-idx3-ubyte.gz")).reshape(-1, 784)
+    real = torch.tensor(real * 2 - 1)  # tanh range, as prism feeds the loss
 
     class Bernoulli(torch.autograd.Function):
         """m ~ Bernoulli(p); backward dm/dp = p (the reference code's p-scaled estimator)."""

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::kernels::mmd::GMMN_MNIST_SIGMAS;
+use crate::kernels::mmd::{check_bandwidths, GMMN_MNIST_SIGMAS};
 
 /// Feature space of the loss.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -191,15 +191,7 @@ impl TrainConfig {
                 self.fraction_fit
             ));
         }
-        if self.bandwidths.is_empty()
-            || self.bandwidths.len() > 8
-            || self.bandwidths.iter().any(|s| !(s.is_finite() && *s > 0.0))
-        {
-            return bad(format!(
-                "bandwidths {:?}: the MMD takes 1 to 8 positive bandwidths",
-                self.bandwidths
-            ));
-        }
+        check_bandwidths(&self.bandwidths)?;
         if !(0.0..=1.0).contains(&self.alpha) {
             return bad(format!("alpha = {} must be in [0, 1]", self.alpha));
         }

@@ -11,6 +11,17 @@ use crate::kernels::{Init, LayerWeights, MaskSource};
 /// GMMN's bandwidths for MNIST in pixel space (pixels in [0, 1]), Li et al. 2015.
 pub const GMMN_MNIST_SIGMAS: [f32; 6] = [2.0, 5.0, 10.0, 20.0, 40.0, 80.0];
 
+/// The Gaussian kernel sum takes 1 to 8 positive, finite bandwidths (the shader's array).
+pub fn check_bandwidths(sigmas: &[f32]) -> Result<()> {
+    if sigmas.is_empty() || sigmas.len() > 8 || sigmas.iter().any(|s| !(*s > 0.0 && s.is_finite()))
+    {
+        return Err(Error::invalid(format!(
+            "bandwidths {sigmas:?}: the MMD takes 1 to 8 positive bandwidths"
+        )));
+    }
+    Ok(())
+}
+
 /// Which discrepancy to minimise.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LossKind {
@@ -98,12 +109,7 @@ pub fn loss(
             unbiased,
             sqrt,
         } => {
-            if sigmas.is_empty()
-                || sigmas.len() > 8
-                || sigmas.iter().any(|s| !(*s > 0.0 && s.is_finite()))
-            {
-                return Err(Error::invalid("MMD needs 1 to 8 positive bandwidths"));
-            }
+            check_bandwidths(sigmas)?;
             p.unbiased = *unbiased as u32;
             p.sqrt_loss = *sqrt as u32;
             p.bandwidths = sigmas.len() as u32;
