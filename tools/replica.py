@@ -14,7 +14,7 @@ not bit for bit.
     python3 tools/replica.py --data ../shared/data/mnist --steps 1000 --out /tmp/replica
     python3 tools/digit_score.py --data ../shared/data/mnist /tmp/replica
 """
-import argparse, os, time
+import argparse, math, os, time
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,15 @@ def main():
                          "(prism's random-patches / random-conv), median-heuristic bandwidths")
     ap.add_argument("--dense", action="store_true", help="train dense weights instead of masks")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--widths", default="256,512,1024", help="hidden widths")
+    ap.add_argument("--side", type=int, default=28, choices=[7, 14, 28],
+                    help="the output layer draws side x side images, upsampled 2x (nearest) to "
+                         "28x28 (14: prism's mlp28-up)")
+    ap.add_argument("--no-blur", action="store_true", help="drop the output smoothing")
+    ap.add_argument("--beta1", type=float, default=0.5, help="Adam's beta1")
+    ap.add_argument("--gen-batch", type=int, default=0, help="latents per step (default --batch)")
+    ap.add_argument("--cosine-lr", action="store_true", help="decay lr to 0 on a cosine")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -71,15 +80,18 @@ def main():
             w = self.w if a.dense else self.w * Bernoulli.apply(torch.sigmoid(self.s))
             return x @ w.t()
 
-    widths = [32, 256, 512, 1024]
+    widths = [a.latent] + [int(w) for w in a.widths.split(",")]
     layers = []
     for i, o in zip(widths[:-1], widths[1:]):
         layers += [MaskedLinear(i, o), nn.BatchNorm1d(o, affine=False), nn.ReLU()]
-    net = nn.Sequential(*layers, MaskedLinear(1024, 784))
+    net = nn.Sequential(*layers, MaskedLinear(widths[-1], a.side * a.side))
     blur = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]).view(1, 1, 3, 3) / 16
 
     def generate(n):
-        h = F.conv2d(net(torch.randn(n, 32)).view(-1, 1, 28, 28), blur, padding=1)
+        h = net(torch.randn(n, a.latent)).view(-1, 1, a.side, a.side)
+        h = F.interpolate(h, size=(28, 28), mode="nearest")
+        if not a.no_blur:
+            h = F.conv2d(h, blur, padding=1)
         return torch.tanh(h).view(n, 784)
 
     def mmd(x, y, sigmas):
@@ -108,10 +120,13 @@ def main():
             med = torch.cdist(f, f).median().item()
         feature_sigmas = [m * med for m in (0.25, 0.5, 1, 2, 4)]
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), eps=1e-8)
+    opt = torch.optim.Adam(params, lr=lr, betas=(a.beta1, 0.999), eps=1e-8)
     start = time.time()
     for step in range(a.steps):
-        x = generate(a.batch)
+        if a.cosine_lr:
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / a.steps))
+        x = generate(a.gen_batch or a.batch)
         y = real[torch.randint(0, len(real), (a.batch,))]
         loss = mmd(x * 0.5, y * 0.5, sigmas)  # distances between pixels in [0, 1]
         if a.features:

@@ -311,6 +311,7 @@ impl Architecture {
             "mlp28" => Ok(mlp28(channels)),
             "mlp28-wide" => Ok(mlp28_wide(channels)),
             "mlp28-deep" => Ok(mlp28_deep(channels)),
+            "mlp28-up" => Ok(mlp28_up(channels)),
             _ => Err(Error::invalid(format!(
                 "unknown architecture {name:?}; presets: {}",
                 PRESETS.join(", ")
@@ -450,32 +451,51 @@ pub fn mlp28_wide(channels: usize) -> Architecture {
     mlp28_hidden("mlp28-wide", channels, &[256, 1024])
 }
 
-/// mlp28-wide with a third hidden layer (256, 512, 1024): the default generator. In the
-/// 10-minute default run it reached lower MMD and higher precision, density and coverage than
-/// mlp28-wide (README's table) for 25% more time a step.
+/// mlp28-wide with a third hidden layer (256, 512, 1024), the default generator before mlp28-up.
+/// In the 10-minute default run it reached lower MMD and higher precision, density and coverage
+/// than mlp28-wide (README's table) for 25% more time a step.
 pub fn mlp28_deep(channels: usize) -> Architecture {
     mlp28_hidden("mlp28-deep", channels, &[256, 512, 1024])
+}
+
+/// mlp28-deep whose output layer draws a 14x14 image, upsampled 2x (nearest) to 28x28 before
+/// the smoothing: the default generator. The output layer, 55% of mlp28-deep's weights, shrinks
+/// 4x, so a step takes about 0.65 of the time, and each kept output weight shapes a 2x2 block,
+/// which reads better per step (README's table).
+pub fn mlp28_up(channels: usize) -> Architecture {
+    mlp_hidden("mlp28-up", channels, &[256, 512, 1024], 14)
 }
 
 /// Latent 32, then `Linear, BatchNorm, ReLU` per hidden width, the masked output layer,
 /// smoothing and tanh.
 fn mlp28_hidden(name: &str, channels: usize, hidden: &[usize]) -> Architecture {
+    mlp_hidden(name, channels, hidden, 28)
+}
+
+/// [`mlp28_hidden`] with the output layer drawing `side` x `side` images, upsampled 2x until
+/// they are 28x28.
+fn mlp_hidden(name: &str, channels: usize, hidden: &[usize], side: usize) -> Architecture {
     let mut layers = Vec::new();
     for &outputs in hidden {
         layers.extend([Layer::Linear { outputs }, Layer::BatchNorm, Layer::Relu]);
     }
     layers.extend([
         Layer::Linear {
-            outputs: channels * 28 * 28,
+            outputs: channels * side * side,
         },
         Layer::Reshape {
             c: channels,
-            h: 28,
-            w: 28,
+            h: side,
+            w: side,
         },
-        Layer::Blur,
-        Layer::Tanh,
     ]);
+    let mut s = side;
+    while s < 28 {
+        layers.push(Layer::Upsample2x);
+        s *= 2;
+    }
+    assert_eq!(s, 28, "side must be 28 / 2^k");
+    layers.extend([Layer::Blur, Layer::Tanh]);
     Architecture {
         name: name.into(),
         latent: 32,
@@ -528,6 +548,7 @@ mod tests {
             ("mlp28", 540_672),
             ("mlp28-wide", 1_073_152),
             ("mlp28-deep", 1_466_368),
+            ("mlp28-up", 864_256),
         ] {
             let a = Architecture::preset(name, 1).unwrap();
             assert_eq!(a.masked_weights().unwrap(), weights, "{name}");
