@@ -96,8 +96,8 @@ struct TrainArgs {
     /// Output folder: metrics.jsonl, samples.png, samples/, checkpoint.bin, model.prism.
     #[arg(long, default_value = "runs/mnist")]
     out: PathBuf,
-    /// Generator preset: mlp28-deep, mlp28-wide, mlp28, conv28, conv28-wide (28x28) or resnet32 (the
-    /// paper's, 32x32).
+    /// Generator preset: mlp28-up, mlp28-deep, mlp28-wide, mlp28, conv28, conv28-wide (28x28) or
+    /// resnet32 (the paper's, 32x32).
     #[arg(long, default_value_t = TrainConfig::default().arch)]
     arch: String,
     /// Number of clients.

@@ -110,9 +110,9 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             dataset: "mnist".into(),
-            arch: "mlp28-deep".into(),
+            arch: "mlp28-up".into(),
             clients: 10,
-            rounds: 10,
+            rounds: 12,
             local_steps: 50,
             batch: 128,
             real_batch: 128,
