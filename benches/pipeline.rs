@@ -80,7 +80,7 @@ fn bench_generation(c: &mut Criterion) {
     let presets = presets(if quick() {
         &["conv28"]
     } else {
-        &["mlp28-deep", "conv28", "resnet32"]
+        &["mlp28-up", "mlp28-deep", "conv28", "resnet32"]
     });
     let mut group = c.benchmark_group("generation");
     let mut report = Vec::new();
@@ -155,7 +155,7 @@ fn bench_training(c: &mut Criterion) {
     let presets = presets(if quick() {
         &["mlp28"]
     } else {
-        &["mlp28-deep", "conv28", "mlp28"]
+        &["mlp28-up", "mlp28-deep", "conv28", "mlp28"]
     });
     let mut group = c.benchmark_group("training");
     for &preset in &presets {

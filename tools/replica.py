@@ -6,7 +6,8 @@ The replica follows PRISM.md sections 1 to 3 as prism implements them for `mlp28
 Linear-BatchNorm(no affine)-ReLU at 256, 512 and 1024, Linear to 784, a fixed 3x3 binomial blur
 of the pre-activations, tanh; frozen signed-constant weights with scores s ~ N(0, 1), a fresh
 Bernoulli(sigmoid(s)) mask each step and the p-scaled estimator; Adam(lr, betas (0.5, 0.999)) on
-the scores; sqrt of the biased MMD^2 with GMMN's bandwidths on pixels in [0, 1]. `--dense` trains
+the scores; sqrt of the biased MMD^2 with GMMN's bandwidths on pixels in [0, 1]. `--side 14` is
+the default `mlp28-up` (the output layer draws 14x14, upsampled 2x before the blur). `--dense` trains
 ordinary Kaiming-normal weights of the same network instead (Adam lr 1e-3), the baseline that
 shows what masking costs. Its random numbers are PyTorch's, so it matches prism in distribution,
 not bit for bit.
