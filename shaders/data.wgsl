@@ -1,6 +1,8 @@
 // Real minibatches drawn on the GPU from a client's images, so a training step needs nothing
 // from the host: sample b of a step is image rng(key(key(DATA, client), step), b) mod count.
 // Images are stored as bytes, four to a word, and come out as floats in [-1, 1].
+// `load_range` reads images first .. first + batch in order instead (a pass over all of a
+// client's data, for statistics); rows past the last image come out as -1 (black).
 //% include "common.wgsl"
 //% include "rng.wgsl"
 
@@ -8,7 +10,7 @@ struct Params {
     pixels: u32,   // bytes per image
     count: u32,    // images of this client
     batch: u32,
-    key: u32,      // key(seed, DATA)
+    key: u32,      // gather: key(seed, DATA); load_range: the first image
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> step: StepState;
@@ -27,6 +29,23 @@ fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let k = rng_key(rng_key(p.key, step.client), step.step);
     let img = rng_u32(k, b) % p.count;
     let byte = img * p.pixels + px;
+    let v = (images[byte / 4u] >> (8u * (byte % 4u))) & 0xffu;
+    out[e] = f32(v) / 127.5 - 1.0;
+}
+
+@compute @workgroup_size(256)
+fn load_range(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
+    let e = linear_workgroup(wid, nwg) * 256u + li;
+    if (e >= p.batch * p.pixels) {
+        return;
+    }
+    let img = p.key + e / p.pixels;
+    if (img >= p.count) {
+        out[e] = -1.0;
+        return;
+    }
+    let byte = img * p.pixels + e % p.pixels;
     let v = (images[byte / 4u] >> (8u * (byte % 4u))) & 0xffu;
     out[e] = f32(v) / 127.5 - 1.0;
 }

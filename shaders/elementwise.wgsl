@@ -1,6 +1,6 @@
 // Elementwise and layout operations the generator needs around its masked layers: ReLU, tanh,
-// nearest 2x upsampling and its adjoint, residual adds, scaling, and Gaussian latents drawn
-// from the counter-based hash (rng.wgsl).
+// nearest 2x upsampling and its adjoint, residual adds, scaling, weighted sums of loss
+// gradients, and Gaussian latents drawn from the counter-based hash (rng.wgsl).
 //% include "common.wgsl"
 //% include "rng.wgsl"
 
@@ -150,6 +150,30 @@ fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     if (i < p.n) {
         out[i] = p.alpha * a[i];
     }
+}
+
+// out = alpha * a + b (a loss term's gradient added to another's with its weight)
+@compute @workgroup_size(256)
+fn axpy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i < p.n) {
+        out[i] = fma(p.alpha, a[i], b[i]);
+    }
+}
+
+// Transpose of a [rows, cols] matrix: out [cols, rows]; p.h = rows, p.w = cols, p.inv = 1 / rows.
+// One invocation per output element (reads are strided, writes contiguous).
+@compute @workgroup_size(256)
+fn transpose(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i >= p.n) {
+        return;
+    }
+    let c = div_small(i, p.h, p.inv);   // output row = input column
+    let r = i - c * p.h;
+    out[i] = a[r * p.w + c];
 }
 
 // out = standard normal latents of this step: element i of the stream

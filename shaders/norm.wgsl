@@ -9,6 +9,11 @@
 // each, so that neighbouring lanes read neighbouring channels and no barrier is needed.
 //
 // Backward: dx = invstd * (dy - mean(dy) - y * mean(dy * y)), the same per-channel reduction.
+//
+// BatchNorm in inference form (a pretrained encoder's, with its running statistics and affine
+// parameters) and a convolution's bias are both a fixed per-channel affine map
+// y = a_c x + b_c: `affine` applies it, `affine_backward` (dx = a_c dy) is its input gradient.
+// The host folds bias, running mean and variance, weight and shift into (a_c, b_c).
 //% include "common.wgsl"
 
 struct Params {
@@ -16,6 +21,10 @@ struct Params {
     channels: u32,
     size: u32,
     eps: f32,
+    n: u32,              // affine: elements
+    inv_size: f32,       // affine: 1 / size, for div_small
+    inv_channels: f32,   // affine: 1 / channels, for div_small
+    _pad: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -25,6 +34,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> yn: array<f32>;                 // forward output
 @group(0) @binding(6) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(7) var<storage, read> stats_in: array<vec2<f32>>;
+@group(0) @binding(8) var<storage, read> coef: array<vec2<f32>>;       // affine: (a_c, b_c)
 
 const WG: u32 = 256u;
 var<workgroup> red_a: array<f32, 256>;
@@ -162,4 +172,33 @@ fn backward_small(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         let e = element(c, j);
         dx[e] = invstd * (dy[e] - mean_dy - yn[e] * mean_dyy);
     }
+}
+
+// Channel of element e of a [batch, channels, size] tensor.
+fn channel_of(e: u32) -> u32 {
+    let plane = div_small(e, p.size, p.inv_size);
+    return plane - div_small(plane, p.channels, p.inv_channels) * p.channels;
+}
+
+// y = a_c x + b_c, one invocation per element.
+@compute @workgroup_size(256)
+fn affine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let e = linear_workgroup(wid, nwg) * 256u + li;
+    if (e >= p.n) {
+        return;
+    }
+    let ab = coef[channel_of(e)];
+    y[e] = fma(ab.x, x[e], ab.y);
+}
+
+// dx = a_c dy.
+@compute @workgroup_size(256)
+fn affine_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) li: u32) {
+    let e = linear_workgroup(wid, nwg) * 256u + li;
+    if (e >= p.n) {
+        return;
+    }
+    dx[e] = coef[channel_of(e)].x * dy[e];
 }

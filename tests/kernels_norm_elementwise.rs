@@ -1,4 +1,4 @@
-//! BatchNorm, ReLU, tanh, upsampling, add/scale and latents against CPU twins, with
+//! BatchNorm, ReLU, tanh, upsampling, add/scale/axpy and latents against CPU twins, with
 //! finite-difference checks of every backward.
 
 mod common;
@@ -254,6 +254,25 @@ fn upsampling_past_two_to_the_24_elements_indexes_exactly() {
 }
 
 #[test]
+fn transpose_matches_cpu() {
+    let mut rng = HostRng::new(48, &[]);
+    for gpu in devices() {
+        for (rows, cols) in [(1, 1), (1, 7), (5, 3), (257, 33), (6000, 9)] {
+            let a = uniform(&mut rng, rows * cols);
+            let (ta, tt) = (up(&gpu, &a), out(&gpu, a.len()));
+            gpu.run(&[&ew::transpose(&gpu, rows, cols, &ta, &tt).unwrap()])
+                .unwrap();
+            let t = gpu.read_f32(&tt).unwrap();
+            assert_eq!(t, ew::cpu::transpose(rows, cols, &a), "{rows}x{cols}");
+        }
+    }
+    assert_eq!(
+        ew::cpu::transpose(2, 3, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+        vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+    );
+}
+
+#[test]
 fn add_scale_and_latents() {
     let gpu = common::gpu();
     let mut rng = HostRng::new(44, &[]);
@@ -262,7 +281,19 @@ fn add_scale_and_latents() {
     let (ta, tb, to, ts) = (up(&gpu, &a), up(&gpu, &b), out(&gpu, 1001), out(&gpu, 1001));
     let k1 = ew::add(&gpu, &ta, &tb, &to).unwrap();
     let k2 = ew::scale(&gpu, -2.5, &ta, &ts).unwrap();
-    gpu.run(&[&k1, &k2]).unwrap();
+    let tw = out(&gpu, 1001);
+    let k3 = ew::axpy(&gpu, 0.75, &ta, &tb, &tw).unwrap();
+    gpu.run(&[&k1, &k2, &k3]).unwrap();
+    assert_close(
+        "axpy",
+        &gpu.read_f32(&tw).unwrap(),
+        &a.iter()
+            .zip(&b)
+            .map(|(x, y)| 0.75 * x + y)
+            .collect::<Vec<_>>(),
+        1e-7,
+        1e-6,
+    );
     assert_eq!(
         gpu.read_f32(&to).unwrap(),
         a.iter().zip(&b).map(|(x, y)| x + y).collect::<Vec<_>>()

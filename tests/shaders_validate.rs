@@ -76,6 +76,8 @@ fn weight_mask_and_adam_kernels_validate() {
     check(ShaderKey::new("norm.wgsl"));
     check(ShaderKey::new("mmd.wgsl"));
     check(ShaderKey::new("data.wgsl"));
+    check(ShaderKey::new("pool.wgsl"));
+    check(ShaderKey::new("moments.wgsl"));
     check(ShaderKey::new("elementwise.wgsl"));
     check(ShaderKey::new("adam.wgsl"));
 }

@@ -37,6 +37,8 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("adam.wgsl", include_str!("../../shaders/adam.wgsl")),
     ("mmd.wgsl", include_str!("../../shaders/mmd.wgsl")),
     ("data.wgsl", include_str!("../../shaders/data.wgsl")),
+    ("pool.wgsl", include_str!("../../shaders/pool.wgsl")),
+    ("moments.wgsl", include_str!("../../shaders/moments.wgsl")),
 ];
 
 /// A template variable's value.

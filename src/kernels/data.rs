@@ -69,6 +69,48 @@ pub fn gather(
         .build()?)
 }
 
+/// out [batch, pixels] <- images `first` .. `first + batch` of `count`, in order, as floats in
+/// [-1, 1]; rows past the last image are -1.
+pub fn load_range(
+    gpu: &Gpu,
+    images: &Tensor,
+    count: usize,
+    pixels: usize,
+    first: usize,
+    out: &Tensor,
+) -> Result<Kernel> {
+    check(images, (count * pixels).div_ceil(4), DType::U32, "images")?;
+    let batch = out.len() / pixels.max(1);
+    check(out, batch * pixels, DType::F32, "image batch")?;
+    u32_of(count * pixels, "image bytes")?;
+    if first >= count {
+        return Err(Error::invalid(format!(
+            "images from {first}: only {count} images"
+        )));
+    }
+    let p = Params {
+        pixels: pixels as u32,
+        count: count as u32,
+        batch: batch as u32,
+        key: first as u32,
+    };
+    Ok(gpu
+        .kernel(ShaderKey::new("data.wgsl"), "load_range")
+        .params(&p)
+        .bind("images", images)
+        .bind("out", out)
+        .groups(groups_for(batch * pixels, 256)?)
+        .build()?)
+}
+
+/// CPU twin of [`load_range`] (and of one row of [`gather`]): image `i` of `bytes` as floats.
+pub fn image_values(bytes: &[u8], pixels: usize, i: usize) -> Vec<f32> {
+    bytes[i * pixels..(i + 1) * pixels]
+        .iter()
+        .map(|&b| b as f32 / 127.5 - 1.0)
+        .collect()
+}
+
 /// CPU twin: the image indices of a step's batch.
 pub fn batch_indices(seed: u32, step: &StepState, count: usize, batch: usize) -> Vec<usize> {
     let k = rng::key(rng::key(data_key(seed), step.client), step.step);

@@ -1,5 +1,6 @@
 //! Elementwise and layout kernels (`shaders/elementwise.wgsl`): ReLU, tanh, nearest 2x
-//! upsampling and its adjoint, fixed 3x3 smoothing, add, scale, and Gaussian latents.
+//! upsampling and its adjoint, fixed 3x3 smoothing, add, scale, axpy, transpose, and Gaussian
+//! latents.
 
 use super::StepState;
 use super::{check, groups_for, u32_of};
@@ -95,6 +96,33 @@ pub fn scale(gpu: &Gpu, alpha: f32, a: &Tensor, out: &Tensor) -> Result<Kernel> 
         ..Default::default()
     };
     launch(gpu, "scale", p, &[("a", a)], out)
+}
+
+/// out <- alpha * a + b.
+pub fn axpy(gpu: &Gpu, alpha: f32, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<Kernel> {
+    let n = a.len();
+    check(b, n, DType::F32, "axpy")?;
+    check(out, n, DType::F32, "axpy")?;
+    let p = Params {
+        n: u32_of(n, "elements")?,
+        alpha,
+        ..Default::default()
+    };
+    launch(gpu, "axpy", p, &[("a", a), ("b", b)], out)
+}
+
+/// out [cols, rows] <- the transpose of a [rows, cols].
+pub fn transpose(gpu: &Gpu, rows: usize, cols: usize, a: &Tensor, out: &Tensor) -> Result<Kernel> {
+    check(a, rows * cols, DType::F32, "transpose input")?;
+    check(out, rows * cols, DType::F32, "transpose output")?;
+    let p = Params {
+        n: check_small(rows * cols)?,
+        h: rows as u32,
+        w: cols as u32,
+        inv: 1.0 / rows.max(1) as f32,
+        ..Default::default()
+    };
+    launch(gpu, "transpose", p, &[("a", a)], out)
 }
 
 /// `div_small` in the shaders is exact below 2^31.
@@ -202,6 +230,13 @@ pub fn latent(gpu: &Gpu, base_key: u32, step: &Tensor, out: &Tensor) -> Result<K
 pub mod cpu {
     use crate::kernels::StepState;
     use crate::rng;
+
+    /// out [cols, rows] = a [rows, cols] transposed.
+    pub fn transpose(rows: usize, cols: usize, a: &[f32]) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| a[(i % rows) * cols + i / rows])
+            .collect()
+    }
 
     pub fn upsample2x(planes: usize, h: usize, w: usize, x: &[f32]) -> Vec<f32> {
         let mut out = vec![0f32; 4 * planes * h * w];

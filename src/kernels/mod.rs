@@ -11,7 +11,9 @@ pub mod elementwise;
 pub mod mask;
 pub mod matmul;
 pub mod mmd;
+pub mod moments;
 pub mod norm;
+pub mod pool;
 pub mod weights;
 
 use crate::error::{Error, Result};

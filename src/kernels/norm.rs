@@ -1,7 +1,9 @@
-//! Batch normalisation with batch statistics and no affine parameters (`shaders/norm.wgsl`).
+//! Batch normalisation with batch statistics and no affine parameters, and the fixed
+//! per-channel affine map of BatchNorm in inference form and of conv biases
+//! (`shaders/norm.wgsl`).
 
-use super::{check, u32_of};
-use crate::error::Result;
+use super::{check, groups_for, u32_of};
+use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
 
@@ -46,6 +48,10 @@ struct Params {
     channels: u32,
     size: u32,
     eps: f32,
+    n: u32,
+    inv_size: f32,
+    inv_channels: f32,
+    _pad: u32,
 }
 
 fn params(s: &NormShape) -> Result<Params> {
@@ -54,7 +60,81 @@ fn params(s: &NormShape) -> Result<Params> {
         channels: u32_of(s.channels, "channels")?,
         size: u32_of(s.size, "positions")?,
         eps: EPS,
+        n: 0,
+        inv_size: 1.0 / s.size.max(1) as f32,
+        inv_channels: 1.0 / s.channels.max(1) as f32,
+        _pad: 0,
     })
+}
+
+/// Parameters of the per-channel affine kernels (whose index arithmetic is exact below 2^31).
+fn affine_params(s: &NormShape) -> Result<Params> {
+    if s.len() >= 1 << 31 || s.is_empty() {
+        return Err(Error::invalid(format!(
+            "per-channel affine map of {s:?}: 1 to 2^31 - 1 elements are supported"
+        )));
+    }
+    Ok(Params {
+        n: s.len() as u32,
+        ..params(s)?
+    })
+}
+
+/// y <- a_c x + b_c per channel c; `coef` holds (a_c, b_c) pairs (2 * channels f32).
+pub fn affine(gpu: &Gpu, s: &NormShape, coef: &Tensor, x: &Tensor, y: &Tensor) -> Result<Kernel> {
+    check(x, s.len(), DType::F32, "affine input")?;
+    check(y, s.len(), DType::F32, "affine output")?;
+    check(coef, 2 * s.channels, DType::F32, "affine coefficients")?;
+    Ok(gpu
+        .kernel(ShaderKey::new("norm.wgsl"), "affine")
+        .params(&affine_params(s)?)
+        .bind("coef", coef)
+        .bind("x", x)
+        .bind("y", y)
+        .groups(groups_for(s.len(), 256)?)
+        .build()?)
+}
+
+/// dx <- a_c dy (the input gradient of [`affine`]).
+pub fn affine_backward(
+    gpu: &Gpu,
+    s: &NormShape,
+    coef: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+) -> Result<Kernel> {
+    check(dy, s.len(), DType::F32, "affine output gradient")?;
+    check(dx, s.len(), DType::F32, "affine input gradient")?;
+    check(coef, 2 * s.channels, DType::F32, "affine coefficients")?;
+    Ok(gpu
+        .kernel(ShaderKey::new("norm.wgsl"), "affine_backward")
+        .params(&affine_params(s)?)
+        .bind("coef", coef)
+        .bind("dy", dy)
+        .bind("dx", dx)
+        .groups(groups_for(s.len(), 256)?)
+        .build()?)
+}
+
+/// The (a, b) of BatchNorm in inference form after a layer with bias `bias` (PyTorch's
+/// `y = weight (x + bias - running_mean) / sqrt(running_var + eps) + shift`), per channel, as
+/// [`affine`] takes them. Computed in f64.
+pub fn fold_batchnorm(
+    bias: Option<&[f32]>,
+    mean: &[f32],
+    var: &[f32],
+    weight: &[f32],
+    shift: &[f32],
+    eps: f64,
+) -> Vec<f32> {
+    let mut coef = Vec::with_capacity(2 * mean.len());
+    for c in 0..mean.len() {
+        let a = weight[c] as f64 / (var[c] as f64 + eps).sqrt();
+        let b0 = bias.map_or(0.0, |b| b[c] as f64);
+        coef.push(a as f32);
+        coef.push((a * (b0 - mean[c] as f64) + shift[c] as f64) as f32);
+    }
+    coef
 }
 
 /// y <- normalised x; stats <- (mean, invstd) per channel (2 * channels f32).
@@ -101,6 +181,23 @@ pub fn backward(
 /// CPU twins (f64).
 pub mod cpu {
     use super::{NormShape, EPS};
+
+    /// y = a_c x + b_c.
+    pub fn affine(s: &NormShape, coef: &[f32], x: &[f32]) -> Vec<f32> {
+        (0..s.len())
+            .map(|e| {
+                let c = (e / s.size) % s.channels;
+                (coef[2 * c] as f64 * x[e] as f64 + coef[2 * c + 1] as f64) as f32
+            })
+            .collect()
+    }
+
+    /// dx = a_c dy.
+    pub fn affine_backward(s: &NormShape, coef: &[f32], dy: &[f32]) -> Vec<f32> {
+        (0..s.len())
+            .map(|e| coef[2 * ((e / s.size) % s.channels)] * dy[e])
+            .collect()
+    }
 
     fn idx(s: &NormShape, b: usize, c: usize, j: usize) -> usize {
         (b * s.channels + c) * s.size + j
