@@ -26,12 +26,14 @@ pub fn fold_workgroups(n: u32, max: u32) -> [u32; 3] {
     [max, max, z]
 }
 
-/// A ready-to-record launch.
+/// A ready-to-record launch. Cloning is cheap (shared handles): a composite program, such as a
+/// loss built from an encoder's passes, lists the kernels of its parts.
+#[derive(Clone)]
 pub struct Kernel {
     entry: Arc<PipelineEntry>,
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
-    _params: Option<PooledBuffer>,
+    _params: Option<Arc<PooledBuffer>>,
     /// The pooled buffers the bind group references: held so that the pool cannot lend them
     /// out again while this kernel may still run.
     _bound: Vec<Arc<PooledBuffer>>,
@@ -222,7 +224,7 @@ impl<'a> KernelBuilder<'a> {
             entry,
             bind_group,
             workgroups,
-            _params: params,
+            _params: params.map(Arc::new),
             _bound: bound,
         })
     }

@@ -36,6 +36,16 @@ pub enum Layer {
     /// connected generator it turns independent per-pixel mask noise into a 2.7x smaller,
     /// spatially smooth residue, so the loss spends its signal on shapes, not on speckle.
     Blur,
+    /// 2x2 max pooling with stride 2 (PyTorch's `MaxPool2d(2)`: odd last rows and columns
+    /// dropped). Encoders only pool; generators have no use for it.
+    MaxPool2,
+    /// 2x2 average pooling with stride 2 (`AvgPool2d(2)`).
+    AvgPool2,
+    /// A fixed per-channel affine map `a_c x + b_c`: a pretrained encoder's conv bias and
+    /// BatchNorm in inference form, folded. Its parameters are loaded with the encoder (they are
+    /// not a function of the seed), so generators, whose files hold only a seed and a mask,
+    /// cannot have one.
+    Affine,
     /// Views flat activations as images.
     Reshape {
         c: usize,
@@ -171,7 +181,17 @@ impl Layer {
                     _ => return bad("empty output"),
                 }
             }
-            Layer::BatchNorm | Layer::Relu | Layer::Tanh | Layer::Blur => s,
+            Layer::BatchNorm | Layer::Relu | Layer::Tanh | Layer::Blur | Layer::Affine => s,
+            Layer::MaxPool2 | Layer::AvgPool2 => {
+                if s.h < 2 || s.w < 2 {
+                    return bad("2x2 pooling needs at least 2 x 2 positions");
+                }
+                Shape {
+                    c: s.c,
+                    h: s.h / 2,
+                    w: s.w / 2,
+                }
+            }
             Layer::Upsample2x => Shape {
                 c: s.c,
                 h: 2 * s.h,
@@ -197,6 +217,15 @@ impl Layer {
             }
         })
     }
+}
+
+/// Whether any layer, inside residual blocks too, satisfies `pred`.
+pub fn any_layer(layers: &[Layer], pred: &dyn Fn(&Layer) -> bool) -> bool {
+    layers.iter().any(|l| {
+        pred(l)
+            || matches!(l, Layer::Residual { main, skip }
+                if any_layer(main, pred) || any_layer(skip, pred))
+    })
 }
 
 /// The shape after a list of layers.
@@ -288,10 +317,17 @@ impl Architecture {
         Ok(())
     }
 
-    /// Checks the architecture: shapes compose, at least one masked layer, image output.
+    /// Checks the architecture: shapes compose, at least one masked layer, image output, and no
+    /// layer with loaded parameters (a generator is a seed and a mask).
     pub fn validate(&self) -> Result<Shape> {
         if self.latent == 0 {
             return Err(Error::invalid("latent size must be positive"));
+        }
+        if any_layer(&self.layers, &|l| matches!(l, Layer::Affine)) {
+            return Err(Error::invalid(
+                "a generator cannot have Affine layers: their parameters are loaded with an \
+                 encoder, and a generator is only a seed and a mask",
+            ));
         }
         let out = self.output()?;
         if self.masked_layers()?.is_empty() {
@@ -369,20 +405,31 @@ fn res_block(cout: usize) -> Layer {
 /// 128 -> 512 (1x1 -> 4x4), residual blocks 512 -> 256 -> 128 -> 64, then BN, ReLU,
 /// conv3x3 64 -> channels, tanh. 3,543,616 masked weights for one channel.
 pub fn resnet32(channels: usize) -> Architecture {
+    resnet("resnet32", channels, 128, [512, 256, 128, 64])
+}
+
+/// The paper's ResNet layout at other widths: latent, transposed conv to `widths[0]` at 4x4,
+/// residual blocks to `widths[1..]` doubling the side each (4 -> 32), BN, ReLU, conv3x3 to
+/// `channels`, tanh.
+pub fn resnet(name: &str, channels: usize, latent: usize, widths: [usize; 4]) -> Architecture {
     Architecture {
-        name: "resnet32".into(),
-        latent: 128,
+        name: name.into(),
+        latent,
         layers: vec![
-            Layer::Reshape { c: 128, h: 1, w: 1 },
+            Layer::Reshape {
+                c: latent,
+                h: 1,
+                w: 1,
+            },
             Layer::ConvT {
-                cout: 512,
+                cout: widths[0],
                 k: 4,
                 stride: 1,
                 pad: 0,
             },
-            res_block(256),
-            res_block(128),
-            res_block(64),
+            res_block(widths[1]),
+            res_block(widths[2]),
+            res_block(widths[3]),
             Layer::BatchNorm,
             Layer::Relu,
             Layer::Conv {

@@ -6,4 +6,4 @@ pub mod cpu;
 pub mod network;
 
 pub use arch::{Architecture, Layer, Shape, PRESETS};
-pub use network::{Backward, BuildOptions, MaskedLayer, Network, Program, WeightMode};
+pub use network::{Backward, BuildOptions, MaskedLayer, Network, Program, Tap, WeightMode};

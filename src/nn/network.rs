@@ -10,6 +10,7 @@ use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::conv::{self, ConvShape, ConvTransposeShape};
 use crate::kernels::matmul::{self, Estimator, LinearShape};
 use crate::kernels::norm::{self, NormShape};
+use crate::kernels::pool::{self, Pool, PoolShape};
 use crate::kernels::{adam, elementwise as ew, mask, Init, LayerWeights, MaskSource, Precision};
 
 /// Kernels to run in order, with the scratch tensors they need kept alive.
@@ -127,6 +128,16 @@ enum Node {
     Blur {
         y: Act,
     },
+    Pool {
+        pool: Pool,
+        x: Act,
+        y: Act,
+    },
+    Affine {
+        x: Act,
+        y: Act,
+        coef: Rc<Tensor>,
+    },
     Reshape {
         x: Act,
     },
@@ -151,9 +162,26 @@ pub struct Network {
     /// dL/d input (Backward::Input).
     pub grad_input: Option<Rc<Tensor>>,
     pub layers: Vec<MaskedLayer>,
+    /// (a_c, b_c) coefficients of each Affine layer in order, [2 channels] each, identity
+    /// until an encoder loader writes them.
+    pub affine: Vec<Rc<Tensor>>,
+    /// The tapped activations ([`Network::build_tapped`]), in tap order.
+    pub taps: Vec<Tap>,
     pub forward: Program,
     pub backward: Program,
     acts: Vec<Rc<Tensor>>,
+}
+
+/// An activation a loss reads (a feature encoder's layer output) and, with an input backward,
+/// the gradient the loss writes for it.
+pub struct Tap {
+    /// Index of the tapped layer in the architecture's layer list.
+    pub layer: usize,
+    pub output: Rc<Tensor>,
+    pub shape: Shape,
+    /// dL/d output, added into the backward pass (the last tap's is the network's
+    /// `grad_output`).
+    pub grad: Option<Rc<Tensor>>,
 }
 
 struct Builder<'g> {
@@ -165,6 +193,7 @@ struct Builder<'g> {
     step: Option<Rc<Tensor>>,
     forward: Program,
     acts: Vec<Rc<Tensor>>,
+    affine: Vec<Rc<Tensor>>,
 }
 
 impl<'g> Builder<'g> {
@@ -234,9 +263,12 @@ impl<'g> Builder<'g> {
         Ok(idx)
     }
 
-    fn build(&mut self, layers: &[Layer], mut x: Act) -> Result<(Act, Vec<Node>)> {
+    /// Records the forward kernels of `layers` on input `x`: the output, the tape for the
+    /// backward pass, and each layer's output.
+    fn build(&mut self, layers: &[Layer], mut x: Act) -> Result<(Act, Vec<Node>, Vec<Act>)> {
         let b = self.opts.batch;
         let mut tape = Vec::new();
+        let mut outs = Vec::with_capacity(layers.len());
         for spec in layers {
             let out_shape = spec.output_shape(x.shape)?;
             let node = match spec {
@@ -341,10 +373,54 @@ impl<'g> Builder<'g> {
                     )?);
                     Node::Blur { y }
                 }
+                Layer::MaxPool2 | Layer::AvgPool2 => {
+                    let y = self.act(out_shape, "pooled")?;
+                    let pool = if matches!(spec, Layer::MaxPool2) {
+                        Pool::Max
+                    } else {
+                        Pool::Avg
+                    };
+                    self.forward.push(pool::forward(
+                        self.gpu,
+                        pool,
+                        &pool_shape(b, x.shape),
+                        &x.t,
+                        &y.t,
+                    )?);
+                    Node::Pool {
+                        pool,
+                        x: x.clone(),
+                        y,
+                    }
+                }
+                Layer::Affine => {
+                    let y = self.act(out_shape, "affine")?;
+                    let identity: Vec<f32> = (0..2 * x.shape.c)
+                        .map(|i| if i % 2 == 0 { 1.0 } else { 0.0 })
+                        .collect();
+                    let coef = Rc::new(self.gpu.upload_f32(
+                        &identity,
+                        &[2 * x.shape.c],
+                        "affine coefficients",
+                    )?);
+                    self.affine.push(coef.clone());
+                    self.forward.push(norm::affine(
+                        self.gpu,
+                        &norm_shape(b, x.shape),
+                        &coef,
+                        &x.t,
+                        &y.t,
+                    )?);
+                    Node::Affine {
+                        x: x.clone(),
+                        y,
+                        coef,
+                    }
+                }
                 Layer::Reshape { .. } => Node::Reshape { x: x.clone() },
                 Layer::Residual { main, skip } => {
-                    let (ym, main_tape) = self.build(main, x.clone())?;
-                    let (ys, skip_tape) = self.build(skip, x.clone())?;
+                    let (ym, main_tape, _) = self.build(main, x.clone())?;
+                    let (ys, skip_tape, _) = self.build(skip, x.clone())?;
                     let y = self.act(out_shape, "residual sum")?;
                     self.forward.push(ew::add(self.gpu, &ym.t, &ys.t, &y.t)?);
                     tape.push(Node::Residual {
@@ -353,6 +429,7 @@ impl<'g> Builder<'g> {
                         x: x.clone(),
                     });
                     x = y;
+                    outs.push(x.clone());
                     continue;
                 }
             };
@@ -362,6 +439,8 @@ impl<'g> Builder<'g> {
                 | Node::Relu { y }
                 | Node::Tanh { y }
                 | Node::Blur { y }
+                | Node::Pool { y, .. }
+                | Node::Affine { y, .. }
                 | Node::Up { y, .. } => y.clone(),
                 Node::Reshape { x } => Act {
                     t: x.t.clone(),
@@ -370,8 +449,17 @@ impl<'g> Builder<'g> {
                 Node::Residual { .. } => unreachable!("handled above"),
             };
             tape.push(node);
+            outs.push(x.clone());
         }
-        Ok((x, tape))
+        Ok((x, tape, outs))
+    }
+}
+
+fn pool_shape(batch: usize, s: Shape) -> PoolShape {
+    PoolShape {
+        planes: batch * s.c,
+        h: s.h,
+        w: s.w,
     }
 }
 
@@ -436,9 +524,18 @@ struct BackBuilder<'g, 'n> {
     step: Option<&'n Tensor>,
     program: Program,
     grads: Vec<Rc<Tensor>>,
+    /// Gradients of tapped top-level layer outputs (by layer index) to add into the pass;
+    /// the last tap's is the pass's starting gradient and is not listed.
+    tap_grads: Vec<(usize, Rc<Tensor>)>,
 }
 
 impl BackBuilder<'_, '_> {
+    fn grad_like_tensor(&mut self, t: &Tensor, what: &str) -> Result<Rc<Tensor>> {
+        let g = Rc::new(self.gpu.tensor(t.shape(), DType::F32, what)?);
+        self.grads.push(g.clone());
+        Ok(g)
+    }
+
     fn grad_like(&mut self, a: &Act, what: &str) -> Result<Rc<Tensor>> {
         let t = Rc::new(self.gpu.tensor(
             &[self.opts.batch, a.shape.c, a.shape.h, a.shape.w],
@@ -457,16 +554,21 @@ impl BackBuilder<'_, '_> {
                 step: self.step.expect("step buffer"),
             },
             WeightMode::Packed => MaskSource::Packed(&l.bits),
-            WeightMode::Dense | WeightMode::Frozen => MaskSource::Frozen,
+            WeightMode::Dense => {
+                MaskSource::Dense(l.dense.as_ref().expect("dense networks have dense weights"))
+            }
+            WeightMode::Frozen => MaskSource::Frozen,
         }
     }
 
-    /// `need_input`: whether the caller needs dL/d(input of this tape).
+    /// `need_input`: whether the caller needs dL/d(input of this tape). `top`: the tape is the
+    /// network's own layer list (where taps are).
     fn back(
         &mut self,
         tape: &[Node],
         dy: Rc<Tensor>,
         need_input: bool,
+        top: bool,
     ) -> Result<Option<Rc<Tensor>>> {
         let b = self.opts.batch;
         let mut dy = dy;
@@ -483,6 +585,19 @@ impl BackBuilder<'_, '_> {
         for (i, node) in tape.iter().enumerate().rev() {
             let want_dx = i > first_needed || need_input;
             let scores_wanted = self.opts.backward == Backward::Scores;
+            if top {
+                let tapped = self
+                    .tap_grads
+                    .iter()
+                    .find(|(l, _)| *l == i)
+                    .map(|t| t.1.clone());
+                if let Some(g) = tapped {
+                    // This layer's output feeds the loss directly as well as the layers after it.
+                    let sum = self.grad_like_tensor(&dy, "tap gradient sum")?;
+                    self.program.push(ew::add(self.gpu, &dy, &g, &sum)?);
+                    dy = sum;
+                }
+            }
             match node {
                 Node::Masked {
                     layer,
@@ -651,10 +766,39 @@ impl BackBuilder<'_, '_> {
                     )?);
                     dy = dx;
                 }
+                Node::Pool { pool, x, .. } => {
+                    if !want_dx {
+                        return Ok(None);
+                    }
+                    let dx = self.grad_like(x, "pooling gradient")?;
+                    self.program.push(pool::backward(
+                        self.gpu,
+                        *pool,
+                        &pool_shape(b, x.shape),
+                        &x.t,
+                        &dy,
+                        &dx,
+                    )?);
+                    dy = dx;
+                }
+                Node::Affine { x, coef, .. } => {
+                    if !want_dx {
+                        return Ok(None);
+                    }
+                    let dx = self.grad_like(x, "affine gradient")?;
+                    self.program.push(norm::affine_backward(
+                        self.gpu,
+                        &norm_shape(b, x.shape),
+                        coef,
+                        &dy,
+                        &dx,
+                    )?);
+                    dy = dx;
+                }
                 Node::Reshape { .. } => {}
                 Node::Residual { main, skip, x } => {
-                    let dm = self.back(main, dy.clone(), want_dx)?;
-                    let ds = self.back(skip, dy.clone(), want_dx)?;
+                    let dm = self.back(main, dy.clone(), want_dx, false)?;
+                    let ds = self.back(skip, dy.clone(), want_dx, false)?;
                     if !want_dx {
                         return Ok(None);
                     }
@@ -696,17 +840,44 @@ impl Network {
         input: Option<Rc<Tensor>>,
         input_shape: Option<Shape>,
     ) -> Result<Network> {
+        Self::build_tapped(gpu, arch, opts, step, input, input_shape, &[])
+    }
+
+    /// [`Network::build`] with the outputs of the layers `taps` (indices into `arch.layers`,
+    /// increasing) exposed as [`Network::taps`]: a feature encoder whose loss reads several
+    /// layers. The network ends at the last tap; with an input backward, each tap gets a
+    /// gradient buffer that the backward pass adds in where that layer's output is used.
+    pub fn build_tapped(
+        gpu: &Gpu,
+        arch: &Architecture,
+        opts: BuildOptions,
+        step: Option<Rc<Tensor>>,
+        input: Option<Rc<Tensor>>,
+        input_shape: Option<Shape>,
+        taps: &[usize],
+    ) -> Result<Network> {
         if opts.batch == 0 {
             return Err(Error::invalid("batch size must be positive"));
         }
         if opts.mode == WeightMode::Train && step.is_none() {
             return Err(Error::invalid("training networks need a step-state buffer"));
         }
-        if opts.mode == WeightMode::Dense && opts.backward != Backward::None {
+        if opts.mode == WeightMode::Dense && opts.backward == Backward::Scores {
             return Err(Error::invalid(
-                "dense-weight networks are built for inference only",
+                "dense-weight networks have no scores to train",
             ));
         }
+        if taps.windows(2).any(|w| w[0] >= w[1]) || taps.last() >= Some(&arch.layers.len()) {
+            return Err(Error::invalid(format!(
+                "taps {taps:?}: increasing layer indices below {} expected",
+                arch.layers.len()
+            )));
+        }
+        let mut arch = arch.clone();
+        if let Some(&last) = taps.last() {
+            arch.layers.truncate(last + 1);
+        }
+        let arch = &arch;
         let in_shape = input_shape.unwrap_or(Shape::flat(arch.latent));
         let infos = {
             let mut a = arch.clone();
@@ -732,6 +903,7 @@ impl Network {
             step: step.clone(),
             forward: Program::default(),
             acts: Vec::new(),
+            affine: Vec::new(),
         };
         let input = match input {
             Some(t) => {
@@ -750,11 +922,12 @@ impl Network {
             t: input.clone(),
             shape: in_shape,
         };
-        let (out, tape) = b.build(&arch.layers, x)?;
+        let (out, tape, outs) = b.build(&arch.layers, x)?;
         let Builder {
             layers,
             forward,
             acts,
+            affine,
             ..
         } = b;
         let mut net = Network {
@@ -766,6 +939,16 @@ impl Network {
             grad_output: None,
             grad_input: None,
             layers,
+            affine,
+            taps: taps
+                .iter()
+                .map(|&l| Tap {
+                    layer: l,
+                    output: outs[l].t.clone(),
+                    shape: outs[l].shape,
+                    grad: None,
+                })
+                .collect(),
             forward,
             backward: Program::default(),
             acts,
@@ -776,6 +959,23 @@ impl Network {
                 DType::F32,
                 "output gradient",
             )?);
+            let last = net.taps.len().saturating_sub(1);
+            let mut tap_grads = Vec::new();
+            for (i, tap) in net.taps.iter_mut().enumerate() {
+                let g = if i == last {
+                    dy.clone()
+                } else {
+                    let s = tap.shape;
+                    let g = Rc::new(gpu.zeros(
+                        &[opts.batch, s.c, s.h, s.w],
+                        DType::F32,
+                        "tap gradient",
+                    )?);
+                    tap_grads.push((tap.layer, g.clone()));
+                    g
+                };
+                tap.grad = Some(g);
+            }
             let mut bb = BackBuilder {
                 gpu,
                 opts,
@@ -783,11 +983,18 @@ impl Network {
                 step: step.as_deref(),
                 program: Program::default(),
                 grads: Vec::new(),
+                tap_grads,
             };
-            let dx = bb.back(&tape, dy.clone(), opts.backward == Backward::Input)?;
-            let BackBuilder { program, grads, .. } = bb;
+            let dx = bb.back(&tape, dy.clone(), opts.backward == Backward::Input, true)?;
+            let BackBuilder {
+                program,
+                grads,
+                tap_grads,
+                ..
+            } = bb;
             net.backward = program;
             net.acts.extend(grads);
+            net.acts.extend(tap_grads.into_iter().map(|t| t.1));
             net.grad_input = dx;
             net.grad_output = Some(dy);
         }
