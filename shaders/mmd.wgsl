@@ -1,6 +1,6 @@
 // Kernel MMD between a generated batch x [n, d] and a real batch y [m, d] with a sum of
 // Gaussian kernels k(a, b) = sum_s exp(-|a - b|^2 / (2 sigma_s^2)), and its gradient with
-// respect to x. Also the mean-and-variance feature-matching loss of the reference code.
+// respect to x. (The reference code's mean-and-variance matching is moments.wgsl.)
 //
 //   concat      z = (x, y) in one [n + m, d] buffer
 //   (the Gram matrix G = z z^T is a masked_matmul forward with z as dense weights)
@@ -11,7 +11,6 @@
 //               trains, sqrt(MMD^2)), coef[i, j] = dLoss/d dist[i, j] and its row sums
 //   (c z = sum_j coef[i, j] z_j is a masked_matmul grad_input with z as dense weights)
 //   gradient    dx[i, :] = 2 scale (rowsum_i x_i - (c z)_i)
-//   moments     the mean-and-variance matching loss and its gradient
 //
 // `scale` maps the stored values to the space the bandwidths are meant for (0.25 turns
 // tanh outputs in [-1, 1] into pixels in [0, 1]).
@@ -34,7 +33,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> dist: array<f32>;
 @group(0) @binding(4) var<storage, read> dist_in: array<f32>;
 @group(0) @binding(5) var<storage, read_write> coef: array<f32>;
-@group(0) @binding(6) var<storage, read> coef_in: array<f32>;
 // loss: [0] MMD^2, [1] loss value, [2] mean k(x, x'), [3] mean k(y, y'), [4] mean k(x, y)
 @group(0) @binding(7) var<storage, read_write> loss: array<f32>;
 @group(0) @binding(8) var<storage, read> loss_in: array<f32>;
@@ -187,68 +185,4 @@ fn gradient(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
     let i = e / p.d;
     dx[e] = 2.0 * p.scale * (rowsum_in[i] * x[e] - cz[e]);
-}
-
-// Mean-and-variance matching: loss = sum_k (mu_x - mu_y)^2 + (var_x - var_y)^2 over features,
-// in the scaled space. One invocation per feature writes its gradient column and its term of
-// the loss to coef[k] (summed by the host or by `reduce_terms`).
-@compute @workgroup_size(256)
-fn moments(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-           @builtin(local_invocation_index) li: u32) {
-    let k = linear_workgroup(wid, nwg) * 256u + li;
-    if (k >= p.d) {
-        return;
-    }
-    let sc = sqrt(p.scale);
-    var mx = 0.0;
-    for (var i = 0u; i < p.n; i++) {
-        mx += sc * x[i * p.d + k];
-    }
-    mx /= f32(p.n);
-    var my = 0.0;
-    for (var i = 0u; i < p.m; i++) {
-        my += sc * y[i * p.d + k];
-    }
-    my /= f32(p.m);
-    var vx = 0.0;
-    for (var i = 0u; i < p.n; i++) {
-        let e = sc * x[i * p.d + k] - mx;
-        vx += e * e;
-    }
-    vx /= f32(p.n);
-    var vy = 0.0;
-    for (var i = 0u; i < p.m; i++) {
-        let e = sc * y[i * p.d + k] - my;
-        vy += e * e;
-    }
-    vy /= f32(p.m);
-    let dm = mx - my;
-    let dv = vx - vy;
-    coef[k] = dm * dm + dv * dv;
-    for (var i = 0u; i < p.n; i++) {
-        let e = sc * x[i * p.d + k] - mx;
-        dx[i * p.d + k] = sc * (2.0 * dm / f32(p.n) + 4.0 * dv * e / f32(p.n));
-    }
-}
-
-// loss[1] = loss[0] = sum of the per-feature terms in coef_in[0 .. d] (blocked, then a tree).
-@compute @workgroup_size(256)
-fn reduce_terms(@builtin(local_invocation_index) li: u32) {
-    let per = (p.d + 255u) / 256u;
-    var s = 0.0;
-    for (var k = li * per; k < min(p.d, (li + 1u) * per); k++) {
-        s += coef_in[k];
-    }
-    red[li] = vec3<f32>(s, 0.0, 0.0);
-    for (var half = 128u; half > 0u; half /= 2u) {
-        workgroupBarrier();
-        if (li < half) {
-            red[li] += red[li + half];
-        }
-    }
-    workgroupBarrier();
-    if (li == 0u) {
-        loss[0] = red[0].x;
-        loss[1] = red[0].x;
-    }
 }

@@ -116,7 +116,6 @@ fn fd_check(gpu: &Gpu, kind: &LossKind, n: usize, m: usize, d: usize, scale: f32
                     v
                 }
             }
-            LossKind::Moments => cpu::moments(xv, &y, d, scale as f64),
         }
     };
     let h = 1e-3f32;
@@ -167,23 +166,6 @@ fn mmd_gradients_finite_differences() {
         0.25,
         64,
     );
-}
-
-#[test]
-fn moments_value_and_gradient() {
-    let gpu = common::gpu();
-    let mut rng = HostRng::new(65, &[]);
-    let (n, m, d) = (9, 6, 300);
-    let x = uniform(&mut rng, n * d);
-    let y = uniform(&mut rng, m * d);
-    let (l, _) = run_loss(&gpu, &LossKind::Moments, &x, &y, d, 0.25);
-    let want = cpu::moments(&x, &y, d, 0.25);
-    assert!(
-        (l[0] as f64 - want).abs() < 1e-4 * want.abs(),
-        "{} vs {want}",
-        l[0]
-    );
-    fd_check(&gpu, &LossKind::Moments, 5, 4, 3, 0.25, 66);
 }
 
 #[test]

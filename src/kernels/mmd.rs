@@ -1,5 +1,6 @@
-//! Kernel MMD and mean-and-variance matching (`shaders/mmd.wgsl`): loss values and their
-//! gradients with respect to the generated batch.
+//! Kernel MMD (`shaders/mmd.wgsl`): loss values and their gradients with respect to the
+//! generated batch. (Mean-and-variance matching, the reference code's loss, is
+//! [`super::moments`].)
 
 use super::{check, groups_for, u32_of};
 use crate::error::{Error, Result};
@@ -8,8 +9,16 @@ use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::matmul::{self, LinearShape};
 use crate::kernels::{Init, LayerWeights, MaskSource};
 
-/// GMMN's bandwidths for MNIST in pixel space (pixels in [0, 1]), Li et al. 2015.
-pub const GMMN_MNIST_SIGMAS: [f32; 6] = [2.0, 5.0, 10.0, 20.0, 40.0, 80.0];
+/// GMMN's kernel parameters for MNIST in pixel space (pixels in [0, 1]), Li et al. 2015:
+/// yujiali/gmmn's `GaussianKernelMmdLoss` computes exp(-|a - b|^2 / (2 s)), so they are
+/// variances (PRISM.md section 3).
+pub const GMMN_MNIST_VARIANCES: [f32; 6] = [2.0, 5.0, 10.0, 20.0, 40.0, 80.0];
+
+/// The same kernels as standard deviations, the convention of `LossKind::Mmd`'s `sigmas`
+/// (exp(-|a - b|^2 / (2 sigma^2))): sqrt of [`GMMN_MNIST_VARIANCES`], about 1.4 to 8.9.
+pub const GMMN_MNIST_SIGMAS: [f32; 6] = [
+    1.4142135, 2.236068, 3.1622777, 4.472136, 6.3245554, 8.944272,
+];
 
 /// The Gaussian kernel sum takes 1 to 8 positive, finite bandwidths (the shader's array).
 pub fn check_bandwidths(sigmas: &[f32]) -> Result<()> {
@@ -32,8 +41,6 @@ pub enum LossKind {
         /// Train on sqrt(MMD^2), as GMMN does.
         sqrt: bool,
     },
-    /// Squared differences of per-feature means and variances (the reference code's loss).
-    Moments,
 }
 
 impl Default for LossKind {
@@ -63,7 +70,7 @@ struct Params {
 /// The loss kernels of one (generated, real) batch pair, with their scratch buffers.
 pub struct LossKernels {
     pub kernels: Vec<Kernel>,
-    /// [MMD^2, loss, mean k(x,x'), mean k(y,y'), mean k(x,y)] (moments: [loss, loss, ...]).
+    /// [MMD^2, loss, mean k(x,x'), mean k(y,y'), mean k(x,y)].
     pub loss: Tensor,
     _scratch: Vec<Tensor>,
 }
@@ -194,30 +201,6 @@ pub fn loss(
                 _scratch: vec![z, gram, dist, coef, rowsum, cz],
             })
         }
-        LossKind::Moments => {
-            let terms = gpu.tensor(&[d], DType::F32, "moment terms")?;
-            let k1 = gpu
-                .kernel(key(), "moments")
-                .params(&p)
-                .bind("x", x)
-                .bind("y", y)
-                .bind("coef", &terms)
-                .bind("dx", dx)
-                .groups(groups_for(d, 256)?)
-                .build()?;
-            let k2 = gpu
-                .kernel(key(), "reduce_terms")
-                .params(&p)
-                .bind("coef_in", &terms)
-                .bind("loss", &loss)
-                .groups(1)
-                .build()?;
-            Ok(LossKernels {
-                kernels: vec![k1, k2],
-                loss,
-                _scratch: vec![terms],
-            })
-        }
     }
 }
 
@@ -269,26 +252,5 @@ pub mod cpu {
             ((n * n) as f64, (m * m) as f64)
         };
         kxx / nn + kyy / mm - 2.0 * kxy / (n * m) as f64
-    }
-
-    /// Mean-and-variance matching loss.
-    pub fn moments(x: &[f32], y: &[f32], d: usize, scale: f64) -> f64 {
-        let sc = scale.sqrt();
-        let stats = |v: &[f32], k: usize| {
-            let n = v.len() / d;
-            let mean = (0..n).map(|i| sc * v[i * d + k] as f64).sum::<f64>() / n as f64;
-            let var = (0..n)
-                .map(|i| (sc * v[i * d + k] as f64 - mean).powi(2))
-                .sum::<f64>()
-                / n as f64;
-            (mean, var)
-        };
-        (0..d)
-            .map(|k| {
-                let (mx, vx) = stats(x, k);
-                let (my, vy) = stats(y, k);
-                (mx - my).powi(2) + (vx - vy).powi(2)
-            })
-            .sum()
     }
 }
