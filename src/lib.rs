@@ -21,6 +21,7 @@ pub mod generate;
 pub mod gpu;
 pub mod io;
 pub mod kernels;
+pub mod loss;
 pub mod model;
 pub mod nn;
 pub mod rng;

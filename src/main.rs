@@ -56,7 +56,8 @@ enum LossArg {
     Mmd,
     /// sqrt of the unbiased MMD^2 estimate.
     MmdUnbiased,
-    /// Mean-and-variance feature matching (the reference code's loss).
+    /// Mean-and-variance matching of an encoder's features with GFMN's moving averages (the
+    /// reference code's loss; needs --encoder).
     Moments,
 }
 
@@ -135,13 +136,31 @@ struct TrainArgs {
     alpha: f64,
     #[arg(long, value_enum, default_value = "mmd")]
     loss: LossArg,
-    /// Bandwidths of the pixel-space MMD's Gaussian kernels, for pixels in [0, 1] (1 to 8,
-    /// comma-separated; default: GMMN's MNIST set).
+    /// Bandwidths (standard deviations) of the pixel-space MMD's Gaussian kernels, for pixels
+    /// in [0, 1] (1 to 8, comma-separated; default: GMMN's MNIST set, whose variances are 2, 5,
+    /// 10, 20, 40, 80).
     // Spelled out so that help shows the comma list; a test checks it equals TrainConfig's default.
-    #[arg(long, value_delimiter = ',', default_value = "2,5,10,20,40,80")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1.4142135,2.236068,3.1622777,4.472136,6.3245554,8.944272"
+    )]
     bandwidths: Vec<f32>,
     #[arg(long, value_enum, default_value = "pixels")]
     features: FeaturesArg,
+    /// A frozen encoder whose features the loss matches: a safetensors file in torchvision's
+    /// VGG layout (e.g. VGG19-BN's state dict).
+    #[arg(long)]
+    encoder: Option<String>,
+    /// The encoder's ReLU outputs to match, numbered from 1, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    encoder_layers: Option<Vec<usize>>,
+    /// Weight of the pixel-space MMD (with --loss moments, 0 is the reference's loss alone).
+    #[arg(long, default_value_t = TrainConfig::default().pixel_weight)]
+    pixel_weight: f32,
+    /// Learning rate of the moment loss's mean and variance trackers.
+    #[arg(long, default_value_t = TrainConfig::default().tracker_lr)]
+    tracker_lr: f32,
     /// Adam learning rate on the scores.
     #[arg(long, default_value_t = TrainConfig::default().lr)]
     lr: f32,
@@ -213,6 +232,10 @@ const FLAG_FIELDS: &[(&str, &str)] = &[
     ("loss", "loss"),
     ("bandwidths", "bandwidths"),
     ("features", "features"),
+    ("encoder", "encoder"),
+    ("encoder_layers", "encoder_layers"),
+    ("pixel_weight", "pixel_weight"),
+    ("tracker_lr", "tracker_lr"),
     ("lr", "lr"),
     ("beta1", "beta1"),
     ("beta2", "beta2"),
@@ -277,6 +300,10 @@ impl TrainArgs {
                 FeaturesArg::RandomConv => FeatureSpace::RandomConv,
                 FeaturesArg::RandomPatches => FeatureSpace::RandomPatches,
             },
+            encoder: self.encoder.clone(),
+            encoder_layers: self.encoder_layers.clone(),
+            pixel_weight: self.pixel_weight,
+            tracker_lr: self.tracker_lr,
             lr: self.lr,
             beta1: self.beta1,
             beta2: self.beta2,

@@ -500,14 +500,14 @@ fn features(
 ) -> Result<Vec<f32>> {
     use crate::nn::{Backward, BuildOptions, Network};
     let batch = n.min(256);
-    let enc = crate::fl::client::encoder_arch();
+    let enc = crate::loss::random_conv_encoder(2);
     let opts = BuildOptions {
         batch,
         seed,
         mode: WeightMode::Frozen,
         backward: Backward::None,
         estimator: crate::kernels::matmul::Estimator::PScaled,
-        layer_offset: crate::fl::client::ENCODER_LAYER_OFFSET,
+        layer_offset: crate::loss::RANDOM_ENCODER_LAYER_OFFSET,
         half: false,
     };
     let net = Network::build(gpu, &enc, opts, None, None, Some(shape))?;

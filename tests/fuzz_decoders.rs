@@ -224,6 +224,7 @@ fn valid_checkpoint() -> Vec<u8> {
         client_moments: (0..2)
             .map(|_| sizes.iter().map(|&n| f(2 * n, 0.0)).collect())
             .collect(),
+        client_loss: (0..2).map(|k| vec![f(6, k as f32), f(12, 0.1)]).collect(),
         metrics: vec![serde_json::json!({"round": 1, "loss": 0.5})],
     };
     let bytes = c.encode().unwrap();

@@ -3,8 +3,9 @@
 //!
 //! Layout (little endian): magic "PRCK" | version u32 | config JSON (u32 length + bytes) |
 //! rounds done u32 | layers u32 | per layer: weights u32, scores f32[n], prior f32[2n] |
-//! clients u32 | per client: step u32, moments f32[2n] per layer | metrics JSON (u32 length +
-//! bytes) | crc32 of all before.
+//! clients u32 | per client: step u32, moments f32[2n] per layer, (version 2) loss state
+//! arrays u32 and per array: length u32, f32[length] | metrics JSON (u32 length + bytes) |
+//! crc32 of all before. Version 1 (no loss state) still reads.
 //!
 //! Written to a temporary file, synced, then renamed over the old one: a crash at any moment
 //! leaves either the previous checkpoint or the new one, never a mix.
@@ -17,7 +18,7 @@ use crate::bytes::{split_crc, Reader};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"PRCK";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// The state of a run after some rounds.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,6 +30,9 @@ pub struct Checkpoint {
     pub client_steps: Vec<u32>,
     /// [client][layer] moments, 2n each.
     pub client_moments: Vec<Vec<Vec<f32>>>,
+    /// [client][array] the loss's own state (moment matching: trackers and their Adam
+    /// moments; empty for kernel MMD).
+    pub client_loss: Vec<Vec<Vec<f32>>>,
     /// The metrics log so far, one JSON object per round.
     pub metrics: Vec<serde_json::Value>,
 }
@@ -56,10 +60,22 @@ impl Checkpoint {
             put_f32s(&mut out, p);
         }
         out.extend_from_slice(&(self.client_steps.len() as u32).to_le_bytes());
-        for (step, moments) in self.client_steps.iter().zip(&self.client_moments) {
+        let no_loss = Vec::new();
+        for (k, (step, moments)) in self
+            .client_steps
+            .iter()
+            .zip(&self.client_moments)
+            .enumerate()
+        {
             out.extend_from_slice(&step.to_le_bytes());
             for m in moments {
                 put_f32s(&mut out, m);
+            }
+            let loss = self.client_loss.get(k).unwrap_or(&no_loss);
+            out.extend_from_slice(&(loss.len() as u32).to_le_bytes());
+            for a in loss {
+                out.extend_from_slice(&(a.len() as u32).to_le_bytes());
+                put_f32s(&mut out, a);
             }
         }
         let metrics =
@@ -83,8 +99,8 @@ impl Checkpoint {
         let mut r = Reader::new(body, what);
         r.take(4)?;
         let version = r.u32()?;
-        if version != VERSION {
-            return Err(bad(format!("version {version} is not {VERSION}")));
+        if !(1..=VERSION).contains(&version) {
+            return Err(bad(format!("version {version} is not 1 to {VERSION}")));
         }
         let n = r.u32()? as usize;
         let config: TrainConfig =
@@ -112,6 +128,7 @@ impl Checkpoint {
         }
         let mut client_steps = Vec::new();
         let mut client_moments = Vec::new();
+        let mut client_loss = Vec::new();
         for k in 0..clients {
             client_steps.push(r.u32()?);
             let mut ms = Vec::new();
@@ -119,6 +136,15 @@ impl Checkpoint {
                 ms.push(r.finite_f32s(2 * w, &format!("client {k}: Adam moments"))?);
             }
             client_moments.push(ms);
+            let mut ls = Vec::new();
+            if version >= 2 {
+                let arrays = r.u32()? as usize;
+                for a in 0..arrays {
+                    let n = r.u32()? as usize;
+                    ls.push(r.finite_f32s(n, &format!("client {k}: loss state {a}"))?);
+                }
+            }
+            client_loss.push(ls);
         }
         let n = r.u32()? as usize;
         let metrics: Vec<serde_json::Value> =
@@ -131,6 +157,7 @@ impl Checkpoint {
             priors,
             client_steps,
             client_moments,
+            client_loss,
             metrics,
         })
     }
@@ -188,6 +215,10 @@ mod tests {
             client_moments: vec![
                 vec![vec![0.1; 6], vec![0.2; 2]],
                 vec![vec![0.3; 6], vec![0.4; 2]],
+            ],
+            client_loss: vec![
+                vec![vec![0.5; 4], vec![-0.5; 8]],
+                vec![vec![1.5; 4], vec![2.5; 8]],
             ],
             metrics: vec![serde_json::json!({"round": 1, "loss": 0.5})],
         }

@@ -8,21 +8,25 @@
 
 use std::rc::Rc;
 
-use super::config::{DpConfig, LossChoice, TrainConfig};
+use super::config::{DpConfig, TrainConfig};
 use super::message::Payload;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::matmul::Estimator;
-use crate::kernels::mmd::{self, LossKernels, LossKind};
-use crate::kernels::{adam, data, elementwise as ew, mask, Init, StepState};
-use crate::nn::{Architecture, Backward, BuildOptions, Layer, Network, Program, Shape, WeightMode};
+use crate::kernels::moments::TrackerConfig;
+use crate::kernels::{adam, data, elementwise as ew, mask, StepState};
+use crate::loss::readout::{self, ReadoutKind, ReadoutStats};
+use crate::loss::{ClientLoss, Encoder, Objective, ObjectiveSpec, StepIo};
+use crate::nn::{Architecture, Backward, BuildOptions, Network, Program, Shape, WeightMode};
 use crate::rng;
 
-/// A client's local data on the GPU and the kernel that samples its minibatches.
+/// A client's local data on the GPU, the kernel that samples its minibatches, and its part
+/// of the loss state (real feature statistics for moment matching).
 pub struct ClientData {
     pub count: usize,
     gather: Kernel,
+    loss: ClientLoss,
     _images: Tensor,
 }
 
@@ -30,8 +34,25 @@ pub struct ClientData {
 pub struct ClientState {
     /// Adam moments per masked layer.
     pub moments: Vec<Tensor>,
+    /// The loss's own state (moment matching: trackers and their Adam moments), laid out as
+    /// `Objective::state_sizes`.
+    pub loss: Vec<Tensor>,
     /// Steps taken so far: the mask, latent and data streams and Adam's t continue from it.
     pub step: u32,
+}
+
+/// What learning the encoder cost, when the federation learns it first (`--encoder lda|pca`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EncoderPhase {
+    pub encoder: String,
+    /// Bits each client uploaded (its sufficient statistics at f32).
+    pub bits_up_per_client: Vec<u64>,
+    /// Bits the server sent each client (the readout at f32).
+    pub bits_down_per_client: u64,
+    /// Features of the random conv encoder and dimensions of the code.
+    pub features: usize,
+    pub code: usize,
+    pub seconds: f64,
 }
 
 /// The result of one local run.
@@ -40,55 +61,6 @@ pub struct LocalRun {
     pub losses: Vec<f32>,
     /// The upload: a mask sample per layer (scores for PRISM-alpha layers).
     pub upload: Vec<Payload>,
-}
-
-/// The frozen random encoder of the feature-space loss: two stride-2 4x4 convolutions.
-pub fn encoder_arch() -> Architecture {
-    encoder_layers(2)
-}
-
-/// The first `depth` (1 or 2) conv+ReLU stages of the encoder. Weights are a function of
-/// (seed, layer, index), so the one-stage encoder is exactly the first stage of the two-stage one.
-pub fn encoder_layers(depth: usize) -> Architecture {
-    let mut a = Architecture {
-        name: "random-conv-encoder".into(),
-        latent: 0,
-        layers: vec![
-            Layer::Conv {
-                cout: 32,
-                k: 4,
-                stride: 2,
-                pad: 1,
-            },
-            Layer::Relu,
-            Layer::Conv {
-                cout: 64,
-                k: 4,
-                stride: 2,
-                pad: 1,
-            },
-            Layer::Relu,
-        ],
-        init: Init::SignedConstant,
-    };
-    a.layers.truncate(2 * depth.clamp(1, 2));
-    a
-}
-
-/// Layer offset of the encoder's weight streams, keeping them unrelated to the generator's.
-pub const ENCODER_LAYER_OFFSET: u32 = 1 << 20;
-
-/// The feature-space part of the loss.
-struct FeatureLoss {
-    generated: Network,
-    real: Network,
-    loss: LossKernels,
-    /// pixel gradient + encoder input gradient -> generator output gradient
-    sum_grads: Kernel,
-    /// pixel loss + feature loss -> recorded loss
-    sum_losses: Kernel,
-    total_loss: Tensor,
-    _pixel_grad: Rc<Tensor>,
 }
 
 /// The shared training programs.
@@ -102,11 +74,12 @@ pub struct Trainer {
     seed: u32,
     /// Masked layers (counted from the output side) that upload scores (PRISM-alpha).
     alpha_layers: usize,
+    /// The encoder phase's cost, when the federation learned the loss's encoder.
+    pub encoder_phase: Option<EncoderPhase>,
     dp: Option<DpConfig>,
     latent: Kernel,
     thresholds: Program,
-    pixel_loss: LossKernels,
-    features: Option<FeatureLoss>,
+    objective: Objective,
     adam: Program,
     record: Kernel,
     advance: Kernel,
@@ -114,41 +87,46 @@ pub struct Trainer {
     _real: Rc<Tensor>,
 }
 
-fn loss_kind(c: LossChoice, sigmas: Vec<f32>) -> LossKind {
-    match c {
-        LossChoice::Mmd => LossKind::Mmd {
-            sigmas,
-            unbiased: false,
-            sqrt: true,
-        },
-        LossChoice::MmdUnbiased => LossKind::Mmd {
-            sigmas,
-            unbiased: true,
-            sqrt: true,
-        },
-        LossChoice::Moments => LossKind::Moments,
+/// The encoder phase of `--encoder lda|pca`: every client computes the sufficient statistics of
+/// the random conv features of its images (with its labels for LDA) and uploads them; the server
+/// sums them, fits the readout and sends it back. Returns the encoder and what it cost.
+#[allow(clippy::too_many_arguments)]
+fn learn_readout(
+    gpu: &Gpu,
+    seed: u32,
+    kind: ReadoutKind,
+    name: &str,
+    image: Shape,
+    dataset: &Dataset,
+    parts: &[Vec<usize>],
+    uploads: &[(usize, Tensor, Kernel)],
+) -> Result<(Encoder, EncoderPhase)> {
+    let start = std::time::Instant::now();
+    let base = readout::random_features(seed, image)?;
+    let classes = dataset.classes().max(1);
+    let mut stats = Vec::with_capacity(parts.len());
+    for (part, (count, images, _)) in parts.iter().zip(uploads) {
+        let labels: Vec<u8> = part.iter().map(|&i| dataset.labels[i]).collect();
+        stats.push(readout::client_statistics(
+            gpu, &base, image, images, &labels, *count, classes,
+        )?);
     }
+    let fitted = readout::fit(&ReadoutStats::combine(&stats)?, kind)?;
+    let phase = EncoderPhase {
+        encoder: name.to_string(),
+        bits_up_per_client: stats.iter().map(|s| s.upload_bits(kind)).collect(),
+        bits_down_per_client: fitted.download_bits(),
+        features: stats[0].features(),
+        code: fitted.dims,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    let name = format!("random-conv features + {name} readout");
+    Ok((readout::with_readout(&base, &fitted, &name), phase))
 }
 
 /// Number of masked layers (from the output side) that upload real scores under PRISM-alpha.
 pub fn alpha_layer_count(layers: usize, alpha: f64) -> usize {
     ((layers as f64) * alpha).round() as usize
-}
-
-/// Median pairwise distance between the rows of a [n, d] matrix.
-fn median_distance(v: &[f32], n: usize) -> f32 {
-    let d = v.len() / n;
-    let mut dist = Vec::with_capacity(n * (n - 1) / 2);
-    for i in 0..n {
-        for j in i + 1..n {
-            let s: f64 = (0..d)
-                .map(|k| (v[i * d + k] as f64 - v[j * d + k] as f64).powi(2))
-                .sum();
-            dist.push(s.sqrt());
-        }
-    }
-    dist.sort_by(|a, b| a.total_cmp(b));
-    dist.get(dist.len() / 2).copied().unwrap_or(1.0).max(1e-6) as f32
 }
 
 impl Trainer {
@@ -198,7 +176,7 @@ impl Trainer {
             "real batch",
         )?);
 
-        let mut clients = Vec::with_capacity(parts.len());
+        let mut uploads = Vec::with_capacity(parts.len());
         for (k, part) in parts.iter().enumerate() {
             if part.is_empty() {
                 return Err(Error::invalid(format!("client {k} has no data")));
@@ -209,11 +187,7 @@ impl Trainer {
             }
             let images = data::upload_images(gpu, &bytes, pixels, "client images")?;
             let gather = data::gather(gpu, &images, part.len(), pixels, cfg.seed, &step, &real)?;
-            clients.push(ClientData {
-                count: part.len(),
-                gather,
-                _images: images,
-            });
+            uploads.push((part.len(), images, gather));
         }
 
         let latent = ew::latent(
@@ -226,108 +200,63 @@ impl Trainer {
             .grad_output
             .clone()
             .ok_or_else(|| Error::invalid("training network has no output gradient"))?;
-        let sigmas = cfg.bandwidths.clone();
-        // Generator outputs are tanh values in [-1, 1]; the scale 1/4 measures distances between
-        // pixels in [0, 1], the space GMMN's bandwidths are meant for.
-        let (pixel_loss, features) = match cfg.features.encoder_stages() {
-            None => (
-                mmd::loss(
-                    gpu,
-                    &loss_kind(cfg.loss, sigmas),
-                    0.25,
-                    &net.output,
-                    &real,
-                    &grad_out,
-                )?,
-                None,
-            ),
-            Some(stages) => {
-                let pixel_grad =
-                    Rc::new(gpu.tensor(&[b * pixels], DType::F32, "pixel loss gradient")?);
-                let pixel_loss = mmd::loss(
-                    gpu,
-                    &loss_kind(cfg.loss, sigmas),
-                    0.25,
-                    &net.output,
-                    &real,
-                    &pixel_grad,
-                )?;
-                let enc = encoder_layers(stages);
-                let eopts = BuildOptions {
-                    batch: b,
-                    seed: cfg.seed,
-                    mode: WeightMode::Frozen,
-                    backward: Backward::Input,
-                    estimator,
-                    layer_offset: ENCODER_LAYER_OFFSET,
-                    half: false,
-                };
-                let generated = Network::build(
-                    gpu,
-                    &enc,
-                    eopts,
+        let (encoder, encoder_phase) = match cfg.encoder.as_deref() {
+            None => (None, None),
+            Some(name) => match ReadoutKind::parse(name) {
+                Some(kind) => {
+                    let (e, phase) =
+                        learn_readout(gpu, cfg.seed, kind, name, image, dataset, parts, &uploads)?;
+                    (Some(e), Some(phase))
+                }
+                None => (
+                    Some(crate::loss::encoder::load_file(name)?.for_channels(image.c)?),
                     None,
-                    Some(net.output.clone()),
-                    Some(image),
-                )?;
-                let real_enc = Network::build(
-                    gpu,
-                    &enc,
-                    BuildOptions {
-                        backward: Backward::None,
-                        batch: cfg.real_batch(),
-                        ..eopts
-                    },
-                    None,
-                    Some(real.clone()),
-                    Some(image),
-                )?;
-                // Bandwidths by the median heuristic on one real batch of client 0.
-                gpu.write_u32(&step, bytemuck::cast_slice(&[StepState::default()]))?;
-                let mut ks: Vec<&Kernel> = vec![&clients[0].gather];
-                ks.extend(real_enc.forward.refs());
-                gpu.run(&ks)?;
-                let med = median_distance(&gpu.read_f32(&real_enc.output)?, cfg.real_batch());
-                let fsig: Vec<f32> = [0.25f32, 0.5, 1.0, 2.0, 4.0]
-                    .iter()
-                    .map(|f| f * med)
-                    .collect();
-                let eg_grad = generated
-                    .grad_output
-                    .clone()
-                    .ok_or_else(|| Error::invalid("encoder without output gradient"))?;
-                let loss = mmd::loss(
-                    gpu,
-                    &loss_kind(cfg.loss, fsig),
-                    1.0,
-                    &generated.output,
-                    &real_enc.output,
-                    &eg_grad,
-                )?;
-                let gin = generated
-                    .grad_input
-                    .clone()
-                    .ok_or_else(|| Error::invalid("encoder without input gradient"))?;
-                let sum_grads = ew::add(gpu, &pixel_grad, &gin, &grad_out)?;
-                let total_loss = gpu.zeros(&[8], DType::F32, "total loss")?;
-                let sum_losses = ew::add(gpu, &pixel_loss.loss, &loss.loss, &total_loss)?;
-                let f = FeatureLoss {
-                    generated,
-                    real: real_enc,
-                    loss,
-                    sum_grads,
-                    sum_losses,
-                    total_loss,
-                    _pixel_grad: pixel_grad,
-                };
-                (pixel_loss, Some(f))
-            }
+                ),
+            },
         };
+        let taps = match &encoder {
+            Some(e) => e.taps(cfg.encoder_layers.as_deref())?,
+            None => Vec::new(),
+        };
+        let spec = ObjectiveSpec {
+            loss: cfg.loss,
+            features: cfg.features,
+            bandwidths: &cfg.bandwidths,
+            pixel_weight: cfg.pixel_weight,
+            encoder: encoder.as_ref().map(|e| (e, &taps[..])),
+            tracker: TrackerConfig {
+                lr: cfg.tracker_lr,
+                beta1: cfg.beta1,
+                ..Default::default()
+            },
+            seed: cfg.seed,
+        };
+        let io = StepIo {
+            fake: &net.output,
+            real: &real,
+            grad: &grad_out,
+            image,
+            step: &step,
+        };
+        // Feature MMDs take their bandwidths from one real batch of client 0.
+        let calibrate = || -> Result<()> {
+            gpu.write_u32(&step, bytemuck::cast_slice(&[StepState::default()]))?;
+            gpu.run(&[&uploads[0].2])?;
+            Ok(())
+        };
+        let objective = Objective::new(gpu, &spec, &io, &calibrate)?;
+        let mut clients = Vec::with_capacity(uploads.len());
+        for (count, images, gather) in uploads {
+            let loss = objective.client(gpu, &images, count, pixels)?;
+            clients.push(ClientData {
+                count,
+                gather,
+                loss,
+                _images: images,
+            });
+        }
         let losses = gpu.zeros(&[cfg.local_steps], DType::F32, "local losses")?;
-        let loss_value = match &features {
-            Some(f) => &f.total_loss,
-            None => &pixel_loss.loss,
-        };
+        let loss_value = &objective.loss;
         let record = adam::record_loss(gpu, &step, loss_value, &losses)?;
         let advance = adam::advance(gpu, &step)?;
         let adam_cfg = adam::AdamConfig {
@@ -340,6 +269,7 @@ impl Trainer {
         let thresholds = net.thresholds_program(gpu)?;
         Ok(Trainer {
             alpha_layers: alpha_layer_count(net.layers.len(), cfg.alpha),
+            encoder_phase,
             net,
             step,
             image,
@@ -350,8 +280,7 @@ impl Trainer {
             dp: cfg.dp,
             latent,
             thresholds,
-            pixel_loss,
-            features,
+            objective,
             adam,
             record,
             advance,
@@ -378,28 +307,32 @@ impl Trainer {
             .iter()
             .map(|l| gpu.zeros(&[2 * l.info.weights], DType::F32, "client Adam moments"))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(ClientState { moments, step: 0 })
+        let loss = self
+            .objective
+            .state_sizes()
+            .iter()
+            .map(|&n| gpu.zeros(&[n], DType::F32, "client loss state"))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(ClientState {
+            moments,
+            loss,
+            step: 0,
+        })
+    }
+
+    /// Sizes (f32) of a client's loss state, as checkpoints hold it.
+    pub fn loss_state_sizes(&self) -> Vec<usize> {
+        self.objective.state_sizes()
     }
 
     /// Every kernel of one training step of `client`, in order (for profiling).
     pub fn step_kernels(&self, client: usize) -> Vec<&Kernel> {
-        let mut v: Vec<&Kernel> = vec![&self.latent, &self.clients[client].gather];
+        let mut v: Vec<&Kernel> = vec![&self.latent];
+        if self.objective.uses_real_batch {
+            v.push(&self.clients[client].gather);
+        }
         v.extend(self.net.forward.kernels.iter());
-        if let Some(f) = &self.features {
-            v.extend(
-                f.generated
-                    .forward
-                    .kernels
-                    .iter()
-                    .chain(&f.real.forward.kernels),
-            );
-        }
-        v.extend(self.pixel_loss.kernels.iter());
-        if let Some(f) = &self.features {
-            v.extend(f.loss.kernels.iter().chain(&f.generated.backward.kernels));
-            v.push(&f.sum_grads);
-            v.push(&f.sum_losses);
-        }
+        v.extend(self.objective.kernels.iter());
         v.extend(self.net.backward.kernels.iter().chain(&self.adam.kernels));
         v.push(&self.record);
         v.push(&self.advance);
@@ -493,6 +426,8 @@ impl Trainer {
             enc.copy_buffer_to_buffer(s.buffer(), 0, l.scores.buffer(), 0, s.bytes());
             enc.copy_buffer_to_buffer(m.buffer(), 0, moments.buffer(), 0, m.bytes());
         }
+        self.objective
+            .copy_in(&mut enc, &self.clients[client].loss, &state.loss)?;
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             for k in &self.thresholds.kernels {
@@ -512,6 +447,7 @@ impl Trainer {
                 .ok_or_else(|| Error::invalid("training layer without moments"))?;
             enc.copy_buffer_to_buffer(moments.buffer(), 0, m.buffer(), 0, m.bytes());
         }
+        self.objective.copy_out(&mut enc, &state.loss)?;
         gpu.queue().submit([enc.finish()]);
         gpu.sync()?;
         state.step += self.local_steps as u32;
@@ -532,26 +468,4 @@ impl Trainer {
 /// the L2 sensitivity (1 - 2 clip) sqrt(d) of the clipped probability vector of d weights.
 pub fn dp_sigma(dp: &DpConfig, weights: usize) -> f32 {
     (dp.noise_multiplier * (1.0 - 2.0 * dp.clip as f64) * (weights as f64).sqrt()) as f32
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_patch_encoder_is_the_first_stage_of_the_conv_encoder() {
-        let one = encoder_layers(1);
-        let two = encoder_arch();
-        assert_eq!(one.layers.len(), 2);
-        assert_eq!(one.layers[..], two.layers[..2]);
-        let shape = crate::nn::Shape { c: 1, h: 28, w: 28 };
-        assert_eq!(
-            crate::nn::arch::shape_through(&one.layers, shape).unwrap(),
-            crate::nn::Shape {
-                c: 32,
-                h: 14,
-                w: 14
-            }
-        );
-    }
 }

@@ -5,43 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::kernels::mmd::{check_bandwidths, GMMN_MNIST_SIGMAS};
-
-/// Feature space of the loss.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub enum FeatureSpace {
-    /// Raw pixels (mapped to [0, 1]).
-    Pixels,
-    /// Pixels plus the features of a frozen random convolutional encoder regenerated from the
-    /// seed (two stride-2 4x4 convs with ReLU).
-    RandomConv,
-    /// Pixels plus the first layer of that encoder only: 32 random 4x4 patch detectors
-    /// (stride 2, ReLU). Cheap, and it penalises the isolated bright pixels of mask noise that
-    /// pixel-space MMD with GMMN's bandwidths barely sees.
-    RandomPatches,
-}
-
-impl FeatureSpace {
-    /// Conv+ReLU stages of the frozen random encoder whose features join the pixels in the
-    /// loss; None for pixels alone.
-    pub fn encoder_stages(self) -> Option<usize> {
-        match self {
-            FeatureSpace::Pixels => None,
-            FeatureSpace::RandomConv => Some(2),
-            FeatureSpace::RandomPatches => Some(1),
-        }
-    }
-}
-
-/// Loss function.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub enum LossChoice {
-    /// sqrt(MMD^2) with a sum of Gaussian kernels (biased estimator).
-    Mmd,
-    /// Unbiased MMD^2 estimate under the square root.
-    MmdUnbiased,
-    /// Mean-and-variance matching (the reference code's loss).
-    Moments,
-}
+pub use crate::loss::{FeatureSpace, LossChoice};
 
 /// Differential privacy of uploads (PRISM.md section 5).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,6 +51,21 @@ pub struct TrainConfig {
     /// (GMMN's MNIST set by default). Feature-space MMDs take theirs from the median heuristic.
     pub bandwidths: Vec<f32>,
     pub features: FeatureSpace,
+    /// A frozen encoder whose features the loss matches: a safetensors file in torchvision's
+    /// VGG layout (see `loss::encoder`).
+    #[serde(default)]
+    pub encoder: Option<String>,
+    /// The encoder's ReLU outputs the loss matches, numbered from 1 (default: all of them, as
+    /// the reference does).
+    #[serde(default)]
+    pub encoder_layers: Option<Vec<usize>>,
+    /// Weight of the pixel-space MMD in the loss (with `moments`: 0 is the reference's loss
+    /// alone).
+    #[serde(default = "default_pixel_weight")]
+    pub pixel_weight: f32,
+    /// Learning rate of GFMN's mean and variance trackers (the reference's `lrMovAvrg`).
+    #[serde(default = "default_tracker_lr")]
+    pub tracker_lr: f32,
     pub lr: f32,
     pub beta1: f32,
     pub beta2: f32,
@@ -125,6 +104,10 @@ impl Default for TrainConfig {
             loss: LossChoice::Mmd,
             bandwidths: GMMN_MNIST_SIGMAS.to_vec(),
             features: FeatureSpace::Pixels,
+            encoder: None,
+            encoder_layers: None,
+            pixel_weight: default_pixel_weight(),
+            tracker_lr: default_tracker_lr(),
             lr: 0.3,
             beta1: 0.5,
             beta2: 0.999,
@@ -137,6 +120,14 @@ impl Default for TrainConfig {
             robust: false,
         }
     }
+}
+
+fn default_pixel_weight() -> f32 {
+    1.0
+}
+
+fn default_tracker_lr() -> f32 {
+    1e-5
 }
 
 impl TrainConfig {
@@ -192,6 +183,45 @@ impl TrainConfig {
             ));
         }
         check_bandwidths(&self.bandwidths)?;
+        if !(self.pixel_weight >= 0.0 && self.pixel_weight.is_finite()) {
+            return bad(format!(
+                "pixel weight = {} must be finite and at least 0",
+                self.pixel_weight
+            ));
+        }
+        if !(self.tracker_lr > 0.0 && self.tracker_lr.is_finite()) {
+            return bad(format!("tracker lr = {} must be positive", self.tracker_lr));
+        }
+        if self.loss == LossChoice::Moments && self.encoder.is_none() {
+            return bad("the moments loss matches an encoder's features: give --encoder".into());
+        }
+        if self.encoder.is_some() && self.features != FeatureSpace::Pixels {
+            return bad(
+                "--encoder and --features random-conv/random-patches are two feature spaces: \
+                 choose one"
+                    .into(),
+            );
+        }
+        if self.loss != LossChoice::Moments
+            && self.pixel_weight == 0.0
+            && self.encoder.is_none()
+            && self.features == FeatureSpace::Pixels
+        {
+            return bad("pixel weight 0 leaves the MMD loss without terms".into());
+        }
+        let learned = matches!(self.encoder.as_deref(), Some("lda" | "pca"));
+        if learned && self.dp.is_some() {
+            return bad(
+                "--encoder lda/pca: the clients' feature statistics are uploaded without noise, \
+                 so differential privacy would not hold; use an encoder file with --dp-noise"
+                    .into(),
+            );
+        }
+        if let Some(l) = &self.encoder_layers {
+            if l.is_empty() || l.contains(&0) || self.encoder.is_none() {
+                return bad("encoder layers are ReLU numbers from 1, and need --encoder".into());
+            }
+        }
         if !(0.0..=1.0).contains(&self.alpha) {
             return bad(format!("alpha = {} must be in [0, 1]", self.alpha));
         }

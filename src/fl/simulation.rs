@@ -198,6 +198,26 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
         &mut HostRng::new(cfg.seed, &[0x5041_5254]),
     )?;
     let trainer = Trainer::new(gpu, cfg, &arch, &train, &parts)?;
+    if let Some(p) = &trainer.encoder_phase {
+        // The encoder the federation learned first: what it cost, beside the rounds' metrics.
+        write_atomic(
+            &opts.out.join("encoder.json"),
+            &serde_json::to_vec_pretty(p).map_err(|e| Error::invalid(e.to_string()))?,
+        )?;
+        if opts.progress {
+            let up: u64 = p.bits_up_per_client.iter().sum();
+            eprintln!(
+                "encoder {}: {} features to a {}-dimensional code, fitted in {:.1} s from the \
+                 clients' statistics ({:.1} MB up in all, {:.2} MB down per client)",
+                p.encoder,
+                p.features,
+                p.code,
+                p.seconds,
+                up as f64 / 8e6,
+                p.bits_down_per_client as f64 / 8e6
+            );
+        }
+    }
     let sizes = trainer.layer_sizes();
     let total_weights: usize = sizes.iter().sum();
     let score_layers: Vec<bool> = (0..sizes.len())
@@ -230,13 +250,28 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
         for (t, p) in server.prior.iter().zip(&c.priors) {
             gpu.write_f32(t, p)?;
         }
-        for (state, (step, moments)) in clients
+        for (k, (state, (step, moments))) in clients
             .iter_mut()
             .zip(c.client_steps.iter().zip(&c.client_moments))
+            .enumerate()
         {
             state.step = *step;
             for (t, m) in state.moments.iter().zip(moments) {
                 gpu.write_f32(t, m)?;
+            }
+            let loss = c.client_loss.get(k).map(Vec::as_slice).unwrap_or(&[]);
+            let fits = loss.len() == state.loss.len()
+                && loss
+                    .iter()
+                    .zip(&state.loss)
+                    .all(|(a, t)| a.len() == t.len());
+            if !fits {
+                return Err(Error::invalid(format!(
+                    "the checkpoint's loss state of client {k} does not fit this configuration"
+                )));
+            }
+            for (t, a) in state.loss.iter().zip(loss) {
+                gpu.write_f32(t, a)?;
             }
         }
         history = c.metrics;
@@ -434,13 +469,15 @@ fn save_checkpoint(
     path: &Path,
 ) -> Result<()> {
     let mut client_moments = Vec::with_capacity(clients.len());
+    let mut client_loss = Vec::with_capacity(clients.len());
+    let read = |ts: &[crate::gpu::Tensor]| {
+        ts.iter()
+            .map(|t| gpu.read_f32(t))
+            .collect::<std::result::Result<Vec<_>, _>>()
+    };
     for c in clients {
-        client_moments.push(
-            c.moments
-                .iter()
-                .map(|t| gpu.read_f32(t))
-                .collect::<std::result::Result<Vec<_>, _>>()?,
-        );
+        client_moments.push(read(&c.moments)?);
+        client_loss.push(read(&c.loss)?);
     }
     Checkpoint {
         config: cfg.clone(),
@@ -453,6 +490,7 @@ fn save_checkpoint(
             .collect::<std::result::Result<_, _>>()?,
         client_steps: clients.iter().map(|c| c.step).collect(),
         client_moments,
+        client_loss,
         metrics: history.to_vec(),
     }
     .save(path)

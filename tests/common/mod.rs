@@ -105,3 +105,79 @@ pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// A small encoder file in torchvision's VGG state-dict layout: `stages` lists the conv
+/// widths, `None` standing for a max-pooling module ("M" in torchvision's configurations);
+/// with `bn`, every conv is followed by BatchNorm with random running statistics. The weights
+/// are random (He-scaled) f32 values from `seed`. Also returns the tensors by name.
+pub fn vgg_file(
+    stages: &[Option<usize>],
+    channels: usize,
+    bn: bool,
+    seed: u32,
+) -> (Vec<u8>, Vec<(String, Vec<usize>, Vec<f32>)>) {
+    let mut rng = HostRng::new(seed, &[]);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut i = 0;
+    let mut cin = channels;
+    for s in stages {
+        match s {
+            None => i += 1,
+            Some(cout) => {
+                let fan = (cin * 9) as f64;
+                let w = (0..cout * cin * 9)
+                    .map(|_| (rng.normal() * (2.0 / fan).sqrt()) as f32)
+                    .collect();
+                tensors.push((format!("features.{i}.weight"), vec![*cout, cin, 3, 3], w));
+                let b = (0..*cout).map(|_| (rng.normal() * 0.1) as f32).collect();
+                tensors.push((format!("features.{i}.bias"), vec![*cout], b));
+                if bn {
+                    let n = |rng: &mut HostRng, s: f64, o: f64| -> Vec<f32> {
+                        (0..*cout).map(|_| (rng.normal() * s + o) as f32).collect()
+                    };
+                    let (g, sh, m) = (
+                        n(&mut rng, 0.2, 1.0),
+                        n(&mut rng, 0.1, 0.0),
+                        n(&mut rng, 0.3, 0.0),
+                    );
+                    let v: Vec<f32> = (0..*cout).map(|_| (0.5 + rng.unit_f64()) as f32).collect();
+                    for (p, t) in [
+                        ("weight", g),
+                        ("bias", sh),
+                        ("running_mean", m),
+                        ("running_var", v),
+                    ] {
+                        tensors.push((format!("features.{}.{p}", i + 1), vec![*cout], t));
+                    }
+                    i += 3;
+                } else {
+                    i += 2;
+                }
+                cin = *cout;
+            }
+        }
+    }
+    // A classifier tensor, as in torchvision's files: ignored by the loader.
+    tensors.push(("classifier.0.weight".into(), vec![2, 3], vec![0.5; 6]));
+    (safetensors_bytes(&tensors), tensors)
+}
+
+/// Serialises (name, shape, f32 values) as safetensors.
+pub fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::tensor::serialize(views, None).unwrap()
+}
