@@ -1,10 +1,12 @@
 //! Times every kernel of one training step of a preset on the default adapter:
-//! `cargo run --release --example profile_step -- [ARCH] [BATCH] [REAL_BATCH] [FEATURES]` with
-//! FEATURES one of pixels, random-conv, random-patches (needs MNIST, see README).
+//! `cargo run --release --example profile_step -- [ARCH] [BATCH] [REAL_BATCH] [FEATURES]
+//! [LOSS]` with FEATURES one of pixels, random-conv, random-patches, or an encoder (`lda`,
+//! `pca` or a file, as `prism train --encoder`), and LOSS mmd or moments (needs MNIST, see
+//! README).
 
 use prism::data::locate::Split;
 use prism::fl::simulation::load_dataset;
-use prism::fl::{FeatureSpace, TrainConfig, Trainer};
+use prism::fl::{FeatureSpace, LossChoice, TrainConfig, Trainer};
 
 fn main() -> Result<(), prism::Error> {
     let args: Vec<String> = std::env::args().collect();
@@ -22,18 +24,25 @@ fn main() -> Result<(), prism::Error> {
         .and_then(|b| b.parse().ok())
         .unwrap_or(defaults.real_batch);
     let gpu = prism::gpu::Gpu::new(Default::default())?;
-    let features = match args.get(4).map(String::as_str) {
-        None | Some("pixels") => FeatureSpace::Pixels,
-        Some("random-conv") => FeatureSpace::RandomConv,
-        Some("random-patches") => FeatureSpace::RandomPatches,
+    let (features, encoder) = match args.get(4).map(String::as_str) {
+        None | Some("pixels") => (FeatureSpace::Pixels, None),
+        Some("random-conv") => (FeatureSpace::RandomConv, None),
+        Some("random-patches") => (FeatureSpace::RandomPatches, None),
+        Some(encoder) => (FeatureSpace::Pixels, Some(encoder.to_string())),
+    };
+    let loss = match args.get(5).map(String::as_str) {
+        None | Some("mmd") => LossChoice::Mmd,
+        Some("moments") => LossChoice::Moments,
         Some(other) => {
             return Err(prism::Error::invalid(format!(
-                "unknown feature space {other:?}: pixels, random-conv or random-patches"
+                "unknown loss {other:?}: mmd or moments"
             )))
         }
     };
     let cfg = TrainConfig {
         features,
+        encoder,
+        loss,
         arch: arch.clone(),
         batch,
         real_batch,

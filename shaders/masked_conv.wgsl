@@ -6,6 +6,7 @@ enable f16;
 // weights [cout, cin, kh, kw] (PyTorch's). Entry points:
 //   forward      y = conv(x, w * m)        M = batch*oh*ow, N = cout, K = cin*kh*kw
 //   grad_input   dx = conv^T(dy, w * m)    M = batch*h*w,   N = cin,  K = cout*kh*kw
+//                (grad_input_strided for stride > 1: rows by residue class, K = the class's taps)
 //   grad_score   partial sums of dL/dw_eff = sum over (b, oy, ox) of dy x, split along K
 //                into `splits` slices        M = cout,        N = cin*kh*kw
 //   reduce_score sums the slices and applies the chain rule w * f(p) (as in masked_matmul)
@@ -325,6 +326,120 @@ fn grad_input({{ octet.entry_args() }}) {
         for (var q = 0u; q < 4u; q++) {
             if (col0 + q < n) {
                 dx[base + (col0 + q) * hw] = acc{{ r }}[q];
+            }
+        }
+    }
+//% endfor
+}
+
+// grad_input with stride > 1, for any cin: the rows (input positions) ordered by residue class
+// as in grad_input_strided_narrow, each class padded to whole tiles (R * om rows), so that every
+// row of a tile meets the same taps and the K loop runs over the class's taps only: a quarter of
+// grad_input's K for stride 2, with no per-element division or skipped taps in the loop.
+// Row m (class-ordered): class m / per_class, then (b, qy, qx) with (iy, ix) = (py + s qy,
+// px + s qx). Row info: (offset of image b in dy, oy0, ox0), oy0 = -big for padding rows.
+fn strided_class_row(m: u32, per_class: u32, qh: u32, qw: u32, py: u32, px: u32, ky0: u32,
+                     kx0: u32) -> vec3<i32> {
+    let s = p.stride;
+    let r = m % per_class;
+    let b = r / (qh * qw);
+    let iy = py + s * ((r % (qh * qw)) / qw);
+    let ix = px + s * (r % qw);
+    if (b >= p.batch || iy >= p.h || ix >= p.w) {
+        return vec3<i32>(0, -1000000, -1000000);
+    }
+    return vec3<i32>(i32(b * p.cout * p.oh * p.ow), i32(iy + p.pad - ky0) / i32(s),
+                     i32(ix + p.pad - kx0) / i32(s));
+}
+
+fn strided_class_gather(ri: vec3<i32>, t: TapPos) -> f32 {
+    return strided_gather(t, u32(ri.x), ri.y, ri.z);
+}
+
+@compute @workgroup_size(64)
+fn grad_input_strided({{ octet.entry_args() }}) {
+    let tile = linear_workgroup(wid, nwg);
+    if (tile >= p.tiles_total) {
+        return;
+    }
+{{ octet.lane_setup() }}
+    let s = p.stride;
+    let qh = (p.h + s - 1u) / s;
+    let qw = (p.w + s - 1u) / s;
+    let tile_m = R * p.om;
+    let per_class = ((p.batch * qh * qw + tile_m - 1u) / tile_m) * tile_m;
+    let n = p.cin;
+    let khw = p.kh * p.kw;
+    let tile_row0 = (tile / p.tiles_n) * tile_m;
+    let row0 = tile_row0 + lane.om * R;
+    // Every row of the tile is of one class (tile_m divides per_class).
+    let residue = min(tile_row0 / per_class, s * s - 1u);
+    let py = residue / s;
+    let px = residue % s;
+    let ky0 = (py + p.pad) % s;
+    let kx0 = (px + p.pad) % s;
+    let nty = select(0u, (p.kh - ky0 + s - 1u) / s, ky0 < p.kh);
+    let ntx = select(0u, (p.kw - kx0 + s - 1u) / s, kx0 < p.kw);
+    let k = p.cout * nty * ntx;
+    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+    let c0 = min(col0, n - 1u);
+    let c1 = min(col0 + 1u, n - 1u);
+    let c2 = min(col0 + 2u, n - 1u);
+    let c3 = min(col0 + 3u, n - 1u);
+    let mkey = step_mask_key(p.g);
+//% if row_share == "direct"
+    var row_info: array<vec3<i32>, {{ rows }}>;
+    for (var r = 0u; r < R; r++) {
+        row_info[r] = strided_class_row(row0 + r, per_class, qh, qw, py, px, ky0, kx0);
+    }
+//% else
+//% for j in range(rows // 8)
+    let ri{{ j }} = strided_class_row(row0 + lane.lane8 + {{ 8 * j }}u, per_class, qh, qw, py, px, ky0, kx0);
+//% endfor
+//% endif
+//% for r in range(rows)
+    var acc{{ r }} = vec4<f32>(0.0);
+//% endfor
+    var tp = TapPos(0u, 0u, 0u);
+    for (var i = 0u; i < k; i++) {
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ j }} = strided_class_gather(ri{{ j }}, tp);
+//% endfor
+//% endif
+        // Weight [co, ci, ky0 + s jy, kx0 + s jx] for the lane's four ci.
+        let wi = tp.co * n * khw + (ky0 + s * tp.jy) * p.kw + kx0 + s * tp.jx;
+        let wv = vec4<f32>(weff1(p.g, wi + c0 * khw, mkey), weff1(p.g, wi + c1 * khw, mkey),
+                           weff1(p.g, wi + c2 * khw, mkey), weff1(p.g, wi + c3 * khw, mkey));
+//% for r in range(rows)
+        {
+//% if row_share == "direct"
+            let d = strided_class_gather(row_info[{{ r }}], tp);
+//% else
+            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
+//% endif
+//% if half
+            acc{{ r }} += vec4<f32>(f16(d) * vec4<f16>(wv));
+//% else
+            acc{{ r }} += d * wv;
+//% endif
+        }
+//% endfor
+        tp = tap_next(tp, nty, ntx);
+    }
+    let hw = p.h * p.w;
+//% for r in range(rows)
+    {
+        let r = (row0 + {{ r }}u) % per_class;
+        let b = r / (qh * qw);
+        let iy = py + s * ((r % (qh * qw)) / qw);
+        let ix = px + s * (r % qw);
+        if (row0 + {{ r }}u < per_class * s * s && b < p.batch && iy < p.h && ix < p.w) {
+            let base = b * n * hw + iy * p.w + ix;
+            for (var q = 0u; q < 4u; q++) {
+                if (col0 + q < n) {
+                    dx[base + (col0 + q) * hw] = acc{{ r }}[q];
+                }
             }
         }
     }

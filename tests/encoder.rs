@@ -89,7 +89,7 @@ fn vgg_layout_loads_with_batchnorm_folded_and_pools_inferred() {
 #[test]
 fn files_that_do_not_fit_name_the_tensor() {
     let (_, tensors) = vgg_file(STAGES, 3, true, 3);
-    let with = |edit: &dyn Fn(&mut Vec<(String, Vec<usize>, Vec<f32>)>)| {
+    let with = |edit: &dyn Fn(&mut Vec<common::NamedTensor>)| {
         let mut t = tensors.clone();
         edit(&mut t);
         Encoder::from_bytes(&safetensors_bytes(&t), "bad.safetensors")

@@ -310,6 +310,23 @@ pub fn grad_input_in(
             .groups(groups_for(lanes, 64)?);
         return Ok(source.bind(k).build()?);
     }
+    if s.stride > 1 {
+        // Rows by residue class (see the shader), each class padded to whole tiles.
+        let q = s.batch * s.h.div_ceil(s.stride) * s.w.div_ceil(s.stride);
+        let tile_m = t.tile_m() as usize;
+        let rows = q.div_ceil(tile_m) * tile_m * s.stride * s.stride;
+        let p = params(s, layer.gen(), &t, rows, s.cin);
+        let k = gpu
+            .kernel(
+                shader(source.name(), t.rows, false, s.stride, half),
+                "grad_input_strided",
+            )
+            .params(&p)
+            .bind("dy", dy)
+            .bind("dx", dx)
+            .groups(p.tiles_total);
+        return Ok(source.bind(k).build()?);
+    }
     let k = gpu
         .kernel(
             shader(source.name(), t.rows, false, s.stride, half),

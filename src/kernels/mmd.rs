@@ -17,7 +17,12 @@ pub const GMMN_MNIST_VARIANCES: [f32; 6] = [2.0, 5.0, 10.0, 20.0, 40.0, 80.0];
 /// The same kernels as standard deviations, the convention of `LossKind::Mmd`'s `sigmas`
 /// (exp(-|a - b|^2 / (2 sigma^2))): sqrt of [`GMMN_MNIST_VARIANCES`], about 1.4 to 8.9.
 pub const GMMN_MNIST_SIGMAS: [f32; 6] = [
-    1.4142135, 2.236068, 3.1622777, 4.472136, 6.3245554, 8.944272,
+    std::f32::consts::SQRT_2,
+    2.236068,
+    3.1622777,
+    4.472136,
+    6.3245554,
+    8.944272,
 ];
 
 /// The Gaussian kernel sum takes 1 to 8 positive, finite bandwidths (the shader's array).

@@ -143,11 +143,11 @@ impl Objective {
                 .grad_input
                 .clone()
                 .ok_or_else(|| Error::invalid("encoder without an input gradient"))?;
-            kernels.extend(net.forward.kernels.iter().map(|k| k.clone()));
+            kernels.extend(net.forward.kernels.iter().cloned());
             match spec.loss {
                 LossChoice::Moments => {
                     let m = MomentLoss::new(gpu, &spec.tracker, &net, io.step)?;
-                    kernels.extend(m.kernels.iter().map(|k| k.clone()));
+                    kernels.extend(m.kernels.iter().cloned());
                     let stats_input = Rc::new(gpu.tensor(
                         &[fake_batch, io.image.c, io.image.h, io.image.w],
                         DType::F32,
@@ -164,7 +164,7 @@ impl Objective {
                         enc.build(gpu, real_batch, io.real.clone(), io.image, taps, false)?;
                     calibrate()?;
                     gpu.run(&real_net.forward.refs())?;
-                    kernels.extend(real_net.forward.kernels.iter().map(|k| k.clone()));
+                    kernels.extend(real_net.forward.kernels.iter().cloned());
                     let total = Rc::new(gpu.zeros(&[8], DType::F32, "feature loss")?);
                     let mut acc: Option<Rc<Tensor>> = None;
                     for (t, r) in net.taps.iter().zip(&real_net.taps) {
@@ -181,7 +181,7 @@ impl Objective {
                             &r.output,
                             grad,
                         )?;
-                        kernels.extend(l.kernels.iter().map(|k| k.clone()));
+                        kernels.extend(l.kernels.iter().cloned());
                         let next = Rc::new(gpu.zeros(&[8], DType::F32, "feature loss sum")?);
                         match &acc {
                             None => kernels.push(ew::scale(gpu, 1.0, &l.loss, &next)?),
@@ -197,7 +197,7 @@ impl Objective {
                     keep.push(real_net);
                 }
             }
-            kernels.extend(net.backward.kernels.iter().map(|k| k.clone()));
+            kernels.extend(net.backward.kernels.iter().cloned());
             keep.push(net);
         } else if let Some(stages) = spec.features.encoder_stages() {
             let enc = random_conv_encoder(stages);
@@ -238,10 +238,10 @@ impl Objective {
                 &real_net.output,
                 &grad,
             )?;
-            kernels.extend(net.forward.kernels.iter().map(|k| k.clone()));
-            kernels.extend(real_net.forward.kernels.iter().map(|k| k.clone()));
-            kernels.extend(l.kernels.iter().map(|k| k.clone()));
-            kernels.extend(net.backward.kernels.iter().map(|k| k.clone()));
+            kernels.extend(net.forward.kernels.iter().cloned());
+            kernels.extend(real_net.forward.kernels.iter().cloned());
+            kernels.extend(l.kernels.iter().cloned());
+            kernels.extend(net.backward.kernels.iter().cloned());
             let gin = net
                 .grad_input
                 .clone()
@@ -277,7 +277,7 @@ impl Objective {
                 Rc::new(gpu.tensor(io.grad.shape(), DType::F32, "pixel loss gradient")?)
             };
             let l = mmd::loss(gpu, &kind, 0.25, io.fake, io.real, &pixel_grad)?;
-            kernels.extend(l.kernels.iter().map(|k| k.clone()));
+            kernels.extend(l.kernels.iter().cloned());
             match &feature {
                 Some((g, fl)) => {
                     kernels.push(ew::axpy(gpu, w, &pixel_grad, g, io.grad)?);

@@ -106,6 +106,9 @@ pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A named f32 tensor as a test writes it into a safetensors file: name, shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// A small encoder file in torchvision's VGG state-dict layout: `stages` lists the conv
 /// widths, `None` standing for a max-pooling module ("M" in torchvision's configurations);
 /// with `bn`, every conv is followed by BatchNorm with random running statistics. The weights
@@ -115,9 +118,9 @@ pub fn vgg_file(
     channels: usize,
     bn: bool,
     seed: u32,
-) -> (Vec<u8>, Vec<(String, Vec<usize>, Vec<f32>)>) {
+) -> (Vec<u8>, Vec<NamedTensor>) {
     let mut rng = HostRng::new(seed, &[]);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut tensors: Vec<NamedTensor> = Vec::new();
     let mut i = 0;
     let mut cin = channels;
     for s in stages {
