@@ -148,8 +148,10 @@ struct TrainArgs {
     bandwidths: Vec<f32>,
     #[arg(long, value_enum, default_value = "pixels")]
     features: FeaturesArg,
-    /// A frozen encoder whose features the loss matches: a safetensors file in torchvision's
-    /// VGG layout (e.g. VGG19-BN's state dict).
+    /// The loss's feature encoder: lda (the frozen random conv encoder with a linear
+    /// discriminant readout the clients fit first from their labelled data), pca (the same with
+    /// principal directions, no labels), or a safetensors file in torchvision's VGG layout (e.g.
+    /// VGG19-BN's state dict).
     #[arg(long)]
     encoder: Option<String>,
     /// The encoder's ReLU outputs to match, numbered from 1, comma-separated (default: all).

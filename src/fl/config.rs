@@ -91,7 +91,7 @@ impl Default for TrainConfig {
             dataset: "mnist".into(),
             arch: "mlp28-up".into(),
             clients: 10,
-            rounds: 12,
+            rounds: 8,
             local_steps: 50,
             batch: 128,
             real_batch: 128,
