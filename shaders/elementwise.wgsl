@@ -12,57 +12,64 @@ struct Params {
     alpha: f32,    // scale / axpy factor
     inv: f32,      // upsample, blur: 1 / (row width of the indexed tensor), for div_small
     inv_h: f32,    // blur: 1 / h, for div_small
-    _pad: u32,
+    runs: u32,     // blur: runs of pixels per row
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> step: StepState;
+// The same operands as vectors of four, for the maps below (bound padded to 16 bytes).
+@group(0) @binding(5) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> b4: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> out4: array<vec4<f32>>;
+
+// Vectors each invocation of a map handles (KernelFeatures::vectors_per_invocation: 8 on CPU
+// adapters, which pay per invocation and per scalar access, 1 on GPUs). A constant, so that
+// the loop unrolls.
+const VECTORS_PER_INVOCATION: u32 = {{ vectors | default(1) }}u;
 
 fn index(wid: vec3<u32>, nwg: vec3<u32>, li: u32) -> u32 {
     return linear_workgroup(wid, nwg) * 256u + li;
 }
 
-// out = max(a, 0)
+
+
+
+
+// Elementwise maps out = f(a, b), written once: vectors of four, a workgroup's vectors strided
+// by 256 so that neighbouring invocations touch neighbouring vectors. The last vector may run
+// past p.n into the buffers' padding; what lands there is never read.
+//% macro map(name, value)
 @compute @workgroup_size(256)
-fn relu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn {{ name }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    let i = index(wid, nwg, li);
-    if (i < p.n) {
-        out[i] = max(a[i], 0.0);
+    let first = linear_workgroup(wid, nwg) * (256u * VECTORS_PER_INVOCATION) + li;
+    let vectors = (p.n + 3u) / 4u;
+    for (var k = 0u; k < VECTORS_PER_INVOCATION; k++) {
+        let q = first + 256u * k;
+        if (q >= vectors) {
+            return;
+        }
+        out4[q] = {{ value }};
     }
 }
+//% endmacro
 
+// out = max(a, 0)
+{{ map("relu", "max(a4[q], vec4<f32>(0.0))") }}
 // out = a (upstream gradient) where b (the ReLU's output) > 0, else 0
-@compute @workgroup_size(256)
-fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) li: u32) {
-    let i = index(wid, nwg, li);
-    if (i < p.n) {
-        out[i] = select(0.0, a[i], b[i] > 0.0);
-    }
-}
-
+{{ map("relu_backward", "select(vec4<f32>(0.0), a4[q], b4[q] > vec4<f32>(0.0))") }}
 // out = tanh(a)
-@compute @workgroup_size(256)
-fn tanh_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) li: u32) {
-    let i = index(wid, nwg, li);
-    if (i < p.n) {
-        out[i] = tanh(a[i]);
-    }
-}
-
+{{ map("tanh_forward", "tanh(a4[q])") }}
 // out = a * (1 - b^2) with b = tanh output
-@compute @workgroup_size(256)
-fn tanh_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) li: u32) {
-    let i = index(wid, nwg, li);
-    if (i < p.n) {
-        out[i] = a[i] * (1.0 - b[i] * b[i]);
-    }
-}
+{{ map("tanh_backward", "a4[q] * (1.0 - b4[q] * b4[q])") }}
+// out = a + b
+{{ map("add", "a4[q] + b4[q]") }}
+// out = alpha * a
+{{ map("scale", "p.alpha * a4[q]") }}
+// out = alpha * a + b (a loss term's gradient added to another's with its weight)
+{{ map("axpy", "fma(vec4<f32>(p.alpha), a4[q], b4[q])") }}
 
 // Nearest 2x upsampling: out [planes, 2h, 2w] from a [planes, h, w]; p.n = output elements.
 @compute @workgroup_size(256)
@@ -97,9 +104,25 @@ fn upsample2x_adjoint(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     out[i] = a[base] + a[base + 1u] + a[base + ow] + a[base + ow + 1u];
 }
 
+// Pixels of a row each blur invocation computes.
+const BLUR_RUN: u32 = 4u * VECTORS_PER_INVOCATION;
+
+// The vertical [1 2 1] of column x around the row starting at `base`, 0 outside the row: `up`
+// and `down` are the offsets to the rows above and below, 0 where that row is padding (the
+// load then reads the centre again, in bounds, and select drops it).
+fn column(base: i32, up: i32, down: i32, x: i32, w: i32) -> f32 {
+    if (x < 0 || x >= w) {
+        return 0.0;
+    }
+    let above = select(0.0, a[base - up + x], up != 0);
+    let below = select(0.0, a[base + down + x], down != 0);
+    return above + 2.0 * a[base + x] + below;
+}
+
 // Fixed 3x3 binomial smoothing of every plane, ([1 2 1] x [1 2 1]) / 16 with zero padding:
-// out and a are [planes, h, w]; p.n = elements. The stencil is symmetric with stride 1, so
-// this kernel is also its own adjoint: the backward pass runs it on the output gradient.
+// out and a are [planes, h, w]. The stencil is symmetric with stride 1, so this kernel is also
+// its own adjoint: the backward pass runs it on the output gradient. One invocation per run of
+// BLUR_RUN pixels of a row, p.runs runs a row (p.inv = 1 / p.runs), p.n runs in all.
 @compute @workgroup_size(256)
 fn blur3x3(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) li: u32) {
@@ -107,60 +130,30 @@ fn blur3x3(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     if (i >= p.n) {
         return;
     }
-    let row = div_small(i, p.w, p.inv); // row of all planes in sequence
-    let x = i32(i - row * p.w);
-    let y = i32(row - div_small(row, p.h, p.inv_h) * p.h);
-    let h = i32(p.h);
+    let row = div_small(i, p.runs, p.inv); // row of all planes in sequence
+    let x0 = i32((i - row * p.runs) * BLUR_RUN);
+    let y = row - div_small(row, p.h, p.inv_h) * p.h;
     let w = i32(p.w);
-    var sum = 0.0;
-    for (var dy = -1; dy <= 1; dy++) {
-        let yy = y + dy;
-        if (yy < 0 || yy >= h) {
-            continue;
+    let base = i32(row * p.w);
+    let up = select(0, w, y > 0u);
+    let down = select(0, w, y + 1u < p.h);
+    // Slide along the run: each new column costs three loads, not nine per pixel.
+    var left = column(base, up, down, x0 - 1, w);
+    var mid = column(base, up, down, x0, w);
+    for (var k = 0; k < i32(BLUR_RUN); k++) {
+        let x = x0 + k;
+        if (x >= w) {
+            return;
         }
-        let wy = select(1.0, 2.0, dy == 0);
-        var row_sum = 0.0;
-        for (var dx = -1; dx <= 1; dx++) {
-            let xx = x + dx;
-            if (xx < 0 || xx >= w) {
-                continue;
-            }
-            row_sum += select(1.0, 2.0, dx == 0) * a[i32(i) + dy * w + dx];
-        }
-        sum += wy * row_sum;
-    }
-    out[i] = sum * 0.0625;
-}
-
-// out = a + b
-@compute @workgroup_size(256)
-fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-       @builtin(local_invocation_index) li: u32) {
-    let i = index(wid, nwg, li);
-    if (i < p.n) {
-        out[i] = a[i] + b[i];
+        let right = column(base, up, down, x + 1, w);
+        out[base + x] = (left + 2.0 * mid + right) * 0.0625;
+        left = mid;
+        mid = right;
     }
 }
 
-// out = alpha * a
-@compute @workgroup_size(256)
-fn scale(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-         @builtin(local_invocation_index) li: u32) {
-    let i = index(wid, nwg, li);
-    if (i < p.n) {
-        out[i] = p.alpha * a[i];
-    }
-}
 
-// out = alpha * a + b (a loss term's gradient added to another's with its weight)
-@compute @workgroup_size(256)
-fn axpy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) li: u32) {
-    let i = index(wid, nwg, li);
-    if (i < p.n) {
-        out[i] = fma(p.alpha, a[i], b[i]);
-    }
-}
+
 
 // Transpose of a [rows, cols] matrix: out [cols, rows]; p.h = rows, p.w = cols, p.inv = 1 / rows.
 // One invocation per output element (reads are strided, writes contiguous).

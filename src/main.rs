@@ -43,7 +43,7 @@ impl GpuArgs {
             backends: self.backend.as_deref().map(wgpu::Backends::from_comma_list),
             adapter_name: self.adapter.clone(),
             portable: self.portable,
-            limits: None,
+            ..Default::default()
         })?;
         eprintln!("GPU: {}", describe_adapter(gpu.info()));
         Ok(gpu)
@@ -502,6 +502,22 @@ fn train(a: &TrainArgs, gpu_args: &GpuArgs, given: &dyn Fn(&str) -> bool) -> Res
             m.bits_per_weight
         );
     }
+    let t = &s.timing;
+    eprintln!(
+        "time: local steps {:.1} s ({:.1} ms a step: record {:.1} s, device {:.1} s, readback \
+         {:.1} s), uploads {:.1} s, aggregation {:.1} s, evaluation {:.1} s, grids {:.1} s, \
+         checkpoints {:.1} s",
+        t.local_record_s + t.local_device_s + t.local_readback_s,
+        t.ms_per_local_step(),
+        t.local_record_s,
+        t.local_device_s,
+        t.local_readback_s,
+        t.upload_s,
+        t.aggregate_s,
+        t.eval_s,
+        t.grid_s,
+        s.checkpoint_s
+    );
     Ok(())
 }
 

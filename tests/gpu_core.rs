@@ -240,7 +240,7 @@ fn missing_or_unknown_bindings_are_clear_errors() {
     let key = || prism::gpu::shader::ShaderKey::new("elementwise.wgsl");
     let params = [4u32, 0, 0, 0, 0, 0, 0, 0];
     let no_params = gpu
-        .kernel(key(), "relu")
+        .kernel(key(), "transpose")
         .bind("a", &x)
         .bind("out", &x)
         .groups(1)
@@ -251,7 +251,7 @@ fn missing_or_unknown_bindings_are_clear_errors() {
         .to_string()
         .contains("parameters `p`"));
     let missing = gpu
-        .kernel(key(), "relu")
+        .kernel(key(), "transpose")
         .params(&params)
         .bind("a", &x)
         .groups(1)
@@ -262,7 +262,7 @@ fn missing_or_unknown_bindings_are_clear_errors() {
         .to_string()
         .contains("no buffer bound to `out`"));
     let unknown = gpu
-        .kernel(key(), "relu")
+        .kernel(key(), "transpose")
         .params(&params)
         .bind("a", &x)
         .bind("out", &x)

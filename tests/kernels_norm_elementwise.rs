@@ -152,6 +152,57 @@ fn backward_kernels_finite_differences() {
 }
 
 #[test]
+fn vector_maps_match_the_reference_at_every_length() {
+    // Lengths with every remainder mod 4 and across the 1,024 and 8,192 values a workgroup
+    // covers with 1 and 8 vectors per invocation.
+    let mut rng = HostRng::new(44, &[]);
+    for gpu in devices() {
+        for n in [1usize, 2, 3, 4, 5, 1023, 1025, 8191, 8193, 20_003] {
+            let a = normal(&mut rng, n);
+            let b = normal(&mut rng, n);
+            let (ta, tb, to) = (up(&gpu, &a), up(&gpu, &b), out(&gpu, n));
+            type Reference = fn(f32, f32) -> f32;
+            let cases: Vec<(&str, prism::gpu::Kernel, Reference)> = vec![
+                ("relu", ew::relu(&gpu, &ta, &to).unwrap(), |a, _| a.max(0.0)),
+                (
+                    "relu_backward",
+                    ew::relu_backward(&gpu, &ta, &tb, &to).unwrap(),
+                    |a, b| if b > 0.0 { a } else { 0.0 },
+                ),
+                ("tanh", ew::tanh(&gpu, &ta, &to).unwrap(), |a, _| a.tanh()),
+                (
+                    "tanh_backward",
+                    ew::tanh_backward(&gpu, &ta, &tb, &to).unwrap(),
+                    |a, b| a * (1.0 - b * b),
+                ),
+                ("add", ew::add(&gpu, &ta, &tb, &to).unwrap(), |a, b| a + b),
+                (
+                    "scale",
+                    ew::scale(&gpu, -0.75, &ta, &to).unwrap(),
+                    |a, _| -0.75 * a,
+                ),
+                (
+                    "axpy",
+                    ew::axpy(&gpu, 1.5, &ta, &tb, &to).unwrap(),
+                    |a, b| 1.5f32.mul_add(a, b),
+                ),
+            ];
+            for (name, k, f) in cases {
+                gpu.run(&[&k]).unwrap();
+                let want: Vec<f32> = a.iter().zip(&b).map(|(&x, &y)| f(x, y)).collect();
+                assert_close(
+                    &format!("{name} n {n}"),
+                    &gpu.read_f32(&to).unwrap(),
+                    &want,
+                    1e-6,
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn upsampling_and_its_adjoint() {
     let mut rng = HostRng::new(43, &[]);
     for gpu in devices() {
@@ -201,7 +252,16 @@ fn smoothing_matches_the_reference_and_is_its_own_adjoint() {
     for gpu in devices() {
         // 1x1 and one-row planes (only padding around), odd sizes, and the generators' 28x28
         // output planes, 256 of them so that plane boundaries fall inside workgroups.
-        for (planes, h, w) in [(1, 1, 1), (2, 1, 7), (3, 5, 4), (5, 13, 11), (256, 28, 28)] {
+        // Widths below, at and past the runs of 4 and 32 pixels one invocation computes.
+        for (planes, h, w) in [
+            (1, 1, 1),
+            (2, 1, 7),
+            (3, 5, 4),
+            (5, 13, 11),
+            (2, 3, 33),
+            (3, 4, 64),
+            (256, 28, 28),
+        ] {
             let x = uniform(&mut rng, planes * h * w);
             let r = uniform(&mut rng, planes * h * w);
             let (tx, ty, tr, tdx) = (

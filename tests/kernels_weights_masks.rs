@@ -276,53 +276,84 @@ fn aggregation_matches_cpu_for_every_rule() {
 #[test]
 fn adam_matches_cpu_and_refreshes_thresholds() {
     let mut rng = HostRng::new(10, &[1]);
-    let gpu = common::gpu();
-    let n = 3001;
     let cfg = adam::AdamConfig::default();
-    let mut scores = normal(&mut rng, n);
-    let mut moments = vec![0f32; 2 * n];
-    let ts = gpu.upload_f32(&scores, &[n], "scores").unwrap();
-    let tm = gpu.upload_f32(&moments, &[2 * n], "moments").unwrap();
-    let tk = gpu
-        .tensor(&[mask::keep_words(n)], DType::U32, "keep")
-        .unwrap();
-    let step = StepState {
-        client: 0,
-        step: 0,
-        round: 0,
-        seed: 0,
-        ..Default::default()
-    };
-    let tst = gpu
-        .upload_u32(bytemuck::cast_slice(&[step]), &[8], "step")
-        .unwrap();
-    let tg = gpu.tensor(&[n], DType::F32, "grad").unwrap();
-    let io = adam::AdamIo {
-        step: &tst,
-        grad: &tg,
-        scores: &ts,
-        moments: &tm,
-        keep: &tk,
-    };
-    let k_step = adam::step(&gpu, &cfg, &io).unwrap();
-    let k_adv = adam::advance(&gpu, &tst).unwrap();
-    for t in 1..=5u32 {
-        let grad = normal(&mut rng, n);
-        gpu.write_f32(&tg, &grad).unwrap();
-        gpu.run(&[&k_step, &k_adv]).unwrap();
-        adam::cpu::step(&cfg, t, &grad, &mut scores, &mut moments);
-    }
-    assert_close("scores", &gpu.read_f32(&ts).unwrap(), &scores, 1e-5, 1e-4);
-    assert_close("moments", &gpu.read_f32(&tm).unwrap(), &moments, 1e-6, 1e-4);
-    assert_eq!(
-        gpu.read_u32(&tst).unwrap()[1],
-        5,
-        "step counter advanced once per step"
-    );
-    let keep = gpu.read_u32(&tk).unwrap();
-    for (i, &s) in scores.iter().enumerate() {
-        let g = wcpu::threshold_of(&keep, i) as i64;
-        let w = mask::cpu::threshold(s) as i64;
-        assert!((g - w).abs() <= 2, "threshold {i}: {g} vs {w}");
+    // Both forms of the kernel: eight vectors per invocation (lavapipe's default) and one.
+    for gpu in common::devices() {
+        // Sizes around the kernel's vectors of four scores and its 4,096 scores per workgroup,
+        // with every remainder mod 4.
+        for n in [1usize, 2, 3, 4, 5, 3001, 4096, 4097, 8190, 12_291] {
+            let mut scores = normal(&mut rng, n);
+            let mut moments = vec![0f32; 2 * n];
+            let ts = gpu.upload_f32(&scores, &[n], "scores").unwrap();
+            let tm = gpu.upload_f32(&moments, &[2 * n], "moments").unwrap();
+            let tk = gpu
+                .tensor(&[mask::keep_words(n)], DType::U32, "keep")
+                .unwrap();
+            let step = StepState {
+                client: 0,
+                step: 0,
+                round: 0,
+                seed: 0,
+                ..Default::default()
+            };
+            let tst = gpu
+                .upload_u32(bytemuck::cast_slice(&[step]), &[8], "step")
+                .unwrap();
+            let tg = gpu.tensor(&[n], DType::F32, "grad").unwrap();
+            let io = adam::AdamIo {
+                step: &tst,
+                grad: &tg,
+                scores: &ts,
+                moments: &tm,
+                keep: &tk,
+            };
+            let k_step = adam::step(&gpu, &cfg, &io).unwrap();
+            let k_adv = adam::advance(&gpu, &tst).unwrap();
+            for t in 1..=5u32 {
+                let grad = normal(&mut rng, n);
+                gpu.write_f32(&tg, &grad).unwrap();
+                gpu.run(&[&k_step, &k_adv]).unwrap();
+                adam::cpu::step(&cfg, t, &grad, &mut scores, &mut moments);
+            }
+            if n == 3001 {
+                // Gradients that stay 0 or tiny: the first moments halve each step until they
+                // are flushed to 0 (not left subnormal), on the GPU as in the twin.
+                let tiny: Vec<f32> = (0..n)
+                    .map(|i| if i % 2 == 0 { 0.0 } else { 1e-20 })
+                    .collect();
+                gpu.write_f32(&tg, &tiny).unwrap();
+                for t in 6..=160u32 {
+                    gpu.run(&[&k_step, &k_adv]).unwrap();
+                    adam::cpu::step(&cfg, t, &tiny, &mut scores, &mut moments);
+                }
+                let got = gpu.read_f32(&tm).unwrap();
+                let zeros = moments.iter().filter(|&&m| m == 0.0).count();
+                assert!(zeros >= n / 2, "only {zeros} moments were flushed");
+                for (i, (&g, &w)) in got.iter().zip(&moments).enumerate() {
+                    assert!(g.is_normal() || g == 0.0, "moment {i} is subnormal: {g:e}");
+                    assert_eq!(g == 0.0, w == 0.0, "moment {i}: {g:e} vs the twin's {w:e}");
+                }
+            }
+            assert_close("scores", &gpu.read_f32(&ts).unwrap(), &scores, 1e-5, 1e-4);
+            assert_close("moments", &gpu.read_f32(&tm).unwrap(), &moments, 1e-6, 1e-4);
+            assert_eq!(
+                gpu.read_u32(&tst).unwrap()[1],
+                if n == 3001 { 160 } else { 5 },
+                "step counter advanced once per step"
+            );
+            let keep = gpu.read_u32(&tk).unwrap();
+            for (i, &s) in scores.iter().enumerate() {
+                let g = wcpu::threshold_of(&keep, i) as i64;
+                let w = mask::cpu::threshold(s) as i64;
+                assert!((g - w).abs() <= 2, "n {n}, threshold {i}: {g} vs {w}");
+            }
+            if n % 2 == 1 {
+                assert_eq!(
+                    keep[n / 2] >> 16,
+                    0,
+                    "n {n}: the last keep word's unused half stays 0"
+                );
+            }
+        }
     }
 }

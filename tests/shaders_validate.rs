@@ -78,8 +78,12 @@ fn weight_mask_and_adam_kernels_validate() {
     check(ShaderKey::new("data.wgsl"));
     check(ShaderKey::new("pool.wgsl"));
     check(ShaderKey::new("moments.wgsl"));
-    check(ShaderKey::new("elementwise.wgsl"));
-    check(ShaderKey::new("adam.wgsl"));
+    // Streaming kernels in both forms: one vector per invocation (GPUs) and eight (CPU
+    // adapters).
+    for vectors in [1u32, 8] {
+        check(ShaderKey::new("elementwise.wgsl").def("vectors", vectors));
+        check(ShaderKey::new("adam.wgsl").def("quads", vectors));
+    }
 }
 
 #[test]

@@ -61,6 +61,18 @@ pub struct LocalRun {
     pub losses: Vec<f32>,
     /// The upload: a mask sample per layer (scores for PRISM-alpha layers).
     pub upload: Vec<Payload>,
+    /// Where the run's wall time went.
+    pub timing: LocalTiming,
+}
+
+/// Wall time of one local run's parts, in seconds: building the upload's kernels and recording
+/// every step into one command buffer, the submission and the wait for the device, and the
+/// readback of the losses and the upload.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct LocalTiming {
+    pub record_s: f64,
+    pub device_s: f64,
+    pub readback_s: f64,
 }
 
 /// The shared training programs.
@@ -373,6 +385,7 @@ impl Trainer {
             step_base: state.step,
             _pad: [0; 3],
         };
+        let start = std::time::Instant::now();
         gpu.write_u32(&self.step, bytemuck::cast_slice(&[st]))?;
         // Upload samples: one key per (round, client, layer).
         let upload_key = rng::key_path(self.seed, &[rng::stream::UPLOAD, round, client as u32]);
@@ -448,8 +461,11 @@ impl Trainer {
             enc.copy_buffer_to_buffer(moments.buffer(), 0, m.buffer(), 0, m.bytes());
         }
         self.objective.copy_out(&mut enc, &state.loss)?;
-        gpu.queue().submit([enc.finish()]);
+        let commands = enc.finish();
+        let recorded = std::time::Instant::now();
+        gpu.queue().submit([commands]);
         gpu.sync()?;
+        let finished = std::time::Instant::now();
         state.step += self.local_steps as u32;
         let losses = gpu.read_f32(&self.losses)?;
         let mut upload = Vec::with_capacity(layers.len());
@@ -460,7 +476,16 @@ impl Trainer {
                 upload.push(Payload::Bits(gpu.read_u32(&l.bits)?));
             }
         }
-        Ok(LocalRun { losses, upload })
+        let timing = LocalTiming {
+            record_s: (recorded - start).as_secs_f64(),
+            device_s: (finished - recorded).as_secs_f64(),
+            readback_s: finished.elapsed().as_secs_f64(),
+        };
+        Ok(LocalRun {
+            losses,
+            upload,
+            timing,
+        })
     }
 }
 

@@ -93,6 +93,47 @@ pub struct RoundMetrics {
     /// MMD^2 (biased, pixel space) between generated and held-out real images.
     pub mmd_heldout: Option<f64>,
     pub wall_s: f64,
+    /// Where the round's wall time went (the checkpoint after it is in [`RunSummary`]).
+    pub timing: RoundTiming,
+}
+
+/// Wall time of a round's phases, in seconds. The local runs' three parts are summed over
+/// clients; `local_steps` counts the steps they took, so that
+/// `(local_record_s + local_device_s + local_readback_s) / local_steps` is a client step's cost
+/// as the run pays it, comparable with the training bench's device time of one step.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct RoundTiming {
+    pub local_steps: usize,
+    pub local_record_s: f64,
+    pub local_device_s: f64,
+    pub local_readback_s: f64,
+    /// Encoding each upload as the wire message and the server's intake of it.
+    pub upload_s: f64,
+    /// Aggregation and MADA.
+    pub aggregate_s: f64,
+    /// Drawing the round's model and the held-out MMD.
+    pub eval_s: f64,
+    /// Generating and writing the sample grids.
+    pub grid_s: f64,
+}
+
+impl RoundTiming {
+    fn add(&mut self, o: &RoundTiming) {
+        self.local_steps += o.local_steps;
+        self.local_record_s += o.local_record_s;
+        self.local_device_s += o.local_device_s;
+        self.local_readback_s += o.local_readback_s;
+        self.upload_s += o.upload_s;
+        self.aggregate_s += o.aggregate_s;
+        self.eval_s += o.eval_s;
+        self.grid_s += o.grid_s;
+    }
+
+    /// The local runs' wall time per step, in milliseconds.
+    pub fn ms_per_local_step(&self) -> f64 {
+        let local = self.local_record_s + self.local_device_s + self.local_readback_s;
+        1e3 * local / self.local_steps.max(1) as f64
+    }
 }
 
 /// What a finished (or stopped) run produced.
@@ -103,6 +144,9 @@ pub struct RunSummary {
     pub last: Option<RoundMetrics>,
     pub grid: PathBuf,
     pub checkpoint: PathBuf,
+    /// The rounds' phases summed over the rounds this run did, and its checkpoints' time.
+    pub timing: RoundTiming,
+    pub checkpoint_s: f64,
 }
 
 /// Image channels of a dataset: 1 for MNIST and Fashion-MNIST, 3 for CIFAR-10 and folders.
@@ -306,6 +350,8 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
     };
     let t0 = Instant::now();
     let mut last = None;
+    let mut timing = RoundTiming::default();
+    let mut checkpoint_s = 0.0;
     let mut done = start_round;
     for round in start_round..cfg.rounds {
         if opts.stop_after.is_some_and(|n| done - start_round >= n) {
@@ -323,6 +369,7 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
         let mut failures: Vec<Failure> = Vec::new();
         let mut losses = Vec::new();
         let mut bits_up = 0u64;
+        let mut rt_parts = RoundTiming::default();
         for &k in &selected {
             if cfg.drop_rate > 0.0 && drops.unit_f64() < cfg.drop_rate {
                 failures.push(Failure {
@@ -332,6 +379,11 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
                 continue;
             }
             let run = trainer.local_run(gpu, k, r, &server.scores, &mut clients[k])?;
+            rt_parts.local_steps += run.losses.len();
+            rt_parts.local_record_s += run.timing.record_s;
+            rt_parts.local_device_s += run.timing.device_s;
+            rt_parts.local_readback_s += run.timing.readback_s;
+            let upload_start = Instant::now();
             let mean =
                 run.losses.iter().map(|&v| v as f64).sum::<f64>() / run.losses.len().max(1) as f64;
             losses.push((mean, *run.losses.last().unwrap_or(&0.0) as f64));
@@ -360,8 +412,12 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
                     reason,
                 }),
             }
+            rt_parts.upload_s += upload_start.elapsed().as_secs_f64();
         }
+        let phase = Instant::now();
         let report = strategy.aggregate_fit(gpu, r, &mut server, &results, &failures)?;
+        rt_parts.aggregate_s = phase.elapsed().as_secs_f64();
+        let phase = Instant::now();
         done = round + 1;
         let last_round = done == cfg.rounds;
         let every = |n: usize| n > 0 && done % n == 0;
@@ -387,6 +443,8 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
         } else {
             None
         };
+        rt_parts.eval_s = phase.elapsed().as_secs_f64();
+        let phase = Instant::now();
         if want_grid {
             let imgs = grid_gen.generate(gpu, 100, 0)?;
             crate::io::grid::write_grid(&grid_path, &imgs, 100, image.c, image.h, image.w, 10)?;
@@ -400,6 +458,8 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
                 10,
             )?;
         }
+        rt_parts.grid_s = phase.elapsed().as_secs_f64();
+        timing.add(&rt_parts);
         let n_up = results.len().max(1);
         let m = RoundMetrics {
             round: done as u32,
@@ -418,6 +478,7 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
             epsilon: accountant.as_ref().map(|a| a.epsilon(done)),
             mmd_heldout,
             wall_s: rt.elapsed().as_secs_f64(),
+            timing: rt_parts,
         };
         let line = serde_json::to_value(&m).map_err(|e| Error::invalid(e.to_string()))?;
         writeln!(log, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
@@ -426,7 +487,9 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
             || last_round
             || opts.stop_after.is_some_and(|n| done - start_round >= n)
         {
+            let phase = Instant::now();
             save_checkpoint(gpu, cfg, done, &server, &clients, &history, &ckpt_path)?;
+            checkpoint_s += phase.elapsed().as_secs_f64();
         }
         if let Some(pb) = &bar {
             let eps = m.epsilon.map_or(String::new(), |e| format!(" eps {e:.2}"));
@@ -447,6 +510,8 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
         last,
         grid: grid_path,
         checkpoint: ckpt_path,
+        timing,
+        checkpoint_s,
     })
 }
 

@@ -77,6 +77,8 @@ pub struct KernelBuilder<'a> {
     params: Option<Vec<u8>>,
     bound: Vec<Bound<'a>>,
     workgroups: Option<u32>,
+    /// Binding problems found while binding, reported by `build`.
+    errors: Vec<String>,
 }
 
 impl<'a> KernelBuilder<'a> {
@@ -88,6 +90,7 @@ impl<'a> KernelBuilder<'a> {
             params: None,
             bound: Vec::new(),
             workgroups: None,
+            errors: Vec::new(),
         }
     }
 
@@ -104,6 +107,29 @@ impl<'a> KernelBuilder<'a> {
             name: name.to_string(),
             buffer: t.buffer(),
             size: t.bytes().max(4),
+            owner: Some(t.pooled().clone()),
+        });
+        self
+    }
+
+    /// Binds a tensor to `name` with its size rounded up to a multiple of `align` bytes, so that
+    /// a kernel may view it as an array of vectors whose last one runs past the tensor's end
+    /// (into the buffer's own padding; the kernel must not let those lanes matter). Pool
+    /// buffers are padded to their size class, so this fails only for an exact-size buffer
+    /// near the device limit.
+    pub fn bind_padded(mut self, name: &str, t: &'a Tensor, align: u64) -> Self {
+        let size = t.bytes().max(4).next_multiple_of(align);
+        if size > t.buffer().size() {
+            self.errors.push(format!(
+                "`{name}` ({} bytes) has no padding to {align} bytes in its {}-byte buffer",
+                t.bytes(),
+                t.buffer().size()
+            ));
+        }
+        self.bound.push(Bound {
+            name: name.to_string(),
+            buffer: t.buffer(),
+            size,
             owner: Some(t.pooled().clone()),
         });
         self
@@ -136,6 +162,12 @@ impl<'a> KernelBuilder<'a> {
             &self.shader,
             &self.entry,
         )?;
+        if let Some(e) = self.errors.first() {
+            return Err(GpuError::Validation {
+                context: format!("building {}", entry.label),
+                message: e.clone(),
+            });
+        }
         let max_binding = gpu.limits.max_storage_buffer_binding_size;
         let params = match &self.params {
             Some(bytes) => {

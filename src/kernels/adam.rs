@@ -67,15 +67,19 @@ pub fn step(gpu: &Gpu, cfg: &AdamConfig, io: &AdamIo) -> Result<Kernel> {
         ln_beta2: (cfg.beta2 as f64).ln() as f32,
         _pad: 0,
     };
+    let quads = gpu.features().vectors_per_invocation;
     Ok(gpu
-        .kernel(ShaderKey::new("adam.wgsl"), "step_scores")
+        .kernel(
+            ShaderKey::new("adam.wgsl").def("quads", quads),
+            "step_scores",
+        )
         .params(&p)
         .bind("step", io.step)
-        .bind("grad", io.grad)
-        .bind("scores", io.scores)
-        .bind("moments", io.moments)
-        .bind("keep", io.keep)
-        .groups(groups_for(keep_words(n), 256)?)
+        .bind_padded("grad", io.grad, 16)
+        .bind_padded("scores", io.scores, 16)
+        .bind_padded("moments", io.moments, 32)
+        .bind_padded("keep", io.keep, 8)
+        .groups(groups_for(n.div_ceil(4), 256 * quads as usize)?)
         .build()?)
 }
 
@@ -105,14 +109,28 @@ pub fn advance(gpu: &Gpu, step: &Tensor) -> Result<Kernel> {
 pub mod cpu {
     use super::AdamConfig;
 
+    /// Moments below this are flushed to zero, and gradients below [`TINY_GRADIENT`] are not
+    /// squared, as in `shaders/adam.wgsl` (it says why: subnormals).
+    pub const TINY_MOMENT: f32 = 1e-30;
+    pub const TINY_GRADIENT: f32 = 1e-18;
+
+    fn flush(x: f32) -> f32 {
+        if x.abs() < TINY_MOMENT {
+            0.0
+        } else {
+            x
+        }
+    }
+
     /// One Adam step with bias correction at step `t` (1-based); moments interleaved (m, v).
     pub fn step(cfg: &AdamConfig, t: u32, grad: &[f32], scores: &mut [f32], moments: &mut [f32]) {
         let c1 = (1.0 - (cfg.beta1 as f64).powi(t as i32)) as f32;
         let c2 = (1.0 - (cfg.beta2 as f64).powi(t as i32)) as f32;
         for i in 0..scores.len() {
             let g = grad[i];
-            let m = cfg.beta1 * moments[2 * i] + (1.0 - cfg.beta1) * g;
-            let v = cfg.beta2 * moments[2 * i + 1] + (1.0 - cfg.beta2) * g * g;
+            let m = flush(cfg.beta1 * moments[2 * i] + (1.0 - cfg.beta1) * g);
+            let gs = if g.abs() < TINY_GRADIENT { 0.0 } else { g };
+            let v = flush(cfg.beta2 * moments[2 * i + 1] + (1.0 - cfg.beta2) * gs * gs);
             moments[2 * i] = m;
             moments[2 * i + 1] = v;
             scores[i] -= cfg.lr * (m / c1) / ((v / c2).sqrt() + cfg.eps);

@@ -18,7 +18,7 @@ struct Params {
     alpha: f32,
     inv: f32,
     inv_h: f32,
-    _pad: u32,
+    runs: u32,
 }
 
 fn launch(
@@ -39,6 +39,33 @@ fn launch(
     Ok(k.build()?)
 }
 
+/// A map of `shaders/elementwise.wgsl` (`out = f(a, b)` over vectors of four): binds the
+/// operands' vector views, padded, and sizes the grid by the adapter's vectors per invocation.
+fn launch_map(
+    gpu: &Gpu,
+    entry: &str,
+    p: Params,
+    inputs: &[(&str, &Tensor)],
+    out: &Tensor,
+) -> Result<Kernel> {
+    let vectors = gpu.features().vectors_per_invocation;
+    let mut k = gpu
+        .kernel(
+            ShaderKey::new("elementwise.wgsl").def("vectors", vectors),
+            entry,
+        )
+        .params(&p)
+        .bind_padded("out4", out, 16)
+        .groups(groups_for(
+            (p.n as usize).div_ceil(4),
+            256 * vectors as usize,
+        )?);
+    for (name, t) in inputs {
+        k = k.bind_padded(&format!("{name}4"), t, 16);
+    }
+    Ok(k.build()?)
+}
+
 fn unary(gpu: &Gpu, entry: &str, a: &Tensor, out: &Tensor) -> Result<Kernel> {
     let n = a.len();
     check(out, n, DType::F32, entry)?;
@@ -47,7 +74,7 @@ fn unary(gpu: &Gpu, entry: &str, a: &Tensor, out: &Tensor) -> Result<Kernel> {
         n: u32_of(n, "elements")?,
         ..Default::default()
     };
-    launch(gpu, entry, p, &[("a", a)], out)
+    launch_map(gpu, entry, p, &[("a", a)], out)
 }
 
 fn binary(gpu: &Gpu, entry: &str, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<Kernel> {
@@ -58,7 +85,7 @@ fn binary(gpu: &Gpu, entry: &str, a: &Tensor, b: &Tensor, out: &Tensor) -> Resul
         n: u32_of(n, "elements")?,
         ..Default::default()
     };
-    launch(gpu, entry, p, &[("a", a), ("b", b)], out)
+    launch_map(gpu, entry, p, &[("a", a), ("b", b)], out)
 }
 
 /// out <- max(x, 0).
@@ -95,7 +122,7 @@ pub fn scale(gpu: &Gpu, alpha: f32, a: &Tensor, out: &Tensor) -> Result<Kernel> 
         alpha,
         ..Default::default()
     };
-    launch(gpu, "scale", p, &[("a", a)], out)
+    launch_map(gpu, "scale", p, &[("a", a)], out)
 }
 
 /// out <- alpha * a + b.
@@ -108,7 +135,7 @@ pub fn axpy(gpu: &Gpu, alpha: f32, a: &Tensor, b: &Tensor, out: &Tensor) -> Resu
         alpha,
         ..Default::default()
     };
-    launch(gpu, "axpy", p, &[("a", a), ("b", b)], out)
+    launch_map(gpu, "axpy", p, &[("a", a), ("b", b)], out)
 }
 
 /// out [cols, rows] <- the transpose of a [rows, cols].
@@ -195,15 +222,29 @@ pub fn blur3x3(
 ) -> Result<Kernel> {
     check(x, planes * h * w, DType::F32, "blur input")?;
     check(out, planes * h * w, DType::F32, "blur output")?;
+    check_small(planes * h * w)?;
+    // Each invocation computes a run of pixels of one row (BLUR_RUN in the shader).
+    let vectors = gpu.features().vectors_per_invocation;
+    let runs = w.div_ceil(4 * vectors as usize);
     let p = Params {
-        n: check_small(planes * h * w)?,
+        n: check_small(planes * h * runs)?,
         h: h as u32,
         w: w as u32,
-        inv: 1.0 / w as f32,
+        inv: 1.0 / runs as f32,
         inv_h: 1.0 / h as f32,
+        runs: runs as u32,
         ..Default::default()
     };
-    launch(gpu, "blur3x3", p, &[("a", x)], out)
+    Ok(gpu
+        .kernel(
+            ShaderKey::new("elementwise.wgsl").def("vectors", vectors),
+            "blur3x3",
+        )
+        .params(&p)
+        .bind("a", x)
+        .bind("out", out)
+        .groups(groups_for(p.n as usize, 256)?)
+        .build()?)
 }
 
 /// out <- standard normal latents of the current step: stream key(key(base, client), step).

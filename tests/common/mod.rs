@@ -14,6 +14,10 @@ use prism::rng::HostRng;
 fn open(portable: bool) -> Arc<Gpu> {
     match Gpu::new(GpuOptions {
         portable,
+        // The portable device also takes the streaming kernels' GPU form (one vector per
+        // invocation), so that both forms run on any adapter; the default device keeps the
+        // adapter's own (8 on a CPU adapter such as lavapipe).
+        vectors_per_invocation: portable.then_some(1),
         ..Default::default()
     }) {
         Ok(g) => Arc::new(g),
@@ -32,7 +36,8 @@ pub fn gpu() -> Arc<Gpu> {
 }
 
 /// The same adapter restricted to the portable kernel forms (no subgroups, no f16), which is
-/// what the GL backend and WebGPU without subgroups get.
+/// what the GL backend and WebGPU without subgroups get, with one vector per invocation in
+/// the streaming kernels, as GPUs have it.
 pub fn portable() -> Arc<Gpu> {
     static G: OnceLock<Arc<Gpu>> = OnceLock::new();
     G.get_or_init(|| open(true)).clone()
