@@ -28,8 +28,11 @@ fn launch(
     inputs: &[(&str, &Tensor)],
     out: &Tensor,
 ) -> Result<Kernel> {
+    // One invocation per item of p.n; the blur's runs are sized by the vectors define.
+    let key =
+        ShaderKey::new("elementwise.wgsl").def("vectors", gpu.features().vectors_per_invocation);
     let mut k = gpu
-        .kernel(ShaderKey::new("elementwise.wgsl"), entry)
+        .kernel(key, entry)
         .params(&p)
         .bind("out", out)
         .groups(groups_for(p.n as usize, 256)?);
@@ -235,16 +238,7 @@ pub fn blur3x3(
         runs: runs as u32,
         ..Default::default()
     };
-    Ok(gpu
-        .kernel(
-            ShaderKey::new("elementwise.wgsl").def("vectors", vectors),
-            "blur3x3",
-        )
-        .params(&p)
-        .bind("a", x)
-        .bind("out", out)
-        .groups(groups_for(p.n as usize, 256)?)
-        .build()?)
+    launch(gpu, "blur3x3", p, &[("a", x)], out)
 }
 
 /// out <- standard normal latents of the current step: stream key(key(base, client), step).
