@@ -164,6 +164,153 @@ fn bench_matmul(c: &mut Criterion) {
     group.finish();
 }
 
+/// The masked matmuls of one training step of the default network (`mlp28-up` at batch 128:
+/// forward and input gradient on the step's sampled mask, the score gradient through the
+/// p-scaled estimator), each checked at sample points against the CPU reference, beside the
+/// dense f32 forward of the same shape.
+fn bench_training_matmuls(c: &mut Criterion) {
+    let gpu = open_gpu();
+    let mut rng = HostRng::new(3, &[]);
+    let batch = if quick() { 16 } else { 128 };
+    let layers: &[(usize, usize)] = if quick() {
+        &[(32, 256)]
+    } else {
+        &[(32, 256), (256, 512), (512, 1024), (1024, 196)]
+    };
+    let mut group = c.benchmark_group("training matmul");
+    for (l, &(inputs, outputs)) in layers.iter().enumerate() {
+        let s = LinearShape {
+            batch,
+            inputs,
+            outputs,
+        };
+        let layer = LayerWeights {
+            seed: 7,
+            layer: l as u32,
+            init: Init::SignedConstant,
+            fan_in: inputs as u32,
+        };
+        let src = sources(&gpu, &layer, s.weights(), &mut rng);
+        let x: Vec<f32> = (0..batch * inputs)
+            .map(|_| rng.unit_f64() as f32 - 0.5)
+            .collect();
+        let dy: Vec<f32> = (0..batch * outputs)
+            .map(|_| rng.unit_f64() as f32 - 0.5)
+            .collect();
+        let scores: Vec<f32> = (0..s.weights()).map(|_| rng.normal() as f32).collect();
+        let tx = gpu.upload_f32(&x, &[batch, inputs], "x").unwrap();
+        let tdy = gpu.upload_f32(&dy, &[batch, outputs], "dy").unwrap();
+        let tscores = gpu.upload_f32(&scores, &[s.weights()], "scores").unwrap();
+        let ty = gpu.tensor(&[batch, outputs], DType::F32, "y").unwrap();
+        let tdx = gpu.tensor(&[batch, inputs], DType::F32, "dx").unwrap();
+        let tgrad = gpu.tensor(&[s.weights()], DType::F32, "grad").unwrap();
+        let train = MaskSource::Train {
+            keep: &src.keep,
+            step: &src.step,
+        };
+        let kernels = [
+            (
+                "dense f32",
+                matmul::forward(&gpu, &s, &layer, &MaskSource::Dense(&src.dense), &tx, &ty)
+                    .unwrap(),
+            ),
+            (
+                "forward",
+                matmul::forward(&gpu, &s, &layer, &train, &tx, &ty).unwrap(),
+            ),
+            (
+                "grad_input",
+                matmul::grad_input(&gpu, &s, &layer, &train, &tdy, &tdx).unwrap(),
+            ),
+            (
+                "grad_score",
+                matmul::grad_score(
+                    &gpu,
+                    &s,
+                    &layer,
+                    matmul::Estimator::PScaled,
+                    &tx,
+                    &tdy,
+                    &tscores,
+                    &tgrad,
+                )
+                .unwrap(),
+            ),
+        ];
+        let name = format!("{batch}x{outputs}x{inputs}");
+        for (variant, k) in &kernels {
+            gpu.run(&[k]).unwrap();
+            let (what, got, want): (&str, Vec<f32>, Vec<(usize, f64)>) = match *variant {
+                "dense f32" | "forward" => {
+                    let weff = if *variant == "forward" {
+                        &src.weff_train
+                    } else {
+                        &src.weff_dense
+                    };
+                    let at = [(0, 0), (batch / 2, outputs / 3), (batch - 1, outputs - 1)];
+                    let want = at
+                        .iter()
+                        .map(|&(b, o)| {
+                            let v: f64 = (0..inputs)
+                                .map(|i| x[b * inputs + i] as f64 * weff[o * inputs + i] as f64)
+                                .sum();
+                            (b * outputs + o, v)
+                        })
+                        .collect();
+                    ("y", gpu.read_f32(&ty).unwrap(), want)
+                }
+                "grad_input" => {
+                    let at = [(0, 0), (batch / 2, inputs / 3), (batch - 1, inputs - 1)];
+                    let want = at
+                        .iter()
+                        .map(|&(b, i)| {
+                            let v: f64 = (0..outputs)
+                                .map(|o| {
+                                    dy[b * outputs + o] as f64
+                                        * src.weff_train[o * inputs + i] as f64
+                                })
+                                .sum();
+                            (b * inputs + i, v)
+                        })
+                        .collect();
+                    ("dx", gpu.read_f32(&tdx).unwrap(), want)
+                }
+                _ => {
+                    let at = [(0, 0), (outputs / 2, inputs / 3), (outputs - 1, inputs - 1)];
+                    let want = at
+                        .iter()
+                        .map(|&(o, i)| {
+                            let g: f64 = (0..batch)
+                                .map(|b| dy[b * outputs + o] as f64 * x[b * inputs + i] as f64)
+                                .sum();
+                            let idx = o * inputs + i;
+                            let f =
+                                matmul::cpu::score_factor(matmul::Estimator::PScaled, scores[idx]);
+                            (idx, g * src.weff_dense[idx] as f64 * f as f64)
+                        })
+                        .collect();
+                    ("grad", gpu.read_f32(&tgrad).unwrap(), want)
+                }
+            };
+            for (idx, v) in want {
+                assert_near(&format!("{variant} {name} {what}[{idx}]"), got[idx], v);
+            }
+            group.throughput(Throughput::Elements(2 * s.macs()));
+            group.bench_with_input(BenchmarkId::new(*variant, &name), k, |bch, k| {
+                bch.iter_custom(|iters| {
+                    gpu.time_kernels(&[k], iters as u32).expect("timing failed")
+                });
+            });
+            SUMMARY.lock().unwrap().push((
+                format!("mlp28-up layer {l}: {name}"),
+                variant.to_string(),
+                gflops(&gpu, k, 2.0 * s.macs() as f64),
+            ));
+        }
+    }
+    group.finish();
+}
+
 /// The distinct convolution shapes of the paper's 32x32 generator (PRISM.md section 6).
 fn paper_convs(batch: usize) -> Vec<(&'static str, ConvShape)> {
     let c = |cin, cout, hw, k, pad| ConvShape {
@@ -319,6 +466,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_matmul, bench_conv, summary
+    targets = bench_matmul, bench_training_matmuls, bench_conv, summary
 }
 criterion_main!(benches);

@@ -202,21 +202,33 @@ fn bench_training(c: &mut Criterion) {
     group.finish();
 }
 
+/// One federated round of the default configuration (the default network, batch, non-IID
+/// shards and PRISM's aggregation with MADA), at fewer local steps: every client's local run,
+/// its upload's encoding, the server's intake and aggregation. Beside it, in the same run, the
+/// baseline it is held to: the same number of client steps recorded back to back in one
+/// submission (`time_kernels`, criterion's training row), so that what a round spends outside
+/// the step kernels is printed as a share and tracked from run to run.
 fn bench_round(c: &mut Criterion) {
     let gpu = open_gpu();
     let mut group = c.benchmark_group("round");
     group.sample_size(10);
-    let (clients, steps) = if quick() { (2, 2) } else { (10, 10) };
+    let defaults = TrainConfig::default();
+    let (clients, steps, batch) = if quick() {
+        (2, 2, 16)
+    } else {
+        (defaults.clients, 5, defaults.batch)
+    };
+    let preset = defaults.arch.clone();
     let cfg = TrainConfig {
-        arch: "conv28".into(),
         clients,
         local_steps: steps,
-        batch: if quick() { 16 } else { 64 },
-        ..Default::default()
+        batch,
+        real_batch: batch,
+        ..defaults
     };
     let (ds, arch) =
-        load_dataset("mnist", Some(&data_dir()), false, Split::Train, "conv28").unwrap();
-    let parts = prism::data::partition::Partition::parse("shards:4")
+        load_dataset("mnist", Some(&data_dir()), false, Split::Train, &preset).unwrap();
+    let parts = prism::data::partition::Partition::parse(&cfg.partition)
         .unwrap()
         .split(&ds.labels, clients, &mut HostRng::new(1, &[]))
         .unwrap();
@@ -248,21 +260,49 @@ fn bench_round(c: &mut Criterion) {
         round += 1;
         r
     };
+    // Checked before timing: every client's upload counts and MADA's weight is a fraction.
     let first = one_round();
     assert!(first.lambda.is_some_and(|l| l > 0.0 && l < 1.0) && first.used == clients);
+    let client_steps = (clients * steps) as u32;
+    let ks = trainer.step_kernels(0);
+    let name = format!("{clients} clients x {steps} local steps, {preset}, batch {batch}");
+    let (mut round_total, mut round_iters) = (Duration::ZERO, 0u64);
+    group.bench_function(format!("{name}: the round"), |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                one_round();
+            }
+            let e = t.elapsed();
+            round_total += e;
+            round_iters += iters;
+            e
+        })
+    });
+    let (mut steps_total, mut steps_iters) = (Duration::ZERO, 0u64);
     group.bench_function(
-        format!("{clients} clients x {steps} local steps, conv28"),
+        format!("{name}: its client steps back to back (baseline)"),
         |b| {
             b.iter_custom(|iters| {
-                let t = Instant::now();
-                for _ in 0..iters {
-                    one_round();
-                }
-                t.elapsed()
+                let e = gpu.time_kernels(&ks, iters as u32 * client_steps).unwrap();
+                steps_total += e;
+                steps_iters += iters;
+                e
             })
         },
     );
     group.finish();
+    if round_iters > 0 && steps_iters > 0 {
+        let per_round = round_total.as_secs_f64() / round_iters as f64;
+        let per_steps = steps_total.as_secs_f64() / steps_iters as f64;
+        println!(
+            "round: {:.1} ms a client step in the round, {:.1} ms back to back; \
+             {:.1}% of the round outside the step kernels",
+            per_round * 1e3 / client_steps as f64,
+            per_steps * 1e3 / client_steps as f64,
+            100.0 * (1.0 - per_steps / per_round)
+        );
+    }
 }
 
 fn config() -> Criterion {

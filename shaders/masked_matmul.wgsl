@@ -53,8 +53,13 @@ struct Params {
 //% endif
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+//% if aligned
+@group(0) @binding(10) var<storage, read> scores: array<vec4<f32>>;
+@group(0) @binding(11) var<storage, read_write> grad: array<vec4<f32>>;
+//% else
 @group(0) @binding(10) var<storage, read> scores: array<f32>;
 @group(0) @binding(11) var<storage, read_write> grad: array<f32>;
+//% endif
 
 fn store_y(out_index: u32, col0: u32, n: u32, v: vec4<f32>) {
     for (var q = 0u; q < 4u; q++) {
@@ -254,6 +259,14 @@ fn score_factor(s: f32) -> f32 {
     return q * (1.0 - q);
 }
 
+fn score_factor4(s: vec4<f32>) -> vec4<f32> {
+    let q = 1.0 / (1.0 + exp(-s));
+    if (p.estimator == 0u) {
+        return q * q * (1.0 - q);
+    }
+    return q * (1.0 - q);
+}
+
 @compute @workgroup_size(64)
 fn grad_score({{ octet.entry_args() }}) {
     let tile = linear_workgroup(wid, nwg);
@@ -317,7 +330,21 @@ fn grad_score({{ octet.entry_args() }}) {
 //% endfor
     }
 //% endif
-    // Epilogue: chain rule through w_eff = w * m and the estimator of dm/ds.
+    // Epilogue: chain rule through w_eff = w * m and the estimator of dm/ds. With K = batch
+    // the loop above is short, so this part costs a third of the kernel unless it is vec4
+    // wide: a lane's 4 columns lie in one block of 32 weights (n % 4 == 0), so one sign draw
+    // serves them, and scores and gradients move as vec4.
+//% if aligned
+    if (col0 < n) {
+//% for r in range(rows)
+        if (row0 + {{ r }}u < m) {
+            let i0 = (row0 + {{ r }}u) * n + col0;
+            grad[i0 / 4u] = acc{{ r }} * frozen4(p.g, i0, sign_word(p.g, i0))
+                * score_factor4(scores[i0 / 4u]);
+        }
+//% endfor
+    }
+//% else
 //% for r in range(rows)
     if (row0 + {{ r }}u < m) {
         for (var q = 0u; q < 4u; q++) {
@@ -328,5 +355,6 @@ fn grad_score({{ octet.entry_args() }}) {
         }
     }
 //% endfor
+//% endif
 }
 //% endif

@@ -9,7 +9,11 @@ Bernoulli(sigmoid(s)) mask each step and the p-scaled estimator; Adam(lr, betas 
 the scores; sqrt of the biased MMD^2 with GMMN's bandwidths on pixels in [0, 1]. `--side 14` is
 the default `mlp28-up` (the output layer draws 14x14, upsampled 2x before the blur). `--dense` trains
 ordinary Kaiming-normal weights of the same network instead (Adam lr 1e-3), the baseline that
-shows what masking costs. Its random numbers are PyTorch's, so it matches prism in distribution,
+shows what masking costs. `--arch resnet32` is prism's `resnet32` instead (the paper's ResNet,
+PRISM.md section 6: latent 128, transposed conv to 512 x 4 x 4, three residual blocks
+BN-ReLU-up-conv3-BN-ReLU-conv3 with a conv1-up skip to 256, 128 and 64 channels, BN-ReLU-conv3 to
+one channel, tanh, 32 x 32; MNIST zero-padded to 32 x 32 as prism resizes it; no blur), for
+timing it beside prism at the paper's batch of 64. Its random numbers are PyTorch's, so it matches prism in distribution,
 not bit for bit.
 
     python3 tools/replica.py --data ../shared/data/mnist --steps 1000 --out /tmp/replica
@@ -47,12 +51,20 @@ def main():
     ap.add_argument("--beta1", type=float, default=0.5, help="Adam's beta1")
     ap.add_argument("--gen-batch", type=int, default=0, help="latents per step (default --batch)")
     ap.add_argument("--cosine-lr", action="store_true", help="decay lr to 0 on a cosine")
+    ap.add_argument("--arch", default="mlp", choices=["mlp", "resnet32"],
+                    help="mlp: the MLP of --widths and --side (default); resnet32: prism's resnet32")
     a = ap.parse_args()
+    if a.arch == "resnet32" and a.features:
+        ap.error("--features encodes 28x28 images; it does not go with --arch resnet32")
     torch.manual_seed(a.seed)
     torch.set_num_threads(os.cpu_count() or 1)
     lr = a.lr if a.lr is not None else (1e-3 if a.dense else 0.3)
     real = idx_images(os.path.join(a.data, "train-images-idx3-ubyte.gz")).reshape(-1, 784)
     real = torch.tensor(real * 2 - 1)  # tanh range, as prism feeds the loss
+    if a.arch == "resnet32":
+        # prism pads 28x28 to 32x32 with black (-1 in tanh range)
+        real = F.pad(real.view(-1, 1, 28, 28), (2, 2, 2, 2), value=-1.0).reshape(-1, 1024)
+        a.latent = 128
 
     class Bernoulli(torch.autograd.Function):
         """m ~ Bernoulli(p); backward dm/dp = p (the reference code's p-scaled estimator)."""
@@ -81,14 +93,57 @@ def main():
             w = self.w if a.dense else self.w * Bernoulli.apply(torch.sigmoid(self.s))
             return x @ w.t()
 
-    widths = [a.latent] + [int(w) for w in a.widths.split(",")]
-    layers = []
-    for i, o in zip(widths[:-1], widths[1:]):
-        layers += [MaskedLinear(i, o), nn.BatchNorm1d(o, affine=False), nn.ReLU()]
-    net = nn.Sequential(*layers, MaskedLinear(widths[-1], a.side * a.side))
+    class MaskedConv(nn.Module):
+        """A masked conv (or transposed conv) without bias; fan-in out*k*k for transposed."""
+
+        def __init__(self, cin, cout, k, pad, transposed=False):
+            super().__init__()
+            self.pad, self.transposed = pad, transposed
+            shape = (cin, cout, k, k) if transposed else (cout, cin, k, k)
+            fan_in = (cout if transposed else cin) * k * k
+            if a.dense:
+                self.w = nn.Parameter(torch.randn(shape) * (2.0 / fan_in) ** 0.5)
+            else:
+                sign = torch.randint(0, 2, shape).float() * 2 - 1
+                self.register_buffer("w", sign * (2.0 / fan_in) ** 0.5)
+                self.s = nn.Parameter(torch.randn(shape))
+
+        def forward(self, x):
+            w = self.w if a.dense else self.w * Bernoulli.apply(torch.sigmoid(self.s))
+            if self.transposed:
+                return F.conv_transpose2d(x, w, padding=self.pad)
+            return F.conv2d(x, w, padding=self.pad)
+
+    class ResBlock(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.main = nn.Sequential(
+                nn.BatchNorm2d(cin, affine=False), nn.ReLU(), nn.Upsample(scale_factor=2),
+                MaskedConv(cin, cout, 3, 1), nn.BatchNorm2d(cout, affine=False), nn.ReLU(),
+                MaskedConv(cout, cout, 3, 1))
+            self.skip = nn.Sequential(MaskedConv(cin, cout, 1, 0), nn.Upsample(scale_factor=2))
+
+        def forward(self, x):
+            return self.main(x) + self.skip(x)
+
+    if a.arch == "resnet32":
+        side = 32
+        net = nn.Sequential(
+            nn.Unflatten(1, (a.latent, 1, 1)), MaskedConv(a.latent, 512, 4, 0, transposed=True),
+            ResBlock(512, 256), ResBlock(256, 128), ResBlock(128, 64),
+            nn.BatchNorm2d(64, affine=False), nn.ReLU(), MaskedConv(64, 1, 3, 1))
+    else:
+        side = 28
+        widths = [a.latent] + [int(w) for w in a.widths.split(",")]
+        layers = []
+        for i, o in zip(widths[:-1], widths[1:]):
+            layers += [MaskedLinear(i, o), nn.BatchNorm1d(o, affine=False), nn.ReLU()]
+        net = nn.Sequential(*layers, MaskedLinear(widths[-1], a.side * a.side))
     blur = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]).view(1, 1, 3, 3) / 16
 
     def generate(n):
+        if a.arch == "resnet32":
+            return torch.tanh(net(torch.randn(n, a.latent))).view(n, side * side)
         h = net(torch.randn(n, a.latent)).view(-1, 1, a.side, a.side)
         h = F.interpolate(h, size=(28, 28), mode="nearest")
         if not a.no_blur:
@@ -140,7 +195,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     with torch.no_grad():
         images = torch.cat([generate(250) for _ in range(4)])
-    for i, im in enumerate(((images + 1) * 127.5).round().clamp(0, 255).byte().view(-1, 28, 28)):
+    for i, im in enumerate(((images + 1) * 127.5).round().clamp(0, 255).byte().view(-1, side, side)):
         Image.fromarray(im.numpy(), "L").save(os.path.join(a.out, f"{i:04}.png"))
     print(f"{a.steps} steps in {time.time() - start:.0f} s; 1000 samples in {a.out}")
 
