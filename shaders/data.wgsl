@@ -16,6 +16,15 @@ struct Params {
 @group(0) @binding(1) var<storage, read> step: StepState;
 @group(0) @binding(2) var<storage, read> images: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out4: array<vec4<f32>>;
+
+// Vectors each invocation of gather4 writes (KernelFeatures::vectors_per_invocation: 8 on CPU
+// adapters, 1 on GPUs); a constant, so that the loop unrolls.
+const VECTORS_PER_INVOCATION: u32 = {{ vectors | default(1) }}u;
+
+fn pixel(byte: u32) -> f32 {
+    return f32(byte) / 127.5 - 1.0;
+}
 
 @compute @workgroup_size(256)
 fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -30,7 +39,27 @@ fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let img = rng_u32(k, b) % p.count;
     let byte = img * p.pixels + px;
     let v = (images[byte / 4u] >> (8u * (byte % 4u))) & 0xffu;
-    out[e] = f32(v) / 127.5 - 1.0;
+    out[e] = pixel(v);
+}
+
+// gather for images of a multiple of 4 bytes: each output vector is one word of one image.
+@compute @workgroup_size(256)
+fn gather4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) li: u32) {
+    let first = linear_workgroup(wid, nwg) * (256u * VECTORS_PER_INVOCATION) + li;
+    let words = p.pixels / 4u;
+    let k = rng_key(rng_key(p.key, step.client), step.step);
+    for (var j = 0u; j < VECTORS_PER_INVOCATION; j++) {
+        let q = first + 256u * j;
+        if (q >= p.batch * words) {
+            return;
+        }
+        let b = q / words;
+        let img = rng_u32(k, b) % p.count;
+        let w = images[img * words + q - b * words];
+        out4[q] = vec4<f32>(pixel(w & 0xffu), pixel((w >> 8u) & 0xffu),
+                            pixel((w >> 16u) & 0xffu), pixel(w >> 24u));
+    }
 }
 
 @compute @workgroup_size(256)
@@ -47,5 +76,5 @@ fn load_range(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     }
     let byte = img * p.pixels + e % p.pixels;
     let v = (images[byte / 4u] >> (8u * (byte % 4u))) & 0xffu;
-    out[e] = f32(v) / 127.5 - 1.0;
+    out[e] = pixel(v);
 }

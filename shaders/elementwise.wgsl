@@ -87,6 +87,27 @@ fn upsample2x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     out[i] = a[(row / 2u) * p.w + ox / 2u];
 }
 
+// upsample2x on output vectors of four, for even w: an output row (2w wide) then holds whole
+// vectors, each repeating two neighbouring input pixels; p.n = output elements.
+@compute @workgroup_size(256)
+fn upsample2x4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) li: u32) {
+    let first = linear_workgroup(wid, nwg) * (256u * VECTORS_PER_INVOCATION) + li;
+    let vectors = p.n / 4u;
+    let ow = 2u * p.w;
+    for (var k = 0u; k < VECTORS_PER_INVOCATION; k++) {
+        let q = first + 256u * k;
+        if (q >= vectors) {
+            return;
+        }
+        let row = div_small(4u * q, ow, p.inv);
+        let src = (row / 2u) * p.w + (4u * q - row * ow) / 2u;
+        let left = a[src];
+        let right = a[src + 1u];
+        out4[q] = vec4<f32>(left, left, right, right);
+    }
+}
+
 // Adjoint of upsample2x: out [planes, h, w] = sum of the 2x2 block of a [planes, 2h, 2w];
 // p.n = output elements.
 @compute @workgroup_size(256)

@@ -83,6 +83,13 @@ fn forward({{ octet.entry_args() }}) {
     if (tile >= p.tiles_total) {
         return;
     }
+//% if lower
+    // A Gram matrix (x = weights), which is symmetric: only the tiles that reach the lower
+    // triangle (first column <= last row) are computed; the others are left as they were.
+    if ((tile % p.tiles_n) * 32u * p.on > (tile / p.tiles_n + 1u) * R * p.om - 1u) {
+        return;
+    }
+//% endif
 {{ octet.lane_setup() }}
     let m = p.batch;
     let n = p.outputs;

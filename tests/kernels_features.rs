@@ -268,6 +268,41 @@ fn load_range_reads_images_in_order_and_pads_with_black() {
 }
 
 #[test]
+fn gather_draws_the_twins_images() {
+    // Images of 5 bytes (the scalar form) and of 8 (whole words: the vector form), a batch
+    // larger than one invocation's run of vectors, on both adapter forms.
+    for gpu in devices() {
+        for (count, pixels, batch) in [(7usize, 5usize, 3usize), (11, 8, 300)] {
+            let bytes: Vec<u8> = (0..count * pixels).map(|i| (i * 37 % 256) as u8).collect();
+            let images = data::upload_images(&gpu, &bytes, pixels, "images").unwrap();
+            let t = out(&gpu, batch * pixels);
+            for (client, step) in [(0u32, 0u32), (3, 41)] {
+                let state = StepState {
+                    client,
+                    step,
+                    seed: 5,
+                    ..Default::default()
+                };
+                let tstep = gpu
+                    .upload_u32(bytemuck::cast_slice(&[state]), &[StepState::WORDS], "step")
+                    .unwrap();
+                gpu.run(&[&data::gather(&gpu, &images, count, pixels, 5, &tstep, &t).unwrap()])
+                    .unwrap();
+                let want: Vec<f32> = data::batch_indices(5, &state, count, batch)
+                    .into_iter()
+                    .flat_map(|i| data::image_values(&bytes, pixels, i))
+                    .collect();
+                assert_eq!(
+                    gpu.read_f32(&t).unwrap(),
+                    want,
+                    "{pixels}-byte images, client {client} step {step}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn streamed_statistics_match_the_whole_set() {
     let mut rng = HostRng::new(64, &[]);
     for gpu in devices() {

@@ -28,7 +28,14 @@ fn run_loss(
 fn mmd_values_match_cpu() {
     let gpu = common::gpu();
     let mut rng = HostRng::new(61, &[]);
-    for (n, m, d) in [(2, 2, 1), (5, 7, 3), (64, 64, 784), (31, 17, 50)] {
+    // (200, 100, 12): more rows than a workgroup has lanes, and a Gram matrix of several tiles.
+    for (n, m, d) in [
+        (2, 2, 1),
+        (5, 7, 3),
+        (64, 64, 784),
+        (31, 17, 50),
+        (200, 100, 12),
+    ] {
         let x: Vec<f32> = uniform(&mut rng, n * d);
         let y: Vec<f32> = uniform(&mut rng, m * d)
             .iter()
@@ -119,7 +126,8 @@ fn fd_check(gpu: &Gpu, kind: &LossKind, n: usize, m: usize, d: usize, scale: f32
         }
     };
     let h = 1e-3f32;
-    for i in 0..x.len() {
+    // About 64 coordinates spread over x (all of them for small batches).
+    for i in (0..x.len()).step_by(x.len().div_ceil(64)) {
         let (mut xp, mut xm) = (x.clone(), x.clone());
         xp[i] += h;
         xm[i] -= h;
@@ -165,6 +173,20 @@ fn mmd_gradients_finite_differences() {
         4,
         0.25,
         64,
+    );
+    // More samples than a workgroup has lanes: rows split over lanes, several Gram tiles.
+    fd_check(
+        &gpu,
+        &LossKind::Mmd {
+            sigmas: vec![2.0, 4.0],
+            unbiased: true,
+            sqrt: true,
+        },
+        170,
+        130,
+        8,
+        0.25,
+        65,
     );
 }
 

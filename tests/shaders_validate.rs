@@ -42,6 +42,18 @@ fn matmul_variants_validate() {
             }
         }
     }
+    // The Gram matrix's lower-triangle forward (the MMD's).
+    for rows in [8u32, 32] {
+        for aligned in [false, true] {
+            check(
+                ShaderKey::new("masked_matmul.wgsl")
+                    .def("source", "dense")
+                    .def("rows", rows)
+                    .def("aligned", aligned)
+                    .def("lower", true),
+            );
+        }
+    }
 }
 
 #[test]
@@ -74,8 +86,6 @@ fn weight_mask_and_adam_kernels_validate() {
     }
     check(ShaderKey::new("mask.wgsl"));
     check(ShaderKey::new("norm.wgsl"));
-    check(ShaderKey::new("mmd.wgsl"));
-    check(ShaderKey::new("data.wgsl"));
     check(ShaderKey::new("pool.wgsl"));
     check(ShaderKey::new("moments.wgsl"));
     // Streaming kernels in both forms: one vector per invocation (GPUs) and eight (CPU
@@ -83,6 +93,8 @@ fn weight_mask_and_adam_kernels_validate() {
     for vectors in [1u32, 8] {
         check(ShaderKey::new("elementwise.wgsl").def("vectors", vectors));
         check(ShaderKey::new("adam.wgsl").def("quads", vectors));
+        check(ShaderKey::new("mmd.wgsl").def("vectors", vectors));
+        check(ShaderKey::new("data.wgsl").def("vectors", vectors));
     }
 }
 

@@ -59,13 +59,23 @@ pub fn gather(
         batch: batch as u32,
         key: data_key(seed),
     };
-    Ok(gpu
-        .kernel(ShaderKey::new("data.wgsl"), "gather")
-        .params(&p)
+    let k = if pixels % 4 == 0 {
+        // Whole words per image: one word becomes one output vector.
+        let vectors = gpu.features().vectors_per_invocation;
+        gpu.kernel(
+            ShaderKey::new("data.wgsl").def("vectors", vectors),
+            "gather4",
+        )
+        .bind_padded("out4", out, 16)
+        .groups(groups_for(batch * pixels / 4, 256 * vectors as usize)?)
+    } else {
+        gpu.kernel(ShaderKey::new("data.wgsl"), "gather")
+            .bind("out", out)
+            .groups(groups_for(batch * pixels, 256)?)
+    };
+    Ok(k.params(&p)
         .bind("step", step)
         .bind("images", images)
-        .bind("out", out)
-        .groups(groups_for(batch * pixels, 256)?)
         .build()?)
 }
 

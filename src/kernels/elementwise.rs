@@ -43,12 +43,14 @@ fn launch(
 }
 
 /// A map of `shaders/elementwise.wgsl` (`out = f(a, b)` over vectors of four): binds the
-/// operands' vector views, padded, and sizes the grid by the adapter's vectors per invocation.
+/// operands' vector views (`inputs`, as `{name}4`, padded) and any read as scalars (`scalars`),
+/// and sizes the grid by the adapter's vectors per invocation.
 fn launch_map(
     gpu: &Gpu,
     entry: &str,
     p: Params,
     inputs: &[(&str, &Tensor)],
+    scalars: &[(&str, &Tensor)],
     out: &Tensor,
 ) -> Result<Kernel> {
     let vectors = gpu.features().vectors_per_invocation;
@@ -66,6 +68,9 @@ fn launch_map(
     for (name, t) in inputs {
         k = k.bind_padded(&format!("{name}4"), t, 16);
     }
+    for (name, t) in scalars {
+        k = k.bind(name, t);
+    }
     Ok(k.build()?)
 }
 
@@ -77,7 +82,7 @@ fn unary(gpu: &Gpu, entry: &str, a: &Tensor, out: &Tensor) -> Result<Kernel> {
         n: u32_of(n, "elements")?,
         ..Default::default()
     };
-    launch_map(gpu, entry, p, &[("a", a)], out)
+    launch_map(gpu, entry, p, &[("a", a)], &[], out)
 }
 
 fn binary(gpu: &Gpu, entry: &str, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<Kernel> {
@@ -88,7 +93,7 @@ fn binary(gpu: &Gpu, entry: &str, a: &Tensor, b: &Tensor, out: &Tensor) -> Resul
         n: u32_of(n, "elements")?,
         ..Default::default()
     };
-    launch_map(gpu, entry, p, &[("a", a), ("b", b)], out)
+    launch_map(gpu, entry, p, &[("a", a), ("b", b)], &[], out)
 }
 
 /// out <- max(x, 0).
@@ -125,7 +130,7 @@ pub fn scale(gpu: &Gpu, alpha: f32, a: &Tensor, out: &Tensor) -> Result<Kernel> 
         alpha,
         ..Default::default()
     };
-    launch_map(gpu, "scale", p, &[("a", a)], out)
+    launch_map(gpu, "scale", p, &[("a", a)], &[], out)
 }
 
 /// out <- alpha * a + b.
@@ -138,7 +143,7 @@ pub fn axpy(gpu: &Gpu, alpha: f32, a: &Tensor, b: &Tensor, out: &Tensor) -> Resu
         alpha,
         ..Default::default()
     };
-    launch_map(gpu, "axpy", p, &[("a", a), ("b", b)], out)
+    launch_map(gpu, "axpy", p, &[("a", a), ("b", b)], &[], out)
 }
 
 /// out [cols, rows] <- the transpose of a [rows, cols].
@@ -183,6 +188,10 @@ pub fn upsample2x(
         inv: 1.0 / (2 * w) as f32,
         ..Default::default()
     };
+    if w % 2 == 0 {
+        // Whole output vectors per row: the vec4 form.
+        return launch_map(gpu, "upsample2x4", p, &[], &[("a", x)], out);
+    }
     launch(gpu, "upsample2x", p, &[("a", x)], out)
 }
 

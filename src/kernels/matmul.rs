@@ -134,6 +134,55 @@ pub fn forward_in(
     Ok(source.bind(k).build()?)
 }
 
+/// The lower triangle, diagonal included, of the Gram matrix g = z z^T of z [rows, dims]: a
+/// forward pass with z as its own dense weights that skips the tiles wholly above the
+/// diagonal (g is symmetric, so they repeat the ones below), leaving them as they were. The
+/// MMD's pairwise products.
+pub fn gram_lower(gpu: &Gpu, z: &Tensor, g: &Tensor) -> Result<Kernel> {
+    let rows = z.shape().first().copied().unwrap_or(0);
+    let s = LinearShape {
+        batch: rows,
+        inputs: z.len().checked_div(rows).unwrap_or(0),
+        outputs: rows,
+    };
+    s.validate()?;
+    check(z, s.batch * s.inputs, DType::F32, "Gram input")?;
+    check(g, s.batch * s.batch, DType::F32, "Gram matrix")?;
+    let t = lower_tiling(rows as u32);
+    let layer = LayerWeights {
+        seed: 0,
+        layer: 0,
+        init: super::Init::SignedConstant,
+        fan_in: 1,
+    };
+    let p = params(&s, layer.gen(), &t, s.batch, s.outputs, 0);
+    let k = gpu
+        .kernel(shader(&s, "dense", &t, false).def("lower", true), "forward")
+        .params(&p)
+        .bind("x", z)
+        .bind("y", g)
+        .groups(p.tiles_total);
+    Ok(MaskSource::Dense(z).bind(k).build()?)
+}
+
+/// Tiles a lower-triangle kernel computes for an m x m output.
+pub(crate) fn lower_tiles(t: &Tiling, m: u32) -> u32 {
+    let (tiles_n, tiles_total) = t.grid(m, m);
+    (0..tiles_total)
+        .filter(|tile| (tile % tiles_n) * t.tile_n() < (tile / tiles_n + 1) * t.tile_m())
+        .count() as u32
+}
+
+/// The arrangement that computes the least area for the lower triangle of an m x m output.
+fn lower_tiling(m: u32) -> Tiling {
+    let rows = Tiling::choose(m, m).rows;
+    [(1, 8), (2, 4), (4, 2), (8, 1)]
+        .into_iter()
+        .map(|(om, on)| Tiling { rows, om, on })
+        .min_by_key(|t| lower_tiles(t, m) as u64 * (t.tile_m() * t.tile_n()) as u64)
+        .expect("four arrangements")
+}
+
 /// dx <- dy (w * m).
 pub fn grad_input(
     gpu: &Gpu,

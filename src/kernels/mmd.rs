@@ -75,7 +75,7 @@ struct Params {
 /// The loss kernels of one (generated, real) batch pair, with their scratch buffers.
 pub struct LossKernels {
     pub kernels: Vec<Kernel>,
-    /// [MMD^2, loss, mean k(x,x'), mean k(y,y'), mean k(x,y)].
+    /// [MMD^2, loss, mean k(x,x'), mean k(y,y'), mean k(x,y), d loss / d MMD^2].
     pub loss: Tensor,
     _scratch: Vec<Tensor>,
 }
@@ -131,55 +131,78 @@ pub fn loss(
             let t = n + m;
             let z = gpu.tensor(&[t, d], DType::F32, "generated and real samples")?;
             let gram = gpu.tensor(&[t, t], DType::F32, "Gram matrix")?;
-            let dist = gpu.tensor(&[t * t], DType::F32, "pairwise distances")?;
+            let partial = gpu.tensor(&[t, 4], DType::F32, "MMD kernel sums per row")?;
             let coef = gpu.tensor(&[n, t], DType::F32, "MMD coefficients")?;
             let rowsum = gpu.tensor(&[n], DType::F32, "MMD coefficient row sums")?;
             let cz = gpu.tensor(&[n, d], DType::F32, "coefficients times samples")?;
-            // z serves as the dense "weights" of a layer with t outputs and d inputs: its forward
-            // on z is the Gram matrix, its input gradient for dy = coef is coef z.
+            // z serves as the dense "weights" of a layer with t outputs and d inputs: its
+            // input gradient for dy = coef is coef z.
             let as_layer = LayerWeights {
                 seed: 0,
                 layer: 0,
                 init: Init::SignedConstant,
                 fan_in: 1,
             };
-            let gram_shape = LinearShape {
-                batch: t,
-                inputs: d,
-                outputs: t,
-            };
             let cz_shape = LinearShape {
                 batch: n,
                 inputs: d,
                 outputs: t,
             };
+            // The streaming kernels go vec4 wide where every vector stays inside one sample
+            // (and so inside x or y).
+            let vectors = gpu.features().vectors_per_invocation;
+            let streaming = |entry: &str, items: usize| {
+                let wide = d % 4 == 0;
+                let k = gpu
+                    .kernel(
+                        key().def("vectors", vectors),
+                        &format!("{entry}{}", if wide { "4" } else { "" }),
+                    )
+                    .params(&p);
+                let groups = if wide {
+                    groups_for(items / 4, 256 * vectors as usize)
+                } else {
+                    groups_for(items, 256)
+                };
+                groups.map(|g| (k.groups(g), wide))
+            };
+            let concat = {
+                let (k, wide) = streaming("concat", t * d)?;
+                if wide {
+                    k.bind_padded("x4", x, 16)
+                        .bind_padded("y4", y, 16)
+                        .bind_padded("z4", &z, 16)
+                } else {
+                    k.bind("x", x).bind("y", y).bind("z", &z)
+                }
+                .build()?
+            };
+            let gradient = {
+                let (k, wide) = streaming("gradient", n * d)?;
+                let k = k.bind("rowsum_in", &rowsum).bind("loss_in", &loss);
+                if wide {
+                    k.bind_padded("x4", x, 16)
+                        .bind_padded("cz4", &cz, 16)
+                        .bind_padded("dx4", dx, 16)
+                } else {
+                    k.bind("x", x).bind("cz", &cz).bind("dx", dx)
+                }
+                .build()?
+            };
             let kernels = vec![
-                gpu.kernel(key(), "concat")
-                    .params(&p)
-                    .bind("x", x)
-                    .bind("y", y)
-                    .bind("z", &z)
-                    .groups(groups_for(t * d, 256)?)
-                    .build()?,
-                matmul::forward(
-                    gpu,
-                    &gram_shape,
-                    &as_layer,
-                    &MaskSource::Dense(&z),
-                    &z,
-                    &gram,
-                )?,
-                gpu.kernel(key(), "distances")
+                concat,
+                matmul::gram_lower(gpu, &z, &gram)?,
+                gpu.kernel(key(), "rows")
                     .params(&p)
                     .bind("gram", &gram)
-                    .bind("dist", &dist)
-                    .groups(groups_for(t * t, 256)?)
-                    .build()?,
-                gpu.kernel(key(), "reduce")
-                    .params(&p)
-                    .bind("dist_in", &dist)
+                    .bind("partial", &partial)
                     .bind("coef", &coef)
                     .bind("rowsum", &rowsum)
+                    .groups(u32_of(t, "samples")?)
+                    .build()?,
+                gpu.kernel(key(), "finish")
+                    .params(&p)
+                    .bind("partial_in", &partial)
                     .bind("loss", &loss)
                     .groups(1)
                     .build()?,
@@ -191,19 +214,12 @@ pub fn loss(
                     &coef,
                     &cz,
                 )?,
-                gpu.kernel(key(), "gradient")
-                    .params(&p)
-                    .bind("x", x)
-                    .bind("rowsum_in", &rowsum)
-                    .bind("cz", &cz)
-                    .bind("dx", dx)
-                    .groups(groups_for(n * d, 256)?)
-                    .build()?,
+                gradient,
             ];
             Ok(LossKernels {
                 kernels,
                 loss,
-                _scratch: vec![z, gram, dist, coef, rowsum, cz],
+                _scratch: vec![z, gram, partial, coef, rowsum, cz],
             })
         }
     }
