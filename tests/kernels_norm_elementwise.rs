@@ -42,6 +42,18 @@ fn batchnorm_matches_cpu() {
             channels: 4,
             size: 256,
         },
+        // Dense activations: 4 channels an invocation (36 channels: 9 invocations, not a
+        // whole workgroup) and, with channels not a multiple of 4, one.
+        NormShape {
+            batch: 5,
+            channels: 36,
+            size: 1,
+        },
+        NormShape {
+            batch: 9,
+            channels: 6,
+            size: 1,
+        },
     ];
     for gpu in devices() {
         for s in shapes {

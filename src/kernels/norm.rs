@@ -13,13 +13,45 @@ pub const EPS: f32 = 1e-5;
 /// Channels with at most this many values use one invocation each instead of a workgroup.
 const SMALL: usize = 512;
 
-/// (entry point, workgroups) for a channel size.
-fn variant(s: &NormShape, entry: &'static str) -> Result<(String, u32)> {
+/// How a normalisation kernel runs for a shape.
+struct Variant {
+    entry: String,
+    workgroups: u32,
+    /// Operands bound as vectors of four (`x4`, ...).
+    vectors: bool,
+}
+
+/// The kernel form for a channel size: a workgroup per large channel, an invocation per
+/// small one, or per 4 small channels of dense activations.
+fn variant(s: &NormShape, entry: &'static str) -> Result<Variant> {
     let channels = u32_of(s.channels, "channels")?;
-    if s.batch * s.size <= SMALL {
-        Ok((format!("{entry}_small"), channels.div_ceil(64)))
+    Ok(if s.batch * s.size > SMALL {
+        Variant {
+            entry: entry.to_string(),
+            workgroups: channels,
+            vectors: false,
+        }
+    } else if s.size == 1 && s.channels % 4 == 0 {
+        Variant {
+            entry: format!("{entry}_small4"),
+            workgroups: (channels / 4).div_ceil(32),
+            vectors: true,
+        }
     } else {
-        Ok((entry.to_string(), channels))
+        Variant {
+            entry: format!("{entry}_small"),
+            workgroups: channels.div_ceil(64),
+            vectors: false,
+        }
+    })
+}
+
+/// The operand name of the variant's view (`x` or `x4`).
+fn operand(v: &Variant, name: &str) -> String {
+    if v.vectors {
+        format!("{name}4")
+    } else {
+        name.to_string()
     }
 }
 
@@ -142,14 +174,14 @@ pub fn forward(gpu: &Gpu, s: &NormShape, x: &Tensor, y: &Tensor, stats: &Tensor)
     check(x, s.len(), DType::F32, "batchnorm input")?;
     check(y, s.len(), DType::F32, "batchnorm output")?;
     check(stats, 2 * s.channels, DType::F32, "batchnorm statistics")?;
-    let (entry, groups) = variant(s, "forward")?;
+    let v = variant(s, "forward")?;
     Ok(gpu
-        .kernel(ShaderKey::new("norm.wgsl"), &entry)
+        .kernel(ShaderKey::new("norm.wgsl"), &v.entry)
         .params(&params(s)?)
-        .bind("x", x)
-        .bind("y", y)
+        .bind(&operand(&v, "x"), x)
+        .bind(&operand(&v, "y"), y)
         .bind("stats", stats)
-        .groups(groups)
+        .groups(v.workgroups)
         .build()?)
 }
 
@@ -166,15 +198,15 @@ pub fn backward(
     check(y, s.len(), DType::F32, "batchnorm output")?;
     check(dx, s.len(), DType::F32, "batchnorm input gradient")?;
     check(stats, 2 * s.channels, DType::F32, "batchnorm statistics")?;
-    let (entry, groups) = variant(s, "backward")?;
+    let v = variant(s, "backward")?;
     Ok(gpu
-        .kernel(ShaderKey::new("norm.wgsl"), &entry)
+        .kernel(ShaderKey::new("norm.wgsl"), &v.entry)
         .params(&params(s)?)
-        .bind("dy", dy)
-        .bind("yn", y)
+        .bind(&operand(&v, "dy"), dy)
+        .bind(&operand(&v, "yn"), y)
         .bind("stats_in", stats)
-        .bind("dx", dx)
-        .groups(groups)
+        .bind(&operand(&v, "dx"), dx)
+        .groups(v.workgroups)
         .build()?)
 }
 
