@@ -293,7 +293,36 @@ fn grad_score({{ octet.entry_args() }}) {
     let m4 = m / 4u;
     let n4 = n / 4u;
     let cv = min(col0 / 4u, n4 - 1u);
-    for (var b = 0u; b < k; b++) {
+    // Four batch rows at a time: their products are summed in registers before they reach an
+    // accumulator, so the 32 accumulators (which a CPU adapter keeps in memory) are read and
+    // written once per four rows, as the forward's dot products do. The loop below takes the
+    // rest.
+    let kq = k / 4u;
+    for (var bq = 0u; bq < kq; bq++) {
+        let b = 4u * bq;
+//% for u in range(4)
+        let xv{{ u }} = x[(b + {{ u }}u) * n4 + cv];
+//% if row_share != "direct"
+        let a{{ u }} = dy[(b + {{ u }}u) * m4 + min(row0 / 4u + lane.lane8, m4 - 1u)];
+//% endif
+//% endfor
+//% for v in range(rows // 4)
+        {
+//% for u in range(4)
+//% if row_share == "direct"
+            let d{{ u }} = dy[(b + {{ u }}u) * m4 + min(row0 / 4u + {{ v }}u, m4 - 1u)];
+//% else
+            let d{{ u }} = {{ octet.share("a" ~ u, v) | trim }};
+//% endif
+//% endfor
+//% for c in ["x", "y", "z", "w"]
+            acc{{ 4 * v + loop.index0 }} += d0.{{ c }} * xv0 + d1.{{ c }} * xv1 + d2.{{ c }} * xv2
+                + d3.{{ c }} * xv3;
+//% endfor
+        }
+//% endfor
+    }
+    for (var b = 4u * kq; b < k; b++) {
         let xv = x[b * n4 + cv];
 //% if row_share != "direct"
         // Lanes 0 .. rows/4-1 load 4 consecutive rows each; the others load a clamped copy.

@@ -22,6 +22,9 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (64, 100, 36),
     (65, 257, 31),
     (40, 128, 513),
+    // Aligned, with a batch that is not a multiple of 4 (the score gradient takes batch rows
+    // four at a time, then the rest).
+    (6, 12, 8),
 ];
 
 struct Case {
