@@ -793,7 +793,40 @@ fn grad_score({{ octet.entry_args() }}) {
     var b = k_begin / ohw;
     var oy = (k_begin % ohw) / p.ow;
     var ox = k_begin % p.ow;
-    for (var i = k_begin; i < k_end; i++) {
+    // Four positions at a time: their products are summed in registers before they reach an
+    // accumulator, so the 32 accumulators (which a CPU adapter keeps in memory) are read and
+    // written once per four positions (as in masked_matmul's grad_score). The loop after it
+    // takes the rest.
+    var i = k_begin;
+    for (; i + 4u <= k_end; i += 4u) {
+//% for u in range(4)
+        let img{{ u }} = b * p.cin * p.h * p.w;
+        let dbase{{ u }} = b * p.cout * ohw + oy * p.ow + ox;
+        let xv{{ u }} = vec4<f32>(score_gather(ci0, img{{ u }}, oy, ox),
+                                  score_gather(ci1, img{{ u }}, oy, ox),
+                                  score_gather(ci2, img{{ u }}, oy, ox),
+                                  score_gather(ci3, img{{ u }}, oy, ox));
+//% if row_share != "direct"
+//% for j in range(rows // 8)
+        let a{{ u }}_{{ j }} = dy[dbase{{ u }} + min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * ohw];
+//% endfor
+//% endif
+        next_position(&b, &oy, &ox);
+//% endfor
+//% for r in range(rows)
+        {
+//% for u in range(4)
+//% if row_share == "direct"
+            let d{{ u }} = dy[dbase{{ u }} + min(row0 + {{ r }}u, m - 1u) * ohw];
+//% else
+            let d{{ u }} = {{ octet.share("a" ~ u ~ "_" ~ (r // 8), r % 8) | trim }};
+//% endif
+//% endfor
+            acc{{ r }} += d0 * xv0 + d1 * xv1 + d2 * xv2 + d3 * xv3;
+        }
+//% endfor
+    }
+    for (; i < k_end; i++) {
         let img = b * p.cin * p.h * p.w;
         let dbase = b * p.cout * ohw + oy * p.ow + ox;
         let xv = vec4<f32>(score_gather(ci0, img, oy, ox), score_gather(ci1, img, oy, ox),
@@ -813,15 +846,7 @@ fn grad_score({{ octet.entry_args() }}) {
             acc{{ r }} += d * xv;
         }
 //% endfor
-        ox += 1u;
-        if (ox == p.ow) {
-            ox = 0u;
-            oy += 1u;
-            if (oy == p.oh) {
-                oy = 0u;
-                b += 1u;
-            }
-        }
+        next_position(&b, &oy, &ox);
     }
     let slice = split * m * n;
 //% for r in range(rows)

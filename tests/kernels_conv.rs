@@ -48,6 +48,7 @@ fn shapes() -> Vec<ConvShape> {
         cs(3, 1, 32, 28, 28, 4, 2, 1), // the loss's random patch encoder
         cs(2, 4, 5, 8, 7, 3, 3, 1),    // stride 3, taps per class 1 or 2
         cs(2, 1, 4, 7, 7, 1, 2, 0),    // kernel smaller than the stride: classes without taps
+        cs(3, 2, 8, 30, 30, 3, 1, 1),  // score gradient in 2 K slices of 1350 positions each
     ]
 }
 
