@@ -6,15 +6,14 @@
 // across rounds, as its Adam state does.
 //% include "common.wgsl"
 
+//% include "adam_update.wgsl"
+
 struct Params {
     n: u32,
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    ln_beta1: f32,  // ln(beta1) and ln(beta2), computed in f64 on the host
-    ln_beta2: f32,
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+    adam: AdamParams,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> step: StepState;
@@ -34,33 +33,6 @@ struct Params {
 
 const QUADS_PER_INVOCATION: u32 = {{ quads | default(1) }}u;
 
-// Moments below TINY_MOMENT are flushed to zero, and gradients below TINY_GRADIENT are not
-// squared: with beta1 = 0.5 the first moment of a weight whose gradient stays 0 halves every
-// step and is subnormal after about 130 steps, and CPUs (lavapipe) take a slow path for every
-// operation on a subnormal (this kernel ran 4 times slower on them); GPUs may flush them or
-// not. What is dropped is 22 orders of magnitude below eps. The CPU twin does the same.
-const TINY_MOMENT: f32 = 1e-30;
-const TINY_GRADIENT: f32 = 1e-18;
-
-fn flush(x: vec4<f32>) -> vec4<f32> {
-    return select(x, vec4<f32>(0.0), abs(x) < vec4<f32>(TINY_MOMENT));
-}
-
-fn threshold(s: f32) -> u32 {
-    return min(u32(round(sigmoid(s) * 65536.0)), 65535u);
-}
-
-// 1 - beta^t without cancellation: beta2 = 0.999 makes 1 - pow(beta2, 1) = 0.001, where the
-// GPU's pow error would be magnified a thousandfold. With x = t ln(beta) <= 0, a series for
-// small |x| and 1 - exp(x) otherwise.
-fn one_minus_pow(ln_beta: f32, t: f32) -> f32 {
-    let x = t * ln_beta;
-    if (x > -0.1) {
-        return -x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))));
-    }
-    return 1.0 - exp(x);
-}
-
 // A workgroup's quads are strided by 256 so that neighbouring invocations touch neighbouring
 // quads.
 @compute @workgroup_size(256)
@@ -68,9 +40,7 @@ fn step_scores(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
                @builtin(local_invocation_index) li: u32) {
     let first = linear_workgroup(wid, nwg) * (256u * QUADS_PER_INVOCATION) + li;
     let quads = (p.n + 3u) / 4u;
-    let t = f32(step.step + 1u);
-    let c1 = one_minus_pow(p.ln_beta1, t);
-    let c2 = one_minus_pow(p.ln_beta2, t);
+    let c = adam_corrections(p.adam, f32(step.step + 1u));
     for (var k = 0u; k < QUADS_PER_INVOCATION; k++) {
         let q = first + 256u * k;
         if (q >= quads) {
@@ -78,18 +48,11 @@ fn step_scores(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         }
         let valid = vec4<u32>(4u * q) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.n);
         let g = select(vec4<f32>(0.0), grad[q], valid);
-        let lo = moments[2u * q];
-        let hi = moments[2u * q + 1u];
-        let m = flush(p.beta1 * vec4<f32>(lo.x, lo.z, hi.x, hi.z) + (1.0 - p.beta1) * g);
-        let gs = select(g, vec4<f32>(0.0), abs(g) < vec4<f32>(TINY_GRADIENT));
-        let v = flush(p.beta2 * vec4<f32>(lo.y, lo.w, hi.y, hi.w) + (1.0 - p.beta2) * gs * gs);
-        moments[2u * q] = vec4<f32>(m.x, v.x, m.y, v.y);
-        moments[2u * q + 1u] = vec4<f32>(m.z, v.z, m.w, v.w);
-        let s = scores[q] - p.lr * (m / c1) / (sqrt(v / c2) + p.eps);
-        scores[q] = s;
-        let th = select(vec4<u32>(0u), vec4<u32>(threshold(s.x), threshold(s.y), threshold(s.z),
-                                                 threshold(s.w)), valid);
-        keep[q] = vec2<u32>(th.x | (th.y << 16u), th.z | (th.w << 16u));
+        let u = adam_quad(p.adam, c, g, scores[q], moments[2u * q], moments[2u * q + 1u], valid);
+        moments[2u * q] = u.lo;
+        moments[2u * q + 1u] = u.hi;
+        scores[q] = u.scores;
+        keep[q] = u.keep;
     }
 }
 

@@ -35,6 +35,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/elementwise.wgsl"),
     ),
     ("adam.wgsl", include_str!("../../shaders/adam.wgsl")),
+    (
+        "adam_update.wgsl",
+        include_str!("../../shaders/adam_update.wgsl"),
+    ),
     ("mmd.wgsl", include_str!("../../shaders/mmd.wgsl")),
     ("data.wgsl", include_str!("../../shaders/data.wgsl")),
     ("pool.wgsl", include_str!("../../shaders/pool.wgsl")),

@@ -26,17 +26,40 @@ impl Default for AdamConfig {
     }
 }
 
+/// `AdamParams` of shaders/adam_update.wgsl: the hyperparameters as the kernels read them.
 #[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct AdamParams {
     lr: f32,
     beta1: f32,
     beta2: f32,
     eps: f32,
     ln_beta1: f32,
     ln_beta2: f32,
-    _pad: u32,
+    _pad: [u32; 2],
+}
+
+impl From<&AdamConfig> for AdamParams {
+    fn from(cfg: &AdamConfig) -> Self {
+        Self {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            // In f64: the bias corrections of the first steps are sensitive to them.
+            ln_beta1: (cfg.beta1 as f64).ln() as f32,
+            ln_beta2: (cfg.beta2 as f64).ln() as f32,
+            _pad: [0; 2],
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    _pad: [u32; 3],
+    adam: AdamParams,
 }
 
 /// Tensors of one Adam step on a layer's scores.
@@ -59,13 +82,8 @@ pub fn step(gpu: &Gpu, cfg: &AdamConfig, io: &AdamIo) -> Result<Kernel> {
     check(io.keep, keep_words(n), DType::U32, "keep thresholds")?;
     let p = Params {
         n: u32_of(n, "scores")?,
-        lr: cfg.lr,
-        beta1: cfg.beta1,
-        beta2: cfg.beta2,
-        eps: cfg.eps,
-        ln_beta1: (cfg.beta1 as f64).ln() as f32,
-        ln_beta2: (cfg.beta2 as f64).ln() as f32,
-        _pad: 0,
+        _pad: [0; 3],
+        adam: cfg.into(),
     };
     let quads = gpu.features().vectors_per_invocation;
     Ok(gpu
