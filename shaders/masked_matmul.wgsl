@@ -32,6 +32,10 @@ enable f16;
 
 const R: u32 = {{ rows }}u;
 
+//% if adam
+//% include "adam_update.wgsl"
+//% endif
+
 struct Params {
     g: WeightGen,
     batch: u32,
@@ -42,6 +46,9 @@ struct Params {
     estimator: u32,    // grad_score: 0 p-scaled (reference), 1 straight-through
     om: u32,           // octets along M and along N (om * on = 8)
     on: u32,
+//% if adam
+    adam: AdamParams,  // `adam`: the Adam step grad_score applies
+//% endif
 }
 @group(0) @binding(0) var<uniform> p: Params;
 //% if aligned
@@ -53,7 +60,17 @@ struct Params {
 //% endif
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dx: array<f32>;
-//% if aligned
+//% if aligned and adam
+// `adam` (aligned shapes only): grad_score applies the layer's Adam step and refreshes its keep
+// thresholds in its epilogue instead of storing the gradient, so that the gradient never goes
+// to memory and the step needs no Adam pass over the layer. Every score is read and written by
+// the one lane that owns it, and nothing else in the step reads the layer's scores or keep
+// thresholds after this kernel (the launcher records the layer's grad_input before it).
+@group(0) @binding(10) var<storage, read_write> scores: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read_write> moments: array<vec4<f32>>;  // (m, v) interleaved
+@group(0) @binding(13) var<storage, read_write> keep_out: array<vec2<u32>>;
+@group(0) @binding(14) var<storage, read> adam_step: StepState;
+//% elif aligned
 @group(0) @binding(10) var<storage, read> scores: array<vec4<f32>>;
 @group(0) @binding(11) var<storage, read_write> grad: array<vec4<f32>>;
 //% else
@@ -371,12 +388,26 @@ fn grad_score({{ octet.entry_args() }}) {
     // wide: a lane's 4 columns lie in one block of 32 weights (n % 4 == 0), so one sign draw
     // serves them, and scores and gradients move as vec4.
 //% if aligned
+//% if adam
+    let corrections = adam_corrections(p.adam, f32(adam_step.step + 1u));
+//% endif
     if (col0 < n) {
 //% for r in range(rows)
         if (row0 + {{ r }}u < m) {
             let i0 = (row0 + {{ r }}u) * n + col0;
-            grad[i0 / 4u] = acc{{ r }} * frozen4(p.g, i0, sign_word(p.g, i0))
-                * score_factor4(scores[i0 / 4u]);
+            let q = i0 / 4u;
+            let s = scores[q];
+            let g = acc{{ r }} * frozen4(p.g, i0, sign_word(p.g, i0)) * score_factor4(s);
+//% if adam
+            let u = adam_quad(p.adam, corrections, g, s, moments[2u * q], moments[2u * q + 1u],
+                              vec4<bool>(true));
+            scores[q] = u.scores;
+            moments[2u * q] = u.lo;
+            moments[2u * q + 1u] = u.hi;
+            keep_out[q] = u.keep;
+//% else
+            grad[q] = g;
+//% endif
         }
 //% endfor
     }

@@ -58,6 +58,7 @@ impl Generator {
             estimator: Estimator::PScaled,
             layer_offset: 0,
             half,
+            adam: None,
         };
         let net = Network::build(gpu, arch, opts, None, None, None)?;
         let step = Rc::new(gpu.zeros(&[StepState::WORDS], DType::U32, "generation step")?);

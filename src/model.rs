@@ -509,6 +509,7 @@ fn features(
         estimator: crate::kernels::matmul::Estimator::PScaled,
         layer_offset: crate::loss::RANDOM_ENCODER_LAYER_OFFSET,
         half: false,
+        adam: None,
     };
     let net = Network::build(gpu, &enc, opts, None, None, Some(shape))?;
     let per = shape.len();

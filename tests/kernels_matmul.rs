@@ -9,7 +9,7 @@ use prism::gpu::{DType, Gpu};
 use prism::kernels::mask;
 use prism::kernels::matmul::{self, cpu, Estimator, LinearShape};
 use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::StepState;
+use prism::kernels::{adam, StepState};
 use prism::rng::HostRng;
 
 /// (batch, inputs, outputs): tile multiples, odd sizes, batch 1, unaligned (not multiples of 4).
@@ -175,6 +175,82 @@ fn grad_score_matches_cpu() {
                 let want = cpu::grad_score(est, &cpu::grad_weight(&s, &x, &dy), &frozen, &c.scores);
                 let what = format!("grad_score {est:?} {s:?} {:?}", gpu.features().row_share);
                 assert_close(&what, &gpu.read_f32(&tg).unwrap(), &want, 1e-6, 1e-4);
+            }
+        }
+    }
+}
+
+/// The score gradient with Adam in its epilogue against the two kernels it replaces (each
+/// tested against its CPU twin): grad_score, then Adam with the threshold refresh, over a few
+/// steps from the same state.
+#[test]
+fn grad_score_adam_matches_the_gradient_then_adam() {
+    let mut rng = HostRng::new(25, &[]);
+    let cfg = adam::AdamConfig::default();
+    for gpu in devices() {
+        for &sh in SHAPES.iter().filter(|(_, i, o)| i % 4 == 0 && o % 4 == 0) {
+            let c = case(&mut rng, sh, Init::KaimingNormal);
+            let s = c.shape;
+            let est = Estimator::PScaled;
+            let n = s.weights();
+            let x = uniform(&mut rng, s.batch * s.inputs);
+            let dy = uniform(&mut rng, s.batch * s.outputs);
+            let tx = gpu.upload_f32(&x, &[s.batch, s.inputs], "x").unwrap();
+            let tdy = gpu.upload_f32(&dy, &[s.batch, s.outputs], "dy").unwrap();
+            let tstep = gpu
+                .upload_u32(bytemuck::cast_slice(&[c.step]), &[8], "step")
+                .unwrap();
+            // Two copies of the layer's state: (scores, moments, keep).
+            let state = || {
+                (
+                    gpu.upload_f32(&c.scores, &[n], "scores").unwrap(),
+                    gpu.zeros(&[2 * n], DType::F32, "moments").unwrap(),
+                    gpu.upload_u32(&c.keep, &[c.keep.len()], "keep").unwrap(),
+                )
+            };
+            let (fs, fm, fk) = state();
+            let (us, um, uk) = state();
+            let fused = matmul::grad_score_adam(
+                &gpu,
+                &s,
+                &c.layer,
+                est,
+                &cfg,
+                &tx,
+                &tdy,
+                &matmul::AdamState {
+                    scores: &fs,
+                    moments: &fm,
+                    keep: &fk,
+                    step: &tstep,
+                },
+            )
+            .unwrap();
+            let tg = gpu.tensor(&[n], DType::F32, "grad").unwrap();
+            let grad = matmul::grad_score(&gpu, &s, &c.layer, est, &tx, &tdy, &us, &tg).unwrap();
+            let io = adam::AdamIo {
+                step: &tstep,
+                grad: &tg,
+                scores: &us,
+                moments: &um,
+                keep: &uk,
+            };
+            let step = adam::step(&gpu, &cfg, &io).unwrap();
+            for t in 0..3 {
+                gpu.run(&[&fused, &grad, &step]).unwrap();
+                let what = format!("{s:?} {:?} step {t}", gpu.features().row_share);
+                let (a, b) = (gpu.read_f32(&fs).unwrap(), gpu.read_f32(&us).unwrap());
+                assert_close(&format!("scores {what}"), &a, &b, 1e-6, 1e-5);
+                let (a, b) = (gpu.read_f32(&fm).unwrap(), gpu.read_f32(&um).unwrap());
+                assert_close(&format!("moments {what}"), &a, &b, 1e-7, 1e-5);
+                let (a, b) = (gpu.read_u32(&fk).unwrap(), gpu.read_u32(&uk).unwrap());
+                for i in 0..n {
+                    let (g, w) = (
+                        wcpu::threshold_of(&a, i) as i64,
+                        wcpu::threshold_of(&b, i) as i64,
+                    );
+                    assert!((g - w).abs() <= 1, "keep {what} [{i}]: {g} vs {w}");
+                }
             }
         }
     }

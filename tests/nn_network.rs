@@ -120,6 +120,7 @@ fn opts(batch: usize, mode: WeightMode, backward: Backward) -> BuildOptions {
         estimator: Estimator::StraightThrough,
         layer_offset: 0,
         half: false,
+        adam: None,
     }
 }
 

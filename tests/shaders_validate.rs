@@ -42,6 +42,16 @@ fn matmul_variants_validate() {
             }
         }
     }
+    // The score gradient with Adam in its epilogue (aligned shapes only).
+    for rows in [8u32, 32] {
+        check(
+            ShaderKey::new("masked_matmul.wgsl")
+                .def("source", "frozen")
+                .def("rows", rows)
+                .def("aligned", true)
+                .def("adam", true),
+        );
+    }
     // The Gram matrix's lower-triangle forward (the MMD's).
     for rows in [8u32, 32] {
         for aligned in [false, true] {

@@ -172,6 +172,12 @@ impl Trainer {
         } else {
             Estimator::StraightThrough
         };
+        let adam_cfg = adam::AdamConfig {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: 1e-8,
+        };
         let opts = BuildOptions {
             batch: b,
             seed: cfg.seed,
@@ -180,6 +186,7 @@ impl Trainer {
             estimator,
             layer_offset: 0,
             half: false,
+            adam: Some(adam_cfg),
         };
         let net = Network::build(gpu, arch, opts, Some(step.clone()), None, None)?;
         let real = Rc::new(gpu.tensor(
@@ -271,12 +278,6 @@ impl Trainer {
         let loss_value = &objective.loss;
         let record = adam::record_loss(gpu, &step, loss_value, &losses)?;
         let advance = adam::advance(gpu, &step)?;
-        let adam_cfg = adam::AdamConfig {
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: 1e-8,
-        };
         let adam = net.adam_program(gpu, &adam_cfg, &step)?;
         let thresholds = net.thresholds_program(gpu)?;
         Ok(Trainer {

@@ -1,7 +1,8 @@
 //! Masked dense layer (`shaders/masked_matmul.wgsl`): forward, gradient with respect to the
 //! input, and gradient with respect to the scores, with weights regenerated in the kernel.
 
-use super::{check, u32_of, LayerWeights, MaskSource, Precision, Tiling, WeightGen};
+use super::adam::{AdamConfig, AdamParams};
+use super::{check, u32_of, LayerWeights, MaskSource, Precision, StepState, Tiling, WeightGen};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
@@ -36,7 +37,8 @@ impl LinearShape {
         Ok(())
     }
 
-    fn aligned(&self) -> bool {
+    /// Inputs and outputs multiples of 4: the kernels' vec4 forms.
+    pub fn aligned(&self) -> bool {
         self.inputs % 4 == 0 && self.outputs % 4 == 0
     }
 }
@@ -71,6 +73,8 @@ struct Params {
     estimator: u32,
     om: u32,
     on: u32,
+    /// grad_score_adam's Adam step (unread by the other entry points).
+    adam: AdamParams,
 }
 
 fn params(s: &LinearShape, g: WeightGen, t: &Tiling, m: usize, n: usize, est: u32) -> Params {
@@ -85,6 +89,7 @@ fn params(s: &LinearShape, g: WeightGen, t: &Tiling, m: usize, n: usize, est: u3
         estimator: est,
         om: t.om,
         on: t.on,
+        adam: AdamParams::default(),
     }
 }
 
@@ -236,6 +241,68 @@ pub fn grad_score(
         .bind("grad", grad)
         .groups(p.tiles_total)
         .build()?)
+}
+
+/// [`grad_score`] with the layer's Adam step applied in the kernel instead of the gradient
+/// being stored: scores, moments ((m, v) interleaved, 2n f32) and keep thresholds are updated as
+/// [`super::adam::step`] would from that gradient, at t = step.step + 1. For aligned shapes
+/// (inputs and outputs multiples of 4); the caller must record every kernel that reads this
+/// layer's scores or keep thresholds in the step (its forward and grad_input) before this one.
+#[allow(clippy::too_many_arguments)]
+pub fn grad_score_adam(
+    gpu: &Gpu,
+    s: &LinearShape,
+    layer: &LayerWeights,
+    estimator: Estimator,
+    adam: &AdamConfig,
+    x: &Tensor,
+    dy: &Tensor,
+    io: &AdamState,
+) -> Result<Kernel> {
+    s.validate()?;
+    if !s.aligned() {
+        return Err(Error::invalid(format!(
+            "Adam in the score gradient needs inputs and outputs that are multiples of 4: {s:?}"
+        )));
+    }
+    check(x, s.batch * s.inputs, DType::F32, "linear input")?;
+    check(dy, s.batch * s.outputs, DType::F32, "output gradient")?;
+    check(io.scores, s.weights(), DType::F32, "scores")?;
+    check(io.moments, 2 * s.weights(), DType::F32, "Adam moments")?;
+    check(
+        io.keep,
+        super::mask::keep_words(s.weights()),
+        DType::U32,
+        "keep thresholds",
+    )?;
+    check(io.step, StepState::WORDS, DType::U32, "step state")?;
+    let t = Tiling::choose(s.outputs as u32, s.inputs as u32);
+    let p = Params {
+        adam: adam.into(),
+        ..params(s, layer.gen(), &t, s.outputs, s.inputs, estimator.code())
+    };
+    Ok(gpu
+        .kernel(
+            shader(s, "frozen", &t, false).def("adam", true),
+            "grad_score",
+        )
+        .params(&p)
+        .bind("x", x)
+        .bind("dy", dy)
+        .bind("scores", io.scores)
+        .bind("moments", io.moments)
+        .bind("keep_out", io.keep)
+        .bind("adam_step", io.step)
+        .groups(p.tiles_total)
+        .build()?)
+}
+
+/// What [`grad_score_adam`] updates: a layer's training state and the step it is at.
+pub struct AdamState<'a> {
+    pub scores: &'a Tensor,
+    pub moments: &'a Tensor,
+    pub keep: &'a Tensor,
+    pub step: &'a Tensor,
 }
 
 /// CPU references (f64 accumulation).

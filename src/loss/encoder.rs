@@ -403,6 +403,7 @@ impl Encoder {
             estimator: Estimator::PScaled,
             layer_offset: 0,
             half: false,
+            adam: None,
         };
         let net = Network::build_tapped(
             gpu,

@@ -209,6 +209,7 @@ impl Objective {
                 estimator: Estimator::PScaled,
                 layer_offset: RANDOM_ENCODER_LAYER_OFFSET,
                 half: false,
+                adam: None,
             };
             let net = Network::build(gpu, &enc, opts, None, Some(io.fake.clone()), Some(io.image))?;
             let real_net = Network::build(

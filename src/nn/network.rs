@@ -76,6 +76,11 @@ pub struct BuildOptions {
     /// f16 multiplications in the masked layers (inference on adapters with SHADER_F16;
     /// activations stay f32 in memory, sums are accumulated in f32).
     pub half: bool,
+    /// Training: Adam fused into the score gradients. The backward program then takes the
+    /// Adam step of each layer whose score-gradient kernel can carry it (dense layers with
+    /// inputs and outputs multiples of 4), so that its gradient never goes to memory;
+    /// [`Network::adam_program`] steps the others. None: every layer's gradient is stored.
+    pub adam: Option<adam::AdamConfig>,
 }
 
 /// The buffers of one masked layer.
@@ -169,6 +174,8 @@ pub struct Network {
     pub taps: Vec<Tap>,
     pub forward: Program,
     pub backward: Program,
+    /// Masked layers whose Adam step `backward` takes (BuildOptions::adam).
+    pub adam_fused: Vec<usize>,
     acts: Vec<Rc<Tensor>>,
 }
 
@@ -527,6 +534,8 @@ struct BackBuilder<'g, 'n> {
     /// Gradients of tapped top-level layer outputs (by layer index) to add into the pass;
     /// the last tap's is the pass's starting gradient and is not listed.
     tap_grads: Vec<(usize, Rc<Tensor>)>,
+    /// Layers whose Adam step the pass takes (BuildOptions::adam).
+    adam_fused: Vec<usize>,
 }
 
 impl BackBuilder<'_, '_> {
@@ -618,7 +627,31 @@ impl BackBuilder<'_, '_> {
                                 inputs: x.shape.len(),
                                 outputs: *outputs,
                             };
-                            if scores_wanted {
+                            // With Adam fused, the score gradient updates the scores and
+                            // keep thresholds that grad_input reads, so it comes after it.
+                            let fused = match (self.opts.adam, &l.moments, self.step) {
+                                (Some(cfg), Some(moments), Some(step))
+                                    if scores_wanted && s.aligned() =>
+                                {
+                                    Some(matmul::grad_score_adam(
+                                        self.gpu,
+                                        &s,
+                                        &l.weights,
+                                        self.opts.estimator,
+                                        &cfg,
+                                        &x.t,
+                                        &dy,
+                                        &matmul::AdamState {
+                                            scores: &l.scores,
+                                            moments,
+                                            keep: &l.keep,
+                                            step,
+                                        },
+                                    )?)
+                                }
+                                _ => None,
+                            };
+                            if scores_wanted && fused.is_none() {
                                 let g = l.grad.as_ref().expect("training layers have gradients");
                                 self.program.push(matmul::grad_score(
                                     self.gpu,
@@ -640,6 +673,10 @@ impl BackBuilder<'_, '_> {
                                     &dy,
                                     dx,
                                 )?);
+                            }
+                            if let Some(k) = fused {
+                                self.program.push(k);
+                                self.adam_fused.push(*layer);
                             }
                         }
                         Layer::Conv { .. } => {
@@ -940,6 +977,7 @@ impl Network {
             grad_input: None,
             layers,
             affine,
+            adam_fused: Vec::new(),
             taps: taps
                 .iter()
                 .map(|&l| Tap {
@@ -984,14 +1022,17 @@ impl Network {
                 program: Program::default(),
                 grads: Vec::new(),
                 tap_grads,
+                adam_fused: Vec::new(),
             };
             let dx = bb.back(&tape, dy.clone(), opts.backward == Backward::Input, true)?;
             let BackBuilder {
                 program,
                 grads,
                 tap_grads,
+                adam_fused,
                 ..
             } = bb;
+            net.adam_fused = adam_fused;
             net.backward = program;
             net.acts.extend(grads);
             net.acts.extend(tap_grads.into_iter().map(|t| t.1));
@@ -1011,7 +1052,8 @@ impl Network {
         Ok(p)
     }
 
-    /// Adam steps on every layer's scores (training networks).
+    /// Adam steps on the scores of every layer whose step the backward program does not take
+    /// ([`BuildOptions::adam`]; training networks).
     pub fn adam_program(
         &self,
         gpu: &Gpu,
@@ -1019,7 +1061,10 @@ impl Network {
         step: &Tensor,
     ) -> Result<Program> {
         let mut p = Program::default();
-        for l in &self.layers {
+        for (i, l) in self.layers.iter().enumerate() {
+            if self.adam_fused.contains(&i) {
+                continue;
+            }
             let (Some(grad), Some(moments)) = (&l.grad, &l.moments) else {
                 return Err(Error::invalid("Adam needs a training network"));
             };
