@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prism::data::locate::Split;
-use prism::fl::simulation::load_dataset;
+use prism::data::resolve::load_dataset;
 use prism::fl::{TrainConfig, Trainer};
 use prism::generate::Generator;
 use prism::gpu::Gpu;

@@ -5,7 +5,7 @@
 //! README).
 
 use prism::data::locate::Split;
-use prism::fl::simulation::load_dataset;
+use prism::data::resolve::load_dataset;
 use prism::fl::{FeatureSpace, LossChoice, TrainConfig, Trainer};
 
 fn main() -> Result<(), prism::Error> {

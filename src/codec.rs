@@ -13,7 +13,14 @@ use constriction::stream::queue::{DefaultRangeDecoder, DefaultRangeEncoder};
 use constriction::stream::{Decode, Encode};
 
 use crate::error::{Error, Result};
-use crate::fl::message::MaskCoder;
+
+/// Entropy coding of mask layers, as uploads and model files use it.
+pub trait MaskCoder {
+    /// Codes the `n` bits of `words`; None when coding would not make them smaller.
+    fn encode(&self, words: &[u32], n: usize) -> Option<Vec<u8>>;
+    /// Decodes `n` bits; refuses malformed input with an error.
+    fn decode(&self, bytes: &[u8], n: usize) -> Result<Vec<u32>>;
+}
 
 const PRECISION: u32 = 24;
 

@@ -17,10 +17,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::bytes::{split_crc, Reader};
+use crate::codec::MaskCoder;
 use crate::codec::RangeCoder;
 use crate::error::{Error, Result};
 use crate::fl::checkpoint::{write_atomic, Checkpoint};
-use crate::fl::message::MaskCoder;
 use crate::generate::Generator;
 use crate::gpu::Gpu;
 use crate::kernels::{mask, Init, LayerWeights};
@@ -89,7 +89,7 @@ pub fn masks_from_scores(scores: &[Vec<f32>], kind: MaskKind, seed: u32) -> Vec<
 /// The model of a checkpoint's global scores.
 pub fn from_checkpoint(path: &Path, kind: MaskKind) -> Result<Model> {
     let c = Checkpoint::load(path)?;
-    let arch = crate::fl::simulation::architecture(&c.config)?;
+    let arch = c.config.architecture()?;
     let sizes: Vec<usize> = arch.masked_layers()?.iter().map(|l| l.weights).collect();
     let have: Vec<usize> = c.scores.iter().map(|s| s.len()).collect();
     if sizes != have {

@@ -5,6 +5,7 @@
 pub mod idx;
 pub mod locate;
 pub mod partition;
+pub mod resolve;
 
 use std::path::Path;
 

@@ -131,6 +131,14 @@ fn default_tracker_lr() -> f32 {
 }
 
 impl TrainConfig {
+    /// The generator this configuration trains (its preset at the dataset's channels).
+    pub fn architecture(&self) -> Result<crate::nn::Architecture> {
+        crate::nn::Architecture::preset(
+            &self.arch,
+            crate::data::resolve::dataset_channels(&self.dataset),
+        )
+    }
+
     /// Real images per step.
     pub fn real_batch(&self) -> usize {
         if self.real_batch == 0 {

@@ -45,13 +45,8 @@ pub enum Encoding {
     Coded = 2,
 }
 
-/// Entropy coding of mask layers.
-pub trait MaskCoder {
-    /// Codes the `n` bits of `words`; None when coding would not make them smaller.
-    fn encode(&self, words: &[u32], n: usize) -> Option<Vec<u8>>;
-    /// Decodes `n` bits; refuses malformed input with an error.
-    fn decode(&self, bytes: &[u8], n: usize) -> Result<Vec<u32>>;
-}
+/// Entropy coding of mask layers (defined by the codec layer below this one).
+pub use crate::codec::MaskCoder;
 
 /// Encodes an upload. `coder` (when given) entropy-codes mask layers that it makes smaller.
 pub fn encode(up: &Upload, sizes: &[usize], coder: Option<&dyn MaskCoder>) -> Vec<u8> {

@@ -15,16 +15,16 @@ use super::dp::Accountant;
 use super::message::{self, MaskCoder, Payload, Upload};
 use super::server::{Failure, FailureReason, Prism, ServerModel, Strategy};
 use crate::codec::RangeCoder;
-use crate::data::locate::{self, Named, Split};
+use crate::data::locate::{Named, Split};
 use crate::data::partition::Partition;
-use crate::data::{read_image_folder, Dataset};
+use crate::data::resolve::load_dataset;
 use crate::error::{Error, Result};
 use crate::generate::Generator;
 use crate::gpu::{DType, Gpu};
 use crate::kernels::mask::Aggregation;
 use crate::kernels::mmd::{self, LossKind, GMMN_MNIST_SIGMAS};
 use crate::model::{self, MaskKind};
-use crate::nn::{Architecture, WeightMode};
+use crate::nn::WeightMode;
 use crate::rng::{self, HostRng};
 
 /// Options of a run that do not change its result.
@@ -147,45 +147,6 @@ pub struct RunSummary {
     /// The rounds' phases summed over the rounds this run did, and its checkpoints' time.
     pub timing: RoundTiming,
     pub checkpoint_s: f64,
-}
-
-/// Image channels of a dataset: 1 for MNIST and Fashion-MNIST, 3 for CIFAR-10 and folders.
-pub fn dataset_channels(name: &str) -> usize {
-    match Named::parse(name) {
-        Some(Named::Mnist | Named::FashionMnist) => 1,
-        _ => 3,
-    }
-}
-
-/// The generator a configuration trains.
-pub fn architecture(cfg: &TrainConfig) -> Result<Architecture> {
-    Architecture::preset(&cfg.arch, dataset_channels(&cfg.dataset))
-}
-
-/// Loads the training (or test) images of a configuration at the generator's resolution.
-pub fn load_dataset(
-    name: &str,
-    data: Option<&Path>,
-    fetch: bool,
-    split: Split,
-    arch_name: &str,
-) -> Result<(Dataset, Architecture)> {
-    let arch = Architecture::preset(arch_name, dataset_channels(name))?;
-    let ds = match Named::parse(name) {
-        Some(n) => locate::load(n, data, split, fetch)?,
-        None => {
-            let path = Path::new(name);
-            if !path.is_dir() {
-                return Err(Error::DataNotFound(format!(
-                    "{name:?} is neither a known dataset (mnist, fashion-mnist, cifar10) nor a folder of images"
-                )));
-            }
-            read_image_folder(path, arch.output()?.h, 3)?
-        }
-    };
-    let out = arch.output()?;
-    let ds = ds.with_channels(out.c)?.resized(out.h, out.w)?;
-    Ok((ds, arch))
 }
 
 /// Runs (or resumes) a federated training.
