@@ -66,6 +66,14 @@ impl RunOptions {
     }
 }
 
+/// Output into `runs/mnist` (the CLI's default folder), everything else as [`RunOptions::new`]
+/// (unlike the CLI: no fetching and no progress bar unless asked).
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self::new("runs/mnist")
+    }
+}
+
 /// One line of the metrics log.
 #[derive(Clone, Debug, Serialize)]
 pub struct RoundMetrics {
@@ -544,4 +552,20 @@ fn heldout_mmd(
     let l = mmd::loss(gpu, &kind, 0.25, &x, &y, &dx)?;
     gpu.run(&l.kernels.iter().collect::<Vec<_>>())?;
     Ok(gpu.read_f32(&l.loss)?[0] as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunOptions;
+
+    #[test]
+    fn run_options_default_writes_into_the_clis_folder() {
+        let o = RunOptions::default();
+        assert_eq!(o.out, std::path::PathBuf::from("runs/mnist"));
+        assert_eq!(
+            (o.sample_every, o.eval_every, o.checkpoint_every),
+            (4, 4, 1)
+        );
+        assert!(!o.resume && !o.fetch && o.stop_after.is_none());
+    }
 }
