@@ -139,6 +139,16 @@ pub fn forward_in(
     Ok(source.bind(k).build()?)
 }
 
+/// The layer to name when a tensor serves as a matmul's dense "weights" (a Gram matrix, the
+/// MMD's coefficients times samples): the dense source reads them from memory, so nothing of
+/// it is used.
+pub const DENSE_OPERAND: LayerWeights = LayerWeights {
+    seed: 0,
+    layer: 0,
+    init: super::Init::SignedConstant,
+    fan_in: 1,
+};
+
 /// The lower triangle, diagonal included, of the Gram matrix g = z z^T of z [rows, dims]: a
 /// forward pass with z as its own dense weights that skips the tiles wholly above the
 /// diagonal (g is symmetric, so they repeat the ones below), leaving them as they were. The
@@ -154,13 +164,7 @@ pub fn gram_lower(gpu: &Gpu, z: &Tensor, g: &Tensor) -> Result<Kernel> {
     check(z, s.batch * s.inputs, DType::F32, "Gram input")?;
     check(g, s.batch * s.batch, DType::F32, "Gram matrix")?;
     let t = lower_tiling(rows as u32);
-    let layer = LayerWeights {
-        seed: 0,
-        layer: 0,
-        init: super::Init::SignedConstant,
-        fan_in: 1,
-    };
-    let p = params(&s, layer.gen(), &t, s.batch, s.outputs, 0);
+    let p = params(&s, DENSE_OPERAND.gen(), &t, s.batch, s.outputs, 0);
     let k = gpu
         .kernel(shader(&s, "dense", &t, false).def("lower", true), "forward")
         .params(&p)

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::matmul::{self, LinearShape};
-use crate::kernels::{Init, LayerWeights, MaskSource};
+use crate::kernels::MaskSource;
 
 /// GMMN's kernel parameters for MNIST in pixel space (pixels in [0, 1]), Li et al. 2015:
 /// yujiali/gmmn's `GaussianKernelMmdLoss` computes exp(-|a - b|^2 / (2 s)), so they are
@@ -137,12 +137,6 @@ pub fn loss(
             let cz = gpu.tensor(&[n, d], DType::F32, "coefficients times samples")?;
             // z serves as the dense "weights" of a layer with t outputs and d inputs: its
             // input gradient for dy = coef is coef z.
-            let as_layer = LayerWeights {
-                seed: 0,
-                layer: 0,
-                init: Init::SignedConstant,
-                fan_in: 1,
-            };
             let cz_shape = LinearShape {
                 batch: n,
                 inputs: d,
@@ -209,7 +203,7 @@ pub fn loss(
                 matmul::grad_input(
                     gpu,
                     &cz_shape,
-                    &as_layer,
+                    &matmul::DENSE_OPERAND,
                     &MaskSource::Dense(&z),
                     &coef,
                     &cz,
