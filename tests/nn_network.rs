@@ -160,6 +160,35 @@ fn init_scores(gpu: &Gpu, net: &Network, rng: &mut HostRng) -> (Vec<Vec<f32>>, V
     (weff, scores_all)
 }
 
+/// A training network of `arch` with random scores, run forward and backward on a random
+/// latent `z` with a random output gradient `r`: (network, CPU effective weights, scores, z, r).
+type Trained = (Network, Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+
+fn trained_backward(gpu: &Gpu, arch: &Architecture, batch: usize, rng: &mut HostRng) -> Trained {
+    let step = Rc::new(
+        gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[8], "step")
+            .unwrap(),
+    );
+    let net = Network::build(
+        gpu,
+        arch,
+        opts(batch, WeightMode::Train, Backward::Scores),
+        Some(step),
+        None,
+        None,
+    )
+    .unwrap();
+    let (weff, scores) = init_scores(gpu, &net, rng);
+    let z = normal(rng, batch * arch.latent);
+    let r = normal(rng, net.output.len());
+    gpu.write_f32(&net.input, &z).unwrap();
+    gpu.write_f32(net.grad_output.as_ref().unwrap(), &r)
+        .unwrap();
+    gpu.run(&net.forward.refs()).unwrap();
+    gpu.run(&net.backward.refs()).unwrap();
+    (net, weff, scores, z, r)
+}
+
 #[test]
 fn training_forward_matches_the_cpu_interpreter() {
     let gpu = common::gpu();
@@ -255,27 +284,7 @@ fn score_gradients_finite_differences() {
     let mut rng = HostRng::new(73, &[]);
     for arch in [tiny_conv(), tiny_resnet(), tiny_mlp()] {
         let batch = 3;
-        let step = Rc::new(
-            gpu.upload_u32(bytemuck::cast_slice(&[step_state()]), &[8], "step")
-                .unwrap(),
-        );
-        let net = Network::build(
-            &gpu,
-            &arch,
-            opts(batch, WeightMode::Train, Backward::Scores),
-            Some(step),
-            None,
-            None,
-        )
-        .unwrap();
-        let (weff, scores) = init_scores(&gpu, &net, &mut rng);
-        let z = normal(&mut rng, batch * arch.latent);
-        let r = normal(&mut rng, net.output.len());
-        gpu.write_f32(&net.input, &z).unwrap();
-        gpu.write_f32(net.grad_output.as_ref().unwrap(), &r)
-            .unwrap();
-        gpu.run(&net.forward.refs()).unwrap();
-        gpu.run(&net.backward.refs()).unwrap();
+        let (net, weff, scores, z, r) = trained_backward(&gpu, &arch, batch, &mut rng);
         let loss = |w: &[Vec<f32>]| -> f64 {
             cpu::forward(&arch, batch, &z, w)
                 .unwrap()
@@ -356,4 +365,145 @@ fn inference_modes_agree() {
         1e-5,
         1e-4,
     );
+}
+
+/// An encoder's shape in miniature: convolutions and both poolings.
+fn tiny_encoder() -> Architecture {
+    Architecture {
+        name: "tiny-encoder".into(),
+        latent: 2 * 6 * 6,
+        layers: vec![
+            Layer::Reshape { c: 2, h: 6, w: 6 },
+            Layer::Conv {
+                cout: 3,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::Relu,
+            Layer::MaxPool2,
+            Layer::Conv {
+                cout: 2,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            Layer::AvgPool2,
+        ],
+        init: Init::KaimingNormal,
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum()
+}
+
+/// The CPU interpreter's backward pass against central differences of its own forward, for
+/// the input and for sampled effective weights of every masked layer (no GPU).
+#[test]
+fn cpu_backward_finite_differences() {
+    let mut rng = HostRng::new(75, &[]);
+    for arch in [tiny_conv(), tiny_resnet(), tiny_mlp(), tiny_encoder()] {
+        let batch = 3;
+        let weff: Vec<Vec<f32>> = arch
+            .masked_layers()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                normal(&mut rng, l.weights)
+                    .iter()
+                    .map(|v| v * 0.5)
+                    .collect()
+            })
+            .collect();
+        let z = normal(&mut rng, batch * arch.latent);
+        let out = cpu::forward(&arch, batch, &z, &weff).unwrap();
+        let r = normal(&mut rng, out.len());
+        let g = cpu::backward(&arch, batch, &z, &weff, &r).unwrap();
+        let loss =
+            |zv: &[f32], w: &[Vec<f32>]| dot(&cpu::forward(&arch, batch, zv, w).unwrap(), &r);
+        let h = 1e-3f32;
+        let close = |what: String, fd: f64, got: f32| {
+            assert!(
+                (fd - got as f64).abs() < 2e-2 * (1.0 + fd.abs()),
+                "{} {what}: fd {fd} vs {got}",
+                arch.name
+            )
+        };
+        for i in 0..z.len().min(40) {
+            let (mut zp, mut zm) = (z.clone(), z.clone());
+            zp[i] += h;
+            zm[i] -= h;
+            let fd = (loss(&zp, &weff) - loss(&zm, &weff)) / (2.0 * h as f64);
+            close(format!("dz[{i}]"), fd, g.input[i]);
+        }
+        for (li, w) in weff.iter().enumerate() {
+            for _ in 0..8 {
+                let i = rng.below(w.len() as u32) as usize;
+                let (mut wp, mut wm) = (weff.clone(), weff.clone());
+                wp[li][i] += h;
+                wm[li][i] -= h;
+                let fd = (loss(&z, &wp) - loss(&z, &wm)) / (2.0 * h as f64);
+                close(format!("layer {li} dw[{i}]"), fd, g.weights[li][i]);
+            }
+        }
+    }
+}
+
+/// Both GPU backward programs against the CPU interpreter's backward pass, element by
+/// element: the score gradients of a training network, and the input gradient of a frozen one.
+#[test]
+fn gpu_backward_matches_the_cpu_interpreter() {
+    let gpu = common::gpu();
+    let mut rng = HostRng::new(76, &[]);
+    for arch in [tiny_conv(), tiny_resnet(), tiny_mlp(), tiny_encoder()] {
+        let batch = 3;
+        let (net, weff, scores, z, r) = trained_backward(&gpu, &arch, batch, &mut rng);
+        let want = cpu::backward(&arch, batch, &z, &weff, &r).unwrap();
+        for (li, l) in net.layers.iter().enumerate() {
+            let frozen = wcpu::frozen_all(&l.weights, l.info.weights);
+            let ds = mcpu::grad_score(
+                Estimator::StraightThrough,
+                &want.weights[li],
+                &frozen,
+                &scores[li],
+            );
+            assert_close(
+                &format!("{} layer {li} score gradient", arch.name),
+                &gpu.read_f32(l.grad.as_ref().unwrap()).unwrap(),
+                &ds,
+                1e-4,
+                1e-3,
+            );
+        }
+
+        let frozen_net = Network::build(
+            &gpu,
+            &arch,
+            opts(batch, WeightMode::Frozen, Backward::Input),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        let weff: Vec<Vec<f32>> = frozen_net
+            .layers
+            .iter()
+            .map(|l| wcpu::frozen_all(&l.weights, l.info.weights))
+            .collect();
+        gpu.write_f32(&frozen_net.input, &z).unwrap();
+        gpu.write_f32(frozen_net.grad_output.as_ref().unwrap(), &r)
+            .unwrap();
+        gpu.run(&frozen_net.forward.refs()).unwrap();
+        gpu.run(&frozen_net.backward.refs()).unwrap();
+        let want = cpu::backward(&arch, batch, &z, &weff, &r).unwrap();
+        assert_close(
+            &format!("{} input gradient", arch.name),
+            &gpu.read_f32(frozen_net.grad_input.as_ref().unwrap())
+                .unwrap(),
+            &want.input,
+            1e-4,
+            1e-3,
+        );
+    }
 }

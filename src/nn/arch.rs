@@ -148,73 +148,8 @@ impl Layer {
         if s.len() > MAX_ACTIVATION {
             return bad(&format!("more than {MAX_ACTIVATION} activations"));
         }
-        if matches!(self, Layer::Conv { .. } | Layer::ConvT { .. }) && s.h * s.w == 0 {
-            return bad("empty input");
-        }
-        Ok(match self {
-            Layer::Linear { outputs } => Shape::flat(*outputs),
-            Layer::Conv {
-                cout,
-                k,
-                stride,
-                pad,
-            } => {
-                if s.h + 2 * pad < *k || s.w + 2 * pad < *k || *stride == 0 || *k == 0 {
-                    return bad("kernel larger than the padded input");
-                }
-                Shape {
-                    c: *cout,
-                    h: (s.h + 2 * pad - k) / stride + 1,
-                    w: (s.w + 2 * pad - k) / stride + 1,
-                }
-            }
-            Layer::ConvT {
-                cout,
-                k,
-                stride,
-                pad,
-            } => {
-                let h = ((s.h - 1) * stride + k).checked_sub(2 * pad);
-                let w = ((s.w - 1) * stride + k).checked_sub(2 * pad);
-                match (h, w) {
-                    (Some(h), Some(w)) if h > 0 && w > 0 => Shape { c: *cout, h, w },
-                    _ => return bad("empty output"),
-                }
-            }
-            Layer::BatchNorm | Layer::Relu | Layer::Tanh | Layer::Blur | Layer::Affine => s,
-            Layer::MaxPool2 | Layer::AvgPool2 => {
-                if s.h < 2 || s.w < 2 {
-                    return bad("2x2 pooling needs at least 2 x 2 positions");
-                }
-                Shape {
-                    c: s.c,
-                    h: s.h / 2,
-                    w: s.w / 2,
-                }
-            }
-            Layer::Upsample2x => Shape {
-                c: s.c,
-                h: 2 * s.h,
-                w: 2 * s.w,
-            },
-            Layer::Reshape { c, h, w } => {
-                if c * h * w != s.len() {
-                    return bad("element count differs");
-                }
-                Shape {
-                    c: *c,
-                    h: *h,
-                    w: *w,
-                }
-            }
-            Layer::Residual { main, skip } => {
-                let a = shape_through(main, s)?;
-                let b = shape_through(skip, s)?;
-                if a != b {
-                    return bad(&format!("main gives {a:?} but skip gives {b:?}"));
-                }
-                a
-            }
+        super::layers::kind(self).output_shape(s, &|why| {
+            Error::invalid(format!("{self:?} on input {s:?}: {why}"))
         })
     }
 }
@@ -237,7 +172,7 @@ pub fn shape_through(layers: &[Layer], mut s: Shape) -> Result<Shape> {
 }
 
 /// The product of sizes, refused beyond [`MAX_WEIGHTS`] (sizes come from untrusted files).
-fn weight_count(dims: &[usize]) -> Result<usize> {
+pub(crate) fn weight_count(dims: &[usize]) -> Result<usize> {
     dims.iter()
         .try_fold(1usize, |a, &d| {
             a.checked_mul(d).filter(|&p| p <= MAX_WEIGHTS)
@@ -249,39 +184,15 @@ fn weight_count(dims: &[usize]) -> Result<usize> {
         })
 }
 
-fn collect_masked(layers: &[Layer], mut s: Shape, out: &mut Vec<MaskedLayerInfo>) -> Result<Shape> {
+/// Appends the masked layers of `layers` on input shape `s`; returns the output shape.
+pub(crate) fn collect_masked(
+    layers: &[Layer],
+    mut s: Shape,
+    out: &mut Vec<MaskedLayerInfo>,
+) -> Result<Shape> {
     for l in layers {
         let next = l.output_shape(s)?;
-        let index = out.len() as u32;
-        match l {
-            Layer::Linear { outputs } => out.push(MaskedLayerInfo {
-                index,
-                weights: weight_count(&[s.len(), *outputs])?,
-                fan_in: s.len() as u32,
-                kind: "linear",
-                dims: [*outputs, s.len(), 1, 1],
-            }),
-            Layer::Conv { cout, k, .. } => out.push(MaskedLayerInfo {
-                index,
-                weights: weight_count(&[s.c, *cout, *k, *k])?,
-                fan_in: weight_count(&[s.c, *k, *k])? as u32,
-                kind: "conv",
-                dims: [*cout, s.c, *k, *k],
-            }),
-            // PRISM.md: the reference's fan_in of a transposed conv is cout * kh * kw.
-            Layer::ConvT { cout, k, .. } => out.push(MaskedLayerInfo {
-                index,
-                weights: weight_count(&[s.c, *cout, *k, *k])?,
-                fan_in: weight_count(&[*cout, *k, *k])? as u32,
-                kind: "conv_transpose",
-                dims: [s.c, *cout, *k, *k],
-            }),
-            Layer::Residual { main, skip } => {
-                collect_masked(main, s, out)?;
-                collect_masked(skip, s, out)?;
-            }
-            _ => {}
-        }
+        super::layers::kind(l).collect_masked(s, out)?;
         s = next;
     }
     Ok(s)

@@ -1,148 +1,116 @@
-//! CPU reference of a whole network's forward pass, composed from the kernels' CPU twins.
+//! CPU reference of a whole network, forward and backward, composed from the layer kinds'
+//! CPU twins (which are composed from the kernels' CPU twins).
 
 use super::arch::{Architecture, Layer, Shape};
+use super::layers::kind as layer_kind;
 use crate::error::Result;
-use crate::kernels::conv::{self, ConvShape, ConvTransposeShape};
-use crate::kernels::elementwise as ew;
-use crate::kernels::matmul::{self, LinearShape};
-use crate::kernels::norm::{self, NormShape};
-use crate::kernels::pool::{self, Pool, PoolShape};
 
-/// What a CPU forward pass reads besides its input: each masked layer's effective weights
-/// (in [`Architecture::masked_layers`] order) and each Affine layer's (a_c, b_c) pairs.
+/// What a CPU pass reads besides its input: each masked layer's effective weights (in
+/// [`Architecture::masked_layers`] order) and each Affine layer's (a_c, b_c) pairs.
 pub struct Params<'a> {
     pub weights: &'a [Vec<f32>],
     pub affine: &'a [Vec<f32>],
 }
 
 /// Position in a [`Params`] while a layer list runs.
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 struct Cursor {
     weight: usize,
     affine: usize,
 }
 
-/// Runs `layers`; `outs` receives each layer's output (top level only) when given.
-fn run(
+/// One CPU pass through a network: the parameters, where the pass stands in them, and the
+/// weight gradients a backward pass accumulates.
+pub struct Pass<'a> {
+    pub batch: usize,
+    params: &'a Params<'a>,
+    at: Cursor,
+    weight_grads: Vec<Vec<f32>>,
+}
+
+impl<'a> Pass<'a> {
+    /// The next masked layer's index and effective weights.
+    pub(crate) fn next_weights(&mut self) -> (usize, &'a [f32]) {
+        let i = self.at.weight;
+        self.at.weight += 1;
+        let params: &'a Params<'a> = self.params;
+        (i, &params.weights[i])
+    }
+
+    /// The next Affine layer's coefficients.
+    pub(crate) fn next_affine(&mut self) -> &'a [f32] {
+        let i = self.at.affine;
+        self.at.affine += 1;
+        let params: &'a Params<'a> = self.params;
+        &params.affine[i]
+    }
+
+    /// Adds `g` into masked layer `index`'s dL/dw_eff.
+    pub(crate) fn add_weight_gradient(&mut self, index: usize, g: &[f32]) {
+        let acc = &mut self.weight_grads[index];
+        if acc.is_empty() {
+            *acc = g.to_vec();
+        } else {
+            acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+/// Runs `layers` forward; `outs` receives each layer's output (this list's only) when given.
+pub(crate) fn run(
+    p: &mut Pass,
     layers: &[Layer],
-    batch: usize,
     mut x: Vec<f32>,
     mut s: Shape,
-    params: &Params,
-    at: &mut Cursor,
     mut outs: Option<&mut Vec<(Vec<f32>, Shape)>>,
 ) -> Result<(Vec<f32>, Shape)> {
-    let weff = params.weights;
     for l in layers {
         let out = l.output_shape(s)?;
-        let next = &mut at.weight;
-        x = match l {
-            Layer::Linear { outputs } => {
-                let w = &weff[*next];
-                *next += 1;
-                matmul::cpu::forward(
-                    &LinearShape {
-                        batch,
-                        inputs: s.len(),
-                        outputs: *outputs,
-                    },
-                    &x,
-                    w,
-                )
-            }
-            Layer::Conv {
-                cout,
-                k,
-                stride,
-                pad,
-            } => {
-                let w = &weff[*next];
-                *next += 1;
-                let cs = ConvShape {
-                    batch,
-                    cin: s.c,
-                    cout: *cout,
-                    h: s.h,
-                    w: s.w,
-                    kh: *k,
-                    kw: *k,
-                    stride: *stride,
-                    pad: *pad,
-                };
-                conv::cpu::forward(&cs, &x, w)
-            }
-            Layer::ConvT {
-                cout,
-                k,
-                stride,
-                pad,
-            } => {
-                let w = &weff[*next];
-                *next += 1;
-                let ts = ConvTransposeShape {
-                    batch,
-                    cin: s.c,
-                    cout: *cout,
-                    h: s.h,
-                    w: s.w,
-                    kh: *k,
-                    kw: *k,
-                    stride: *stride,
-                    pad: *pad,
-                };
-                conv::cpu::transpose_forward(&ts, &x, w)
-            }
-            Layer::BatchNorm => {
-                norm::cpu::forward(
-                    &NormShape {
-                        batch,
-                        channels: s.c,
-                        size: s.h * s.w,
-                    },
-                    &x,
-                )
-                .0
-            }
-            Layer::Relu => x.iter().map(|v| v.max(0.0)).collect(),
-            Layer::Tanh => x.iter().map(|v| v.tanh()).collect(),
-            Layer::Upsample2x => ew::cpu::upsample2x(batch * s.c, s.h, s.w, &x),
-            Layer::Blur => ew::cpu::blur3x3(batch * s.c, s.h, s.w, &x),
-            Layer::MaxPool2 | Layer::AvgPool2 => {
-                let pool = if matches!(l, Layer::MaxPool2) {
-                    Pool::Max
-                } else {
-                    Pool::Avg
-                };
-                let ps = PoolShape {
-                    planes: batch * s.c,
-                    h: s.h,
-                    w: s.w,
-                };
-                pool::cpu::forward(pool, &ps, &x)
-            }
-            Layer::Affine => {
-                let coef = &params.affine[at.affine];
-                at.affine += 1;
-                let ns = NormShape {
-                    batch,
-                    channels: s.c,
-                    size: s.h * s.w,
-                };
-                norm::cpu::affine(&ns, coef, &x)
-            }
-            Layer::Reshape { .. } => x,
-            Layer::Residual { main, skip } => {
-                let (a, _) = run(main, batch, x.clone(), s, params, at, None)?;
-                let (b, _) = run(skip, batch, x, s, params, at, None)?;
-                a.iter().zip(&b).map(|(p, q)| p + q).collect()
-            }
-        };
+        x = layer_kind(l).cpu_forward(p, &x, s)?;
         s = out;
         if let Some(o) = outs.as_deref_mut() {
             o.push((x.clone(), s));
         }
     }
     Ok((x, s))
+}
+
+/// dL/dx of `layers` for input `x` [batch, s] and dL/d output `dy`, adding the masked layers'
+/// dL/dw_eff into the pass. Runs the list forward first to have each layer's input.
+pub(crate) fn run_backward(
+    p: &mut Pass,
+    layers: &[Layer],
+    x: &[f32],
+    s: Shape,
+    dy: &[f32],
+) -> Result<Vec<f32>> {
+    let mut inputs = Vec::with_capacity(layers.len());
+    let (mut x, mut s) = (x.to_vec(), s);
+    for l in layers {
+        let at = p.at;
+        let y = layer_kind(l).cpu_forward(p, &x, s)?;
+        let out = l.output_shape(s)?;
+        inputs.push((at, std::mem::replace(&mut x, y), s));
+        s = out;
+    }
+    let end = p.at;
+    let mut dy = dy.to_vec();
+    for (l, (at, x, s)) in layers.iter().zip(inputs).rev() {
+        // Each layer reads the parameters it read going forward.
+        p.at = at;
+        dy = layer_kind(l).cpu_backward(p, &x, s, &dy)?;
+    }
+    p.at = end;
+    Ok(dy)
+}
+
+fn pass<'a>(batch: usize, params: &'a Params<'a>, masked: usize) -> Pass<'a> {
+    Pass {
+        batch,
+        params,
+        at: Cursor::default(),
+        weight_grads: vec![Vec::new(); masked],
+    }
 }
 
 /// Every top-level layer's output (and shape) for `input` [batch, shape]: the reference of an
@@ -155,15 +123,8 @@ pub fn layer_outputs(
     params: &Params,
 ) -> Result<Vec<(Vec<f32>, Shape)>> {
     let mut outs = Vec::with_capacity(layers.len());
-    run(
-        layers,
-        batch,
-        input.to_vec(),
-        shape,
-        params,
-        &mut Cursor::default(),
-        Some(&mut outs),
-    )?;
+    let mut p = pass(batch, params, params.weights.len());
+    run(&mut p, layers, input.to_vec(), shape, Some(&mut outs))?;
     Ok(outs)
 }
 
@@ -179,14 +140,40 @@ pub fn forward(
         weights: weff,
         affine: &[],
     };
-    Ok(run(
-        &arch.layers,
-        batch,
-        input.to_vec(),
-        Shape::flat(arch.latent),
-        &params,
-        &mut Cursor::default(),
-        None,
-    )?
-    .0)
+    let mut p = pass(batch, &params, weff.len());
+    let shape = Shape::flat(arch.latent);
+    Ok(run(&mut p, &arch.layers, input.to_vec(), shape, None)?.0)
+}
+
+/// The gradients of `L = <grad_output, network output>`.
+pub struct Gradients {
+    /// dL/d input [batch, latent].
+    pub input: Vec<f32>,
+    /// dL/dw_eff of every masked layer, in [`Architecture::masked_layers`] order.
+    pub weights: Vec<Vec<f32>>,
+}
+
+/// The backward pass of [`forward`]: the input and effective-weight gradients for
+/// `grad_output`, the gradient of the loss with respect to the network's output.
+pub fn backward(
+    arch: &Architecture,
+    batch: usize,
+    input: &[f32],
+    weff: &[Vec<f32>],
+    grad_output: &[f32],
+) -> Result<Gradients> {
+    let params = Params {
+        weights: weff,
+        affine: &[],
+    };
+    let mut p = pass(batch, &params, weff.len());
+    let shape = Shape::flat(arch.latent);
+    let input = run_backward(&mut p, &arch.layers, input, shape, grad_output)?;
+    let weights = p
+        .weight_grads
+        .into_iter()
+        .zip(weff)
+        .map(|(g, w)| if g.is_empty() { vec![0.0; w.len()] } else { g })
+        .collect();
+    Ok(Gradients { input, weights })
 }

@@ -5,38 +5,12 @@
 use std::rc::Rc;
 
 use super::arch::{Architecture, Layer, MaskedLayerInfo, Shape};
+pub use super::record::Program;
+use super::record::{Act, BackwardRecorder, ForwardRecorder};
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Kernel, Tensor};
-use crate::kernels::conv::{self, ConvShape, ConvTransposeShape};
-use crate::kernels::matmul::{self, Estimator, LinearShape};
-use crate::kernels::norm::{self, NormShape};
-use crate::kernels::pool::{self, Pool, PoolShape};
-use crate::kernels::{adam, elementwise as ew, mask, Init, LayerWeights, MaskSource, Precision};
-
-/// Kernels to run in order, with the scratch tensors they need kept alive.
-#[derive(Default)]
-pub struct Program {
-    pub kernels: Vec<Kernel>,
-    scratch: Vec<Tensor>,
-}
-
-impl Program {
-    fn push(&mut self, k: Kernel) {
-        self.kernels.push(k);
-    }
-
-    fn push_score_grad(&mut self, g: conv::ScoreGrad) {
-        let ([a, b], scratch) = g.into_parts();
-        self.kernels.push(a);
-        self.kernels.push(b);
-        self.scratch.push(scratch);
-    }
-
-    /// References for [`Gpu::submit`] and friends.
-    pub fn refs(&self) -> Vec<&Kernel> {
-        self.kernels.iter().collect()
-    }
-}
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::kernels::matmul::Estimator;
+use crate::kernels::{adam, mask, LayerWeights};
 
 /// Where the masks of the built kernels come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,58 +75,6 @@ pub struct MaskedLayer {
     pub dense: Option<Tensor>,
 }
 
-#[derive(Clone)]
-struct Act {
-    t: Rc<Tensor>,
-    shape: Shape,
-}
-
-/// A recorded forward op, kept for building the backward pass.
-enum Node {
-    Masked {
-        layer: usize,
-        spec: Layer,
-        x: Act,
-        y: Act,
-    },
-    Norm {
-        x: Act,
-        y: Act,
-        stats: Rc<Tensor>,
-    },
-    Relu {
-        y: Act,
-    },
-    Tanh {
-        y: Act,
-    },
-    Up {
-        x: Act,
-        y: Act,
-    },
-    Blur {
-        y: Act,
-    },
-    Pool {
-        pool: Pool,
-        x: Act,
-        y: Act,
-    },
-    Affine {
-        x: Act,
-        y: Act,
-        coef: Rc<Tensor>,
-    },
-    Reshape {
-        x: Act,
-    },
-    Residual {
-        main: Vec<Node>,
-        skip: Vec<Node>,
-        x: Act,
-    },
-}
-
 /// A generator (or encoder) at a fixed batch size.
 pub struct Network {
     pub arch: Architecture,
@@ -191,678 +113,37 @@ pub struct Tap {
     pub grad: Option<Rc<Tensor>>,
 }
 
-struct Builder<'g> {
-    gpu: &'g Gpu,
-    opts: BuildOptions,
-    init: Init,
-    layers: Vec<MaskedLayer>,
-    infos: Vec<MaskedLayerInfo>,
-    step: Option<Rc<Tensor>>,
-    forward: Program,
-    acts: Vec<Rc<Tensor>>,
-    affine: Vec<Rc<Tensor>>,
-}
-
-impl<'g> Builder<'g> {
-    fn act(&mut self, shape: Shape, what: &str) -> Result<Act> {
-        let t = Rc::new(self.gpu.tensor(
-            &[self.opts.batch, shape.c, shape.h, shape.w],
-            DType::F32,
-            what,
-        )?);
-        self.acts.push(t.clone());
-        Ok(Act { t, shape })
-    }
-
-    fn source(&self, layer: usize) -> MaskSource<'_> {
-        let l = &self.layers[layer];
-        match self.opts.mode {
-            WeightMode::Train => MaskSource::Train {
-                keep: &l.keep,
-                step: self
-                    .step
-                    .as_deref()
-                    .expect("training networks have a step buffer"),
-            },
-            WeightMode::Packed => MaskSource::Packed(&l.bits),
-            WeightMode::Dense => {
-                MaskSource::Dense(l.dense.as_ref().expect("dense networks have dense weights"))
-            }
-            WeightMode::Frozen => MaskSource::Frozen,
-        }
-    }
-
-    fn new_masked(&mut self) -> Result<usize> {
-        let idx = self.layers.len();
-        let info = self.infos[idx];
+impl MaskedLayer {
+    /// The buffers of a masked layer for a network built with `opts`.
+    pub(crate) fn allocate(
+        gpu: &Gpu,
+        opts: &BuildOptions,
+        info: MaskedLayerInfo,
+        weights: LayerWeights,
+    ) -> Result<MaskedLayer> {
         let n = info.weights;
-        let gpu = self.gpu;
-        let training = self.opts.backward == Backward::Scores;
-        let weights = LayerWeights {
-            seed: self.opts.seed,
-            layer: self.opts.layer_offset + info.index,
-            init: self.init,
-            fan_in: info.fan_in,
+        // Score gradients and Adam moments exist only in training networks.
+        let training = |len: usize, what: &str| -> Result<Option<Tensor>> {
+            match opts.backward {
+                Backward::Scores => Ok(Some(gpu.zeros(&[len], DType::F32, what)?)),
+                _ => Ok(None),
+            }
         };
-        let dense = if self.opts.mode == WeightMode::Dense {
+        let dense = if opts.mode == WeightMode::Dense {
             Some(gpu.tensor(&[n], DType::F32, "dense weights")?)
         } else {
             None
         };
-        self.layers.push(MaskedLayer {
+        Ok(MaskedLayer {
             info,
             weights,
             scores: gpu.zeros(&[n], DType::F32, "scores")?,
             keep: gpu.zeros(&[mask::keep_words(n)], DType::U32, "keep thresholds")?,
-            grad: if training {
-                Some(gpu.zeros(&[n], DType::F32, "score gradient")?)
-            } else {
-                None
-            },
-            moments: if training {
-                Some(gpu.zeros(&[2 * n], DType::F32, "Adam moments")?)
-            } else {
-                None
-            },
+            grad: training(n, "score gradient")?,
+            moments: training(2 * n, "Adam moments")?,
             bits: gpu.zeros(&[mask::packed_words(n)], DType::U32, "packed mask")?,
             dense,
-        });
-        Ok(idx)
-    }
-
-    /// Records the forward kernels of `layers` on input `x`: the output, the tape for the
-    /// backward pass, and each layer's output.
-    fn build(&mut self, layers: &[Layer], mut x: Act) -> Result<(Act, Vec<Node>, Vec<Act>)> {
-        let b = self.opts.batch;
-        let mut tape = Vec::new();
-        let mut outs = Vec::with_capacity(layers.len());
-        for spec in layers {
-            let out_shape = spec.output_shape(x.shape)?;
-            let node = match spec {
-                Layer::Linear { .. } | Layer::Conv { .. } | Layer::ConvT { .. } => {
-                    let li = self.new_masked()?;
-                    let y = self.act(out_shape, "activation")?;
-                    let lw = self.layers[li].weights;
-                    let precision = if self.opts.half {
-                        Precision::F16
-                    } else {
-                        Precision::F32
-                    };
-                    let source = self.source(li);
-                    let k = match spec {
-                        Layer::Linear { outputs } => {
-                            let s = LinearShape {
-                                batch: b,
-                                inputs: x.shape.len(),
-                                outputs: *outputs,
-                            };
-                            matmul::forward_in(self.gpu, &s, &lw, &source, &x.t, &y.t, precision)?
-                        }
-                        Layer::Conv { .. } => conv::forward_in(
-                            self.gpu,
-                            &conv_shape(b, spec, x.shape),
-                            &lw,
-                            &source,
-                            &x.t,
-                            &y.t,
-                            precision,
-                        )?,
-                        _ => conv::transpose_forward_in(
-                            self.gpu,
-                            &convt_shape(b, spec, x.shape),
-                            &lw,
-                            &source,
-                            &x.t,
-                            &y.t,
-                            precision,
-                        )?,
-                    };
-                    self.forward.push(k);
-                    Node::Masked {
-                        layer: li,
-                        spec: spec.clone(),
-                        x: x.clone(),
-                        y: y.clone(),
-                    }
-                }
-                Layer::BatchNorm => {
-                    let y = self.act(out_shape, "normalised")?;
-                    let stats = Rc::new(self.gpu.tensor(
-                        &[2 * x.shape.c],
-                        DType::F32,
-                        "batch statistics",
-                    )?);
-                    self.acts.push(stats.clone());
-                    self.forward.push(norm::forward(
-                        self.gpu,
-                        &norm_shape(b, x.shape),
-                        &x.t,
-                        &y.t,
-                        &stats,
-                    )?);
-                    Node::Norm {
-                        x: x.clone(),
-                        y,
-                        stats,
-                    }
-                }
-                Layer::Relu => {
-                    let y = self.act(out_shape, "relu")?;
-                    self.forward.push(ew::relu(self.gpu, &x.t, &y.t)?);
-                    Node::Relu { y }
-                }
-                Layer::Tanh => {
-                    let y = self.act(out_shape, "tanh")?;
-                    self.forward.push(ew::tanh(self.gpu, &x.t, &y.t)?);
-                    Node::Tanh { y }
-                }
-                Layer::Upsample2x => {
-                    let y = self.act(out_shape, "upsampled")?;
-                    self.forward.push(ew::upsample2x(
-                        self.gpu,
-                        b * x.shape.c,
-                        x.shape.h,
-                        x.shape.w,
-                        &x.t,
-                        &y.t,
-                    )?);
-                    Node::Up { x: x.clone(), y }
-                }
-                Layer::Blur => {
-                    let y = self.act(out_shape, "smoothed")?;
-                    self.forward.push(ew::blur3x3(
-                        self.gpu,
-                        b * x.shape.c,
-                        x.shape.h,
-                        x.shape.w,
-                        &x.t,
-                        &y.t,
-                    )?);
-                    Node::Blur { y }
-                }
-                Layer::MaxPool2 | Layer::AvgPool2 => {
-                    let y = self.act(out_shape, "pooled")?;
-                    let pool = if matches!(spec, Layer::MaxPool2) {
-                        Pool::Max
-                    } else {
-                        Pool::Avg
-                    };
-                    self.forward.push(pool::forward(
-                        self.gpu,
-                        pool,
-                        &pool_shape(b, x.shape),
-                        &x.t,
-                        &y.t,
-                    )?);
-                    Node::Pool {
-                        pool,
-                        x: x.clone(),
-                        y,
-                    }
-                }
-                Layer::Affine => {
-                    let y = self.act(out_shape, "affine")?;
-                    let identity: Vec<f32> = (0..2 * x.shape.c)
-                        .map(|i| if i % 2 == 0 { 1.0 } else { 0.0 })
-                        .collect();
-                    let coef = Rc::new(self.gpu.upload_f32(
-                        &identity,
-                        &[2 * x.shape.c],
-                        "affine coefficients",
-                    )?);
-                    self.affine.push(coef.clone());
-                    self.forward.push(norm::affine(
-                        self.gpu,
-                        &norm_shape(b, x.shape),
-                        &coef,
-                        &x.t,
-                        &y.t,
-                    )?);
-                    Node::Affine {
-                        x: x.clone(),
-                        y,
-                        coef,
-                    }
-                }
-                Layer::Reshape { .. } => Node::Reshape { x: x.clone() },
-                Layer::Residual { main, skip } => {
-                    let (ym, main_tape, _) = self.build(main, x.clone())?;
-                    let (ys, skip_tape, _) = self.build(skip, x.clone())?;
-                    let y = self.act(out_shape, "residual sum")?;
-                    self.forward.push(ew::add(self.gpu, &ym.t, &ys.t, &y.t)?);
-                    tape.push(Node::Residual {
-                        main: main_tape,
-                        skip: skip_tape,
-                        x: x.clone(),
-                    });
-                    x = y;
-                    outs.push(x.clone());
-                    continue;
-                }
-            };
-            x = match &node {
-                Node::Masked { y, .. }
-                | Node::Norm { y, .. }
-                | Node::Relu { y }
-                | Node::Tanh { y }
-                | Node::Blur { y }
-                | Node::Pool { y, .. }
-                | Node::Affine { y, .. }
-                | Node::Up { y, .. } => y.clone(),
-                Node::Reshape { x } => Act {
-                    t: x.t.clone(),
-                    shape: out_shape,
-                },
-                Node::Residual { .. } => unreachable!("handled above"),
-            };
-            tape.push(node);
-            outs.push(x.clone());
-        }
-        Ok((x, tape, outs))
-    }
-}
-
-fn pool_shape(batch: usize, s: Shape) -> PoolShape {
-    PoolShape {
-        planes: batch * s.c,
-        h: s.h,
-        w: s.w,
-    }
-}
-
-fn conv_shape(batch: usize, spec: &Layer, s: Shape) -> ConvShape {
-    match spec {
-        Layer::Conv {
-            cout,
-            k,
-            stride,
-            pad,
-        } => ConvShape {
-            batch,
-            cin: s.c,
-            cout: *cout,
-            h: s.h,
-            w: s.w,
-            kh: *k,
-            kw: *k,
-            stride: *stride,
-            pad: *pad,
-        },
-        _ => unreachable!("conv_shape of a non-conv layer"),
-    }
-}
-
-fn convt_shape(batch: usize, spec: &Layer, s: Shape) -> ConvTransposeShape {
-    match spec {
-        Layer::ConvT {
-            cout,
-            k,
-            stride,
-            pad,
-        } => ConvTransposeShape {
-            batch,
-            cin: s.c,
-            cout: *cout,
-            h: s.h,
-            w: s.w,
-            kh: *k,
-            kw: *k,
-            stride: *stride,
-            pad: *pad,
-        },
-        _ => unreachable!("convt_shape of a non-transposed-conv layer"),
-    }
-}
-
-fn norm_shape(batch: usize, s: Shape) -> NormShape {
-    NormShape {
-        batch,
-        channels: s.c,
-        size: s.h * s.w,
-    }
-}
-
-/// Builds backward kernels for a tape: `dy` is the gradient of the tape's output; returns the
-/// gradient of its input (None when nothing upstream needs it).
-struct BackBuilder<'g, 'n> {
-    gpu: &'g Gpu,
-    opts: BuildOptions,
-    layers: &'n [MaskedLayer],
-    step: Option<&'n Tensor>,
-    program: Program,
-    grads: Vec<Rc<Tensor>>,
-    /// Gradients of tapped top-level layer outputs (by layer index) to add into the pass;
-    /// the last tap's is the pass's starting gradient and is not listed.
-    tap_grads: Vec<(usize, Rc<Tensor>)>,
-    /// Layers whose Adam step the pass takes (BuildOptions::adam).
-    adam_fused: Vec<usize>,
-}
-
-impl BackBuilder<'_, '_> {
-    fn grad_like_tensor(&mut self, t: &Tensor, what: &str) -> Result<Rc<Tensor>> {
-        let g = Rc::new(self.gpu.tensor(t.shape(), DType::F32, what)?);
-        self.grads.push(g.clone());
-        Ok(g)
-    }
-
-    fn grad_like(&mut self, a: &Act, what: &str) -> Result<Rc<Tensor>> {
-        let t = Rc::new(self.gpu.tensor(
-            &[self.opts.batch, a.shape.c, a.shape.h, a.shape.w],
-            DType::F32,
-            what,
-        )?);
-        self.grads.push(t.clone());
-        Ok(t)
-    }
-
-    fn source(&self, layer: usize) -> MaskSource<'_> {
-        let l = &self.layers[layer];
-        match self.opts.mode {
-            WeightMode::Train => MaskSource::Train {
-                keep: &l.keep,
-                step: self.step.expect("step buffer"),
-            },
-            WeightMode::Packed => MaskSource::Packed(&l.bits),
-            WeightMode::Dense => {
-                MaskSource::Dense(l.dense.as_ref().expect("dense networks have dense weights"))
-            }
-            WeightMode::Frozen => MaskSource::Frozen,
-        }
-    }
-
-    /// `need_input`: whether the caller needs dL/d(input of this tape). `top`: the tape is the
-    /// network's own layer list (where taps are).
-    fn back(
-        &mut self,
-        tape: &[Node],
-        dy: Rc<Tensor>,
-        need_input: bool,
-        top: bool,
-    ) -> Result<Option<Rc<Tensor>>> {
-        let b = self.opts.batch;
-        let mut dy = dy;
-        // The first node whose input gradient anything needs: nodes before the first masked
-        // layer (or the tape start when the input gradient is wanted) need no dx.
-        let first_needed = if need_input {
-            0
-        } else {
-            match tape.iter().position(contains_masked) {
-                Some(i) => i,
-                None => return Ok(None),
-            }
-        };
-        for (i, node) in tape.iter().enumerate().rev() {
-            let want_dx = i > first_needed || need_input;
-            let scores_wanted = self.opts.backward == Backward::Scores;
-            if top {
-                let tapped = self
-                    .tap_grads
-                    .iter()
-                    .find(|(l, _)| *l == i)
-                    .map(|t| t.1.clone());
-                if let Some(g) = tapped {
-                    // This layer's output feeds the loss directly as well as the layers after it.
-                    let sum = self.grad_like_tensor(&dy, "tap gradient sum")?;
-                    self.program.push(ew::add(self.gpu, &dy, &g, &sum)?);
-                    dy = sum;
-                }
-            }
-            match node {
-                Node::Masked {
-                    layer,
-                    spec,
-                    x,
-                    y: _,
-                } => {
-                    let l = &self.layers[*layer];
-                    let dx = if want_dx {
-                        Some(self.grad_like(x, "input gradient")?)
-                    } else {
-                        None
-                    };
-                    match spec {
-                        Layer::Linear { outputs } => {
-                            let s = LinearShape {
-                                batch: b,
-                                inputs: x.shape.len(),
-                                outputs: *outputs,
-                            };
-                            // With Adam fused, the score gradient updates the scores and
-                            // keep thresholds that grad_input reads, so it comes after it.
-                            let fused = match (self.opts.adam, &l.moments, self.step) {
-                                (Some(cfg), Some(moments), Some(step))
-                                    if scores_wanted && s.aligned() =>
-                                {
-                                    Some(matmul::grad_score_adam(
-                                        self.gpu,
-                                        &s,
-                                        &l.weights,
-                                        self.opts.estimator,
-                                        &cfg,
-                                        &x.t,
-                                        &dy,
-                                        &matmul::AdamState {
-                                            scores: &l.scores,
-                                            moments,
-                                            keep: &l.keep,
-                                            step,
-                                        },
-                                    )?)
-                                }
-                                _ => None,
-                            };
-                            if scores_wanted && fused.is_none() {
-                                let g = l.grad.as_ref().expect("training layers have gradients");
-                                self.program.push(matmul::grad_score(
-                                    self.gpu,
-                                    &s,
-                                    &l.weights,
-                                    self.opts.estimator,
-                                    &x.t,
-                                    &dy,
-                                    &l.scores,
-                                    g,
-                                )?);
-                            }
-                            if let Some(dx) = &dx {
-                                self.program.push(matmul::grad_input(
-                                    self.gpu,
-                                    &s,
-                                    &l.weights,
-                                    &self.source(*layer),
-                                    &dy,
-                                    dx,
-                                )?);
-                            }
-                            if let Some(k) = fused {
-                                self.program.push(k);
-                                self.adam_fused.push(*layer);
-                            }
-                        }
-                        Layer::Conv { .. } => {
-                            let s = conv_shape(b, spec, x.shape);
-                            if scores_wanted {
-                                let g = l.grad.as_ref().expect("training layers have gradients");
-                                let sg = conv::grad_score(
-                                    self.gpu,
-                                    &s,
-                                    &l.weights,
-                                    self.opts.estimator,
-                                    &x.t,
-                                    &dy,
-                                    &l.scores,
-                                    g,
-                                )?;
-                                self.program.push_score_grad(sg);
-                            }
-                            if let Some(dx) = &dx {
-                                self.program.push(conv::grad_input(
-                                    self.gpu,
-                                    &s,
-                                    &l.weights,
-                                    &self.source(*layer),
-                                    &dy,
-                                    dx,
-                                )?);
-                            }
-                        }
-                        _ => {
-                            let s = convt_shape(b, spec, x.shape);
-                            if scores_wanted {
-                                let g = l.grad.as_ref().expect("training layers have gradients");
-                                let sg = conv::transpose_grad_score(
-                                    self.gpu,
-                                    &s,
-                                    &l.weights,
-                                    self.opts.estimator,
-                                    &x.t,
-                                    &dy,
-                                    &l.scores,
-                                    g,
-                                )?;
-                                self.program.push_score_grad(sg);
-                            }
-                            if let Some(dx) = &dx {
-                                self.program.push(conv::transpose_grad_input(
-                                    self.gpu,
-                                    &s,
-                                    &l.weights,
-                                    &self.source(*layer),
-                                    &dy,
-                                    dx,
-                                )?);
-                            }
-                        }
-                    }
-                    match dx {
-                        Some(d) => dy = d,
-                        None => return Ok(None),
-                    }
-                }
-                Node::Norm { x, y, stats } => {
-                    if !want_dx {
-                        return Ok(None);
-                    }
-                    let dx = self.grad_like(x, "batchnorm gradient")?;
-                    self.program.push(norm::backward(
-                        self.gpu,
-                        &norm_shape(b, x.shape),
-                        &dy,
-                        &y.t,
-                        stats,
-                        &dx,
-                    )?);
-                    dy = dx;
-                }
-                Node::Relu { y } => {
-                    if !want_dx {
-                        return Ok(None);
-                    }
-                    let dx = self.grad_like(y, "relu gradient")?;
-                    self.program
-                        .push(ew::relu_backward(self.gpu, &dy, &y.t, &dx)?);
-                    dy = dx;
-                }
-                Node::Tanh { y } => {
-                    if !want_dx {
-                        return Ok(None);
-                    }
-                    let dx = self.grad_like(y, "tanh gradient")?;
-                    self.program
-                        .push(ew::tanh_backward(self.gpu, &dy, &y.t, &dx)?);
-                    dy = dx;
-                }
-                Node::Up { x, .. } => {
-                    if !want_dx {
-                        return Ok(None);
-                    }
-                    let dx = self.grad_like(x, "upsample gradient")?;
-                    self.program.push(ew::upsample2x_adjoint(
-                        self.gpu,
-                        b * x.shape.c,
-                        x.shape.h,
-                        x.shape.w,
-                        &dy,
-                        &dx,
-                    )?);
-                    dy = dx;
-                }
-                Node::Blur { y } => {
-                    if !want_dx {
-                        return Ok(None);
-                    }
-                    // The smoothing is self-adjoint: its gradient is the same stencil.
-                    let dx = self.grad_like(y, "smoothing gradient")?;
-                    self.program.push(ew::blur3x3(
-                        self.gpu,
-                        b * y.shape.c,
-                        y.shape.h,
-                        y.shape.w,
-                        &dy,
-                        &dx,
-                    )?);
-                    dy = dx;
-                }
-                Node::Pool { pool, x, .. } => {
-                    if !want_dx {
-                        return Ok(None);
-                    }
-                    let dx = self.grad_like(x, "pooling gradient")?;
-                    self.program.push(pool::backward(
-                        self.gpu,
-                        *pool,
-                        &pool_shape(b, x.shape),
-                        &x.t,
-                        &dy,
-                        &dx,
-                    )?);
-                    dy = dx;
-                }
-                Node::Affine { x, coef, .. } => {
-                    if !want_dx {
-                        return Ok(None);
-                    }
-                    let dx = self.grad_like(x, "affine gradient")?;
-                    self.program.push(norm::affine_backward(
-                        self.gpu,
-                        &norm_shape(b, x.shape),
-                        coef,
-                        &dy,
-                        &dx,
-                    )?);
-                    dy = dx;
-                }
-                Node::Reshape { .. } => {}
-                Node::Residual { main, skip, x } => {
-                    let dm = self.back(main, dy.clone(), want_dx, false)?;
-                    let ds = self.back(skip, dy.clone(), want_dx, false)?;
-                    if !want_dx {
-                        return Ok(None);
-                    }
-                    let dx = self.grad_like(x, "residual gradient")?;
-                    match (dm, ds) {
-                        (Some(a), Some(c)) => self.program.push(ew::add(self.gpu, &a, &c, &dx)?),
-                        _ => {
-                            return Err(Error::invalid(
-                                "a residual branch produced no input gradient",
-                            ))
-                        }
-                    }
-                    dy = dx;
-                }
-            }
-        }
-        Ok(Some(dy))
-    }
-}
-
-fn contains_masked(n: &Node) -> bool {
-    match n {
-        Node::Masked { .. } => true,
-        Node::Residual { main, skip, .. } => {
-            main.iter().any(contains_masked) || skip.iter().any(contains_masked)
-        }
-        _ => false,
+        })
     }
 }
 
@@ -931,7 +212,7 @@ impl Network {
             }
             a.masked_layers()?
         };
-        let mut b = Builder {
+        let mut b = ForwardRecorder {
             gpu,
             opts,
             init: arch.init,
@@ -960,7 +241,7 @@ impl Network {
             shape: in_shape,
         };
         let (out, tape, outs) = b.build(&arch.layers, x)?;
-        let Builder {
+        let ForwardRecorder {
             layers,
             forward,
             acts,
@@ -1014,7 +295,7 @@ impl Network {
                 };
                 tap.grad = Some(g);
             }
-            let mut bb = BackBuilder {
+            let mut bb = BackwardRecorder {
                 gpu,
                 opts,
                 layers: &net.layers,
@@ -1025,7 +306,7 @@ impl Network {
                 adam_fused: Vec::new(),
             };
             let dx = bb.back(&tape, dy.clone(), opts.backward == Backward::Input, true)?;
-            let BackBuilder {
+            let BackwardRecorder {
                 program,
                 grads,
                 tap_grads,
