@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::matmul::Estimator;
 use crate::kernels::{elementwise as ew, mask, StepState};
-use crate::nn::{Architecture, Backward, BuildOptions, Network, Shape, WeightMode};
+use crate::nn::{Architecture, Backward, BuildOptions, Network, Shape, WeightMode, Wiring};
 use crate::rng;
 
 /// Client id used in the latent stream of generation (training clients use 0, 1, ...).
@@ -60,7 +60,7 @@ impl Generator {
             half,
             adam: None,
         };
-        let net = Network::build(gpu, arch, opts, None, None, None)?;
+        let net = Network::build(gpu, arch, opts, Wiring::default())?;
         let step = Rc::new(gpu.zeros(&[StepState::WORDS], DType::U32, "generation step")?);
         let latent = ew::latent(
             gpu,

@@ -498,7 +498,7 @@ fn features(
     shape: crate::nn::Shape,
     seed: u32,
 ) -> Result<Vec<f32>> {
-    use crate::nn::{Backward, BuildOptions, Network};
+    use crate::nn::{Backward, BuildOptions, Network, Wiring};
     let batch = n.min(256);
     let enc = crate::loss::random_conv_encoder(2);
     let opts = BuildOptions {
@@ -511,7 +511,7 @@ fn features(
         half: false,
         adam: None,
     };
-    let net = Network::build(gpu, &enc, opts, None, None, Some(shape))?;
+    let net = Network::build(gpu, &enc, opts, Wiring::image(None, shape))?;
     let per = shape.len();
     let mut out = Vec::new();
     let mut chunk = vec![0f32; batch * per];

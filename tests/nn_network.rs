@@ -10,7 +10,7 @@ use prism::gpu::Gpu;
 use prism::kernels::matmul::{cpu as mcpu, Estimator};
 use prism::kernels::weights::cpu as wcpu;
 use prism::kernels::{mask, Init, StepState};
-use prism::nn::{cpu, Architecture, Backward, BuildOptions, Layer, Network, WeightMode};
+use prism::nn::{cpu, Architecture, Backward, BuildOptions, Layer, Network, WeightMode, Wiring};
 use prism::rng::HostRng;
 
 /// A miniature of the paper's ResNet: transposed conv from 1x1, one residual block, output conv.
@@ -173,9 +173,7 @@ fn trained_backward(gpu: &Gpu, arch: &Architecture, batch: usize, rng: &mut Host
         gpu,
         arch,
         opts(batch, WeightMode::Train, Backward::Scores),
-        Some(step),
-        None,
-        None,
+        Wiring::training(step),
     )
     .unwrap();
     let (weff, scores) = init_scores(gpu, &net, rng);
@@ -203,9 +201,7 @@ fn training_forward_matches_the_cpu_interpreter() {
                 &gpu,
                 &arch,
                 opts(batch, WeightMode::Train, Backward::Scores),
-                Some(step),
-                None,
-                None,
+                Wiring::training(step),
             )
             .unwrap();
             assert_eq!(net.masked_weights(), arch.masked_weights().unwrap());
@@ -236,9 +232,7 @@ fn encoder_input_gradient_finite_differences() {
         &gpu,
         &arch,
         opts(batch, WeightMode::Frozen, Backward::Input),
-        None,
-        None,
-        None,
+        Wiring::default(),
     )
     .unwrap();
     let weff: Vec<Vec<f32>> = net
@@ -329,18 +323,14 @@ fn inference_modes_agree() {
         &gpu,
         &arch,
         opts(batch, WeightMode::Packed, Backward::None),
-        None,
-        None,
-        None,
+        Wiring::default(),
     )
     .unwrap();
     let dense = Network::build(
         &gpu,
         &arch,
         opts(batch, WeightMode::Dense, Backward::None),
-        None,
-        None,
-        None,
+        Wiring::default(),
     )
     .unwrap();
     for (p, d) in packed.layers.iter().zip(&dense.layers) {
@@ -481,9 +471,7 @@ fn gpu_backward_matches_the_cpu_interpreter() {
             &gpu,
             &arch,
             opts(batch, WeightMode::Frozen, Backward::Input),
-            None,
-            None,
-            None,
+            Wiring::default(),
         )
         .unwrap();
         let weff: Vec<Vec<f32>> = frozen_net

@@ -18,7 +18,9 @@ use crate::kernels::moments::TrackerConfig;
 use crate::kernels::{adam, data, elementwise as ew, mask, StepState};
 use crate::loss::readout::{self, ReadoutKind, ReadoutStats};
 use crate::loss::{ClientLoss, Encoder, Objective, ObjectiveSpec, StepIo};
-use crate::nn::{Architecture, Backward, BuildOptions, Network, Program, Shape, WeightMode};
+use crate::nn::{
+    Architecture, Backward, BuildOptions, Network, Program, Shape, WeightMode, Wiring,
+};
 use crate::rng;
 
 /// A client's local data on the GPU, the kernel that samples its minibatches, and its part
@@ -188,7 +190,7 @@ impl Trainer {
             half: false,
             adam: Some(adam_cfg),
         };
-        let net = Network::build(gpu, arch, opts, Some(step.clone()), None, None)?;
+        let net = Network::build(gpu, arch, opts, Wiring::training(step.clone()))?;
         let real = Rc::new(gpu.tensor(
             &[cfg.real_batch(), image.c, image.h, image.w],
             DType::F32,

@@ -20,7 +20,7 @@ use crate::kernels::norm::{fold_batchnorm, EPS};
 use crate::kernels::Init;
 use crate::nn::arch::{shape_through, Architecture, Layer, Shape};
 use crate::nn::cpu;
-use crate::nn::{Backward, BuildOptions, Network, WeightMode};
+use crate::nn::{Backward, BuildOptions, Network, WeightMode, Wiring};
 
 /// The encoder a configuration names by a file: a safetensors file. (The built-in learned
 /// encoders, `lda` and `pca`, are fitted by the federation: see `loss::readout`.)
@@ -405,14 +405,14 @@ impl Encoder {
             half: false,
             adam: None,
         };
-        let net = Network::build_tapped(
+        let net = Network::build(
             gpu,
             &self.arch(),
             opts,
-            None,
-            Some(input),
-            Some(image),
-            taps,
+            Wiring {
+                taps: taps.to_vec(),
+                ..Wiring::image(Some(input), image)
+            },
         )?;
         for (l, w) in net.layers.iter().zip(&self.weights) {
             let dense = l

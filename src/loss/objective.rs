@@ -14,7 +14,7 @@ use crate::kernels::elementwise as ew;
 use crate::kernels::matmul::Estimator;
 use crate::kernels::mmd::{self, LossKernels, LossKind};
 use crate::kernels::moments::TrackerConfig;
-use crate::nn::{Backward, BuildOptions, Network, Shape, WeightMode};
+use crate::nn::{Backward, BuildOptions, Network, Shape, WeightMode, Wiring};
 
 /// What the loss is made of.
 pub struct ObjectiveSpec<'a> {
@@ -211,7 +211,12 @@ impl Objective {
                 half: false,
                 adam: None,
             };
-            let net = Network::build(gpu, &enc, opts, None, Some(io.fake.clone()), Some(io.image))?;
+            let net = Network::build(
+                gpu,
+                &enc,
+                opts,
+                Wiring::image(Some(io.fake.clone()), io.image),
+            )?;
             let real_net = Network::build(
                 gpu,
                 &enc,
@@ -220,9 +225,7 @@ impl Objective {
                     batch: real_batch,
                     ..opts
                 },
-                None,
-                Some(io.real.clone()),
-                Some(io.image),
+                Wiring::image(Some(io.real.clone()), io.image),
             )?;
             calibrate()?;
             gpu.run(&real_net.forward.refs())?;

@@ -9,4 +9,4 @@ pub mod network;
 mod record;
 
 pub use arch::{Architecture, Layer, Shape, PRESETS};
-pub use network::{Backward, BuildOptions, MaskedLayer, Network, Program, Tap, WeightMode};
+pub use network::{Backward, BuildOptions, MaskedLayer, Network, Program, Tap, WeightMode, Wiring};

@@ -92,13 +92,49 @@ pub struct Network {
     /// (a_c, b_c) coefficients of each Affine layer in order, [2 channels] each, identity
     /// until an encoder loader writes them.
     pub affine: Vec<Rc<Tensor>>,
-    /// The tapped activations ([`Network::build_tapped`]), in tap order.
+    /// The tapped activations ([`Wiring::taps`]), in tap order.
     pub taps: Vec<Tap>,
     pub forward: Program,
     pub backward: Program,
     /// Masked layers whose Adam step `backward` takes (BuildOptions::adam).
     pub adam_fused: Vec<usize>,
     acts: Vec<Rc<Tensor>>,
+}
+
+/// What a network is built on besides its architecture and options: the buffers it shares
+/// with other networks, its input's shape, and the layers a loss reads.
+#[derive(Clone, Default)]
+pub struct Wiring {
+    /// The step-state buffer training kernels read (required for [`WeightMode::Train`]).
+    pub step: Option<Rc<Tensor>>,
+    /// The input buffer, to chain networks (allocated when None).
+    pub input: Option<Rc<Tensor>>,
+    /// The input's per-sample shape (an encoder's image); None: `[latent]`.
+    pub input_shape: Option<Shape>,
+    /// Layers (indices into `arch.layers`, increasing) whose outputs are exposed as
+    /// [`Network::taps`]: a feature encoder whose loss reads several layers. The network
+    /// ends at the last tap; with an input backward, each tap gets a gradient buffer that the
+    /// backward pass adds in where that layer's output is used.
+    pub taps: Vec<usize>,
+}
+
+impl Wiring {
+    /// A training network's: its step-state buffer.
+    pub fn training(step: Rc<Tensor>) -> Wiring {
+        Wiring {
+            step: Some(step),
+            ..Wiring::default()
+        }
+    }
+
+    /// An encoder's: reading images of `shape` from `input` (allocated when None).
+    pub fn image(input: Option<Rc<Tensor>>, shape: Shape) -> Wiring {
+        Wiring {
+            input,
+            input_shape: Some(shape),
+            ..Wiring::default()
+        }
+    }
 }
 
 /// An activation a loss reads (a feature encoder's layer output) and, with an input backward,
@@ -148,32 +184,20 @@ impl MaskedLayer {
 }
 
 impl Network {
-    /// Builds the network. `step` is the step-state buffer training kernels read (required
-    /// for `WeightMode::Train`). `input` may be supplied (to chain networks) or is allocated.
+    /// Builds the network on the buffers and taps `wiring` names (see [`Wiring`]).
     pub fn build(
         gpu: &Gpu,
         arch: &Architecture,
         opts: BuildOptions,
-        step: Option<Rc<Tensor>>,
-        input: Option<Rc<Tensor>>,
-        input_shape: Option<Shape>,
+        wiring: Wiring,
     ) -> Result<Network> {
-        Self::build_tapped(gpu, arch, opts, step, input, input_shape, &[])
-    }
-
-    /// [`Network::build`] with the outputs of the layers `taps` (indices into `arch.layers`,
-    /// increasing) exposed as [`Network::taps`]: a feature encoder whose loss reads several
-    /// layers. The network ends at the last tap; with an input backward, each tap gets a
-    /// gradient buffer that the backward pass adds in where that layer's output is used.
-    pub fn build_tapped(
-        gpu: &Gpu,
-        arch: &Architecture,
-        opts: BuildOptions,
-        step: Option<Rc<Tensor>>,
-        input: Option<Rc<Tensor>>,
-        input_shape: Option<Shape>,
-        taps: &[usize],
-    ) -> Result<Network> {
+        let Wiring {
+            step,
+            input,
+            input_shape,
+            taps,
+        } = wiring;
+        let taps = &taps[..];
         if opts.batch == 0 {
             return Err(Error::invalid("batch size must be positive"));
         }
