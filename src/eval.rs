@@ -8,6 +8,9 @@
 
 use serde::Serialize;
 
+mod report;
+pub use report::{evaluate, EvalRow, EvalSetup, Evaluation};
+
 /// Metrics of one comparison.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Metrics {
@@ -166,22 +169,6 @@ pub fn compare(real: &[f32], fake: &[f32], d: usize, sigmas: &[f32], seed: u32) 
         density,
         coverage,
     }
-}
-
-/// Median pairwise distance of a set (the bandwidth heuristic for feature spaces).
-pub fn median_distance(a: &[f32], d: usize) -> f32 {
-    let n = a.len() / d;
-    let dd = sq_dists(a, a, d);
-    let mut v: Vec<f32> = (0..n)
-        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
-        .map(|(i, j)| dd[i * n + j].sqrt())
-        .collect();
-    if v.is_empty() {
-        return 1.0;
-    }
-    let mid = v.len() / 2;
-    v.select_nth_unstable_by(mid, |p, q| p.total_cmp(q));
-    v[mid].max(1e-6)
 }
 
 #[cfg(test)]

@@ -559,7 +559,7 @@ fn eval(
 ) -> Result<(), Error> {
     let m = source.load()?;
     let gpu = gpu_args.open()?;
-    let report = prism::model::evaluate(&gpu, &m, count, data.map(|p| p.as_path()))?;
+    let report = m.evaluate(&gpu, count, data.map(|p| p.as_path()))?;
     print!("{report}");
     Ok(())
 }

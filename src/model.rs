@@ -20,6 +20,7 @@ use crate::bytes::{split_crc, Reader};
 use crate::codec::MaskCoder;
 use crate::codec::RangeCoder;
 use crate::error::{Error, Result};
+use crate::eval::{EvalSetup, Evaluation};
 use crate::fl::checkpoint::{write_atomic, Checkpoint};
 use crate::generate::Generator;
 use crate::gpu::Gpu;
@@ -277,6 +278,22 @@ impl Model {
         Ok(g)
     }
 
+    /// Generated images against held-out images of the dataset the model was trained on
+    /// (`count` per set), with reference rows ([`crate::eval::evaluate`]).
+    pub fn evaluate(&self, gpu: &Gpu, count: usize, data: Option<&Path>) -> Result<Evaluation> {
+        let setup = EvalSetup {
+            dataset: &self.dataset,
+            arch: &self.arch.name,
+            data,
+            shape: self.arch.output()?,
+            seed: self.seed,
+            count,
+        };
+        crate::eval::evaluate(gpu, &setup, &mut |n| {
+            self.generator(gpu, n.min(256))?.generate(gpu, n, 5000)
+        })
+    }
+
     /// Masked weights in all.
     pub fn weights(&self) -> usize {
         self.arch.masked_weights().unwrap_or(0)
@@ -387,146 +404,6 @@ pub fn load_safetensors(path: &Path) -> Result<(Architecture, Vec<Vec<f32>>)> {
         weights.push(w);
     }
     Ok((arch, weights))
-}
-
-/// Generated images against held-out real ones, with reference rows, as a table.
-pub fn evaluate(gpu: &Gpu, model: &Model, count: usize, data: Option<&Path>) -> Result<String> {
-    use crate::data::locate::{self as loc, Named, Split};
-    use crate::eval;
-    let named = Named::parse(&model.dataset).ok_or_else(|| {
-        Error::invalid(format!(
-            "evaluation needs a named dataset, not {:?}",
-            model.dataset
-        ))
-    })?;
-    let out = model.arch.output()?;
-    let test = loc::load(named, data, Split::Test, false)?
-        .with_channels(out.c)?
-        .resized(out.h, out.w)?;
-    let n = count.min(test.len() / 2).max(2);
-    let d = out.len();
-    let real_a: Vec<f32> = (0..n).flat_map(|i| test.image_f32(i)).collect();
-    let real_b: Vec<f32> = (n..2 * n).flat_map(|i| test.image_f32(i)).collect();
-    let g = model.generator(gpu, n.min(256))?;
-    let fake = g.generate(gpu, n, 5000)?;
-    let mut noise = rng::HostRng::new(model.seed, &[0x4e4f_4953]);
-    let noisy: Vec<f32> = real_b
-        .iter()
-        .map(|v| (v + 0.5 * noise.normal() as f32).clamp(-1.0, 1.0))
-        .collect();
-    let blurred = blur(&real_b, n, out.c, out.h, out.w);
-    let rows: [(&str, &[f32]); 4] = [
-        ("real vs real (reference)", &real_b),
-        ("real + noise 0.5 (degraded)", &noisy),
-        ("real blurred 5x5 (degraded)", &blurred),
-        ("generated", &fake),
-    ];
-    // Pixels in [0, 1] for GMMN's bandwidths.
-    let to01 = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| (x + 1.0) * 0.5).collect() };
-    let mut s = format!(
-        "{} generated vs {} held-out {} images ({} of {}x{}x{})\n\n",
-        n, n, model.dataset, model.arch.name, out.c, out.h, out.w
-    );
-    s.push_str("pixel space:\n");
-    s.push_str(&table_header());
-    let ra = to01(&real_a);
-    for (name, set) in rows {
-        let m = eval::compare(
-            &ra,
-            &to01(set),
-            d,
-            &crate::kernels::mmd::GMMN_MNIST_SIGMAS,
-            model.seed,
-        );
-        s.push_str(&table_row(name, &m));
-    }
-    s.push_str("\nrandom convolutional features (frozen encoder regenerated from the seed):\n");
-    s.push_str(&table_header());
-    let feats = |set: &[f32]| features(gpu, set, n, out, model.seed);
-    let fa = feats(&real_a)?;
-    let fd = fa.len() / n;
-    let med = eval::median_distance(&fa, fd);
-    let sig: Vec<f32> = [0.5f32, 1.0, 2.0].iter().map(|f| f * med).collect();
-    for (name, set) in rows {
-        let m = eval::compare(&fa, &feats(set)?, fd, &sig, model.seed);
-        s.push_str(&table_row(name, &m));
-    }
-    Ok(s)
-}
-
-fn table_header() -> String {
-    format!(
-        "{:<30} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9}\n",
-        "", "MMD^2", "KID", "precision", "recall", "density", "coverage"
-    )
-}
-
-fn table_row(name: &str, m: &crate::eval::Metrics) -> String {
-    format!(
-        "{:<30} {:>9.4} {:>11.5} {:>9.3} {:>9.3} {:>9.3} {:>9.3}\n",
-        name, m.mmd2, m.kid, m.precision, m.recall, m.density, m.coverage
-    )
-}
-
-fn blur(v: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    for p in 0..n * c {
-        for y in 0..h {
-            for x in 0..w {
-                let (mut s, mut k) = (0.0, 0.0);
-                for dy in -2i32..=2 {
-                    for dx in -2i32..=2 {
-                        let (yy, xx) = (y as i32 + dy, x as i32 + dx);
-                        if yy >= 0 && xx >= 0 && (yy as usize) < h && (xx as usize) < w {
-                            s += v[(p * h + yy as usize) * w + xx as usize];
-                            k += 1.0;
-                        }
-                    }
-                }
-                out[(p * h + y) * w + x] = s / k;
-            }
-        }
-    }
-    out
-}
-
-/// Features of images [n, c, h, w] in [-1, 1] from the frozen random encoder of the loss.
-fn features(
-    gpu: &Gpu,
-    images: &[f32],
-    n: usize,
-    shape: crate::nn::Shape,
-    seed: u32,
-) -> Result<Vec<f32>> {
-    use crate::nn::{Backward, BuildOptions, Network, Wiring};
-    let batch = n.min(256);
-    let enc = crate::loss::random_conv_encoder(2);
-    let opts = BuildOptions {
-        batch,
-        seed,
-        mode: WeightMode::Frozen,
-        backward: Backward::None,
-        estimator: crate::kernels::matmul::Estimator::PScaled,
-        layer_offset: crate::loss::RANDOM_ENCODER_LAYER_OFFSET,
-        half: false,
-        adam: None,
-    };
-    let net = Network::build(gpu, &enc, opts, Wiring::image(None, shape))?;
-    let per = shape.len();
-    let mut out = Vec::new();
-    let mut chunk = vec![0f32; batch * per];
-    let mut i = 0;
-    while i < n {
-        let k = batch.min(n - i);
-        chunk[..k * per].copy_from_slice(&images[i * per..(i + k) * per]);
-        gpu.write_f32(&net.input, &chunk)?;
-        gpu.run(&net.forward.refs())?;
-        let f = gpu.read_f32(&net.output)?;
-        let fd = f.len() / batch;
-        out.extend_from_slice(&f[..k * fd]);
-        i += k;
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

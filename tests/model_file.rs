@@ -179,3 +179,45 @@ fn damaged_or_foreign_model_files_are_refused() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `Model::evaluate` on real held-out MNIST: the table's rows are ordered and sane (real
+/// against real is closest, the degraded rows are farther), and the Display prints them.
+#[test]
+fn evaluation_rows_rank_real_above_degraded() {
+    let gpu = common::gpu();
+    let m = random_model(Architecture::preset("mlp28-up", 1).unwrap(), 9);
+    let data = common::data_dir();
+    let e = m.evaluate(&gpu, 120, Some(&data)).unwrap();
+    assert_eq!(e.count, 120);
+    assert_eq!(e.shape, [1, 28, 28]);
+    for rows in [&e.pixels, &e.features] {
+        let names: Vec<&str> = rows.iter().map(|r| r.name).collect();
+        assert_eq!(
+            names,
+            [
+                "real vs real (reference)",
+                "real + noise 0.5 (degraded)",
+                "real blurred 5x5 (degraded)",
+                "generated"
+            ]
+        );
+        let mmd: Vec<f64> = rows.iter().map(|r| r.metrics.mmd2).collect();
+        assert!(mmd.iter().all(|v| v.is_finite()), "{mmd:?}");
+        assert!(
+            mmd[0] < mmd[1] && mmd[0] < mmd[2],
+            "real vs real is not closest: {mmd:?}"
+        );
+        // Random masks of an untrained generator are far from digits.
+        assert!(mmd[3] > mmd[0], "{mmd:?}");
+    }
+    assert_eq!(e.generated(), &e.pixels[3].metrics);
+    let table = e.to_string();
+    assert!(table.starts_with("120 generated vs 120 held-out mnist images (mlp28-up of 1x28x28)"));
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("generated "))
+            .count(),
+        2
+    );
+}

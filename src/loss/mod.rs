@@ -9,7 +9,7 @@ pub mod readout;
 
 pub use encoder::Encoder;
 pub use moments::{real_statistics, MomentLoss};
-pub use objective::{ClientLoss, Objective, ObjectiveSpec, StepIo};
+pub use objective::{median_distance, ClientLoss, Objective, ObjectiveSpec, StepIo};
 
 use serde::{Deserialize, Serialize};
 
