@@ -178,7 +178,7 @@ impl Trainer {
             lr: cfg.lr,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
-            eps: 1e-8,
+            ..adam::AdamConfig::default()
         };
         let opts = BuildOptions {
             batch: b,

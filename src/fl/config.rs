@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::kernels::adam::AdamConfig;
 use crate::kernels::mmd::{check_bandwidths, GMMN_MNIST_SIGMAS};
 pub use crate::loss::{FeatureSpace, LossChoice};
 
@@ -108,9 +109,9 @@ impl Default for TrainConfig {
             encoder_layers: None,
             pixel_weight: default_pixel_weight(),
             tracker_lr: default_tracker_lr(),
-            lr: 0.3,
-            beta1: 0.5,
-            beta2: 0.999,
+            lr: AdamConfig::default().lr,
+            beta1: AdamConfig::default().beta1,
+            beta2: AdamConfig::default().beta2,
             p_scaled_estimator: true,
             seed: 1,
             dp: None,
