@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use prism::gpu::Gpu;
-use prism::io::grid::write_grid;
+use prism::io::grid::{write_grid, Images};
 use prism::model::Model;
 
 fn main() -> Result<(), prism::Error> {
@@ -21,8 +21,12 @@ fn main() -> Result<(), prism::Error> {
     let images = generator.generate(&gpu, 64, 0)?; // values in [-1, 1], channel-major
     let seconds = started.elapsed().as_secs_f64();
 
-    let s = generator.image;
-    write_grid(&out, &images, 64, s.c, s.h, s.w, 8)?;
+    let batch = Images {
+        values: &images,
+        count: 64,
+        shape: generator.image,
+    };
+    write_grid(&out, &batch, 8)?;
     println!(
         "{} ({} bytes, {} weights): 64 images in {:.3} s on {}; grid: {}",
         model_path.display(),

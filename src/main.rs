@@ -539,9 +539,14 @@ fn sample(a: &SampleArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
     let dt = t.elapsed().as_secs_f64();
     let s = g.image;
     let cols = (count as f64).sqrt().ceil() as usize;
-    prism::io::grid::write_grid(out, &imgs, count, s.c, s.h, s.w, cols)?;
+    let batch = prism::io::grid::Images {
+        values: &imgs,
+        count,
+        shape: s,
+    };
+    prism::io::grid::write_grid(out, &batch, cols)?;
     if let Some(dir) = &a.folder {
-        prism::io::grid::write_images(dir, &imgs, count, s.c, s.h, s.w)?;
+        prism::io::grid::write_images(dir, &batch)?;
     }
     eprintln!(
         "{count} images in {dt:.2} s ({:.1} images/s); grid: {}",

@@ -21,6 +21,7 @@ use crate::data::resolve::load_dataset;
 use crate::error::{Error, Result};
 use crate::generate::Generator;
 use crate::gpu::{DType, Gpu};
+use crate::io::grid::{write_grid, Images};
 use crate::kernels::mask::Aggregation;
 use crate::kernels::mmd::{self, LossKind, GMMN_MNIST_SIGMAS};
 use crate::model::{self, MaskKind};
@@ -416,14 +417,15 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
         let phase = Instant::now();
         if want_grid {
             let imgs = grid_gen.generate(gpu, 100, 0)?;
-            crate::io::grid::write_grid(&grid_path, &imgs, 100, image.c, image.h, image.w, 10)?;
-            crate::io::grid::write_grid(
+            let batch = Images {
+                values: &imgs,
+                count: 100,
+                shape: image,
+            };
+            write_grid(&grid_path, &batch, 10)?;
+            write_grid(
                 &opts.out.join(format!("samples/round-{done:04}.png")),
-                &imgs,
-                100,
-                image.c,
-                image.h,
-                image.w,
+                &batch,
                 10,
             )?;
         }

@@ -3,19 +3,27 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::nn::Shape;
 
-/// Writes `n` images [n, c, h, w] with values in [-1, 1] as a grid of `cols` columns with a
-/// 2-pixel dark border between images. Grey for one channel, RGB for three.
-pub fn write_grid(
-    path: &Path,
-    images: &[f32],
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    cols: usize,
-) -> Result<()> {
-    write_tiled(path, images, [n, c, h, w], cols, 2)
+/// A batch of images as generators write them: `count` images of `shape`, channel-major
+/// ([count, c, h, w]), values in [-1, 1].
+#[derive(Clone, Copy, Debug)]
+pub struct Images<'a> {
+    pub values: &'a [f32],
+    pub count: usize,
+    pub shape: Shape,
+}
+
+impl Images<'_> {
+    fn dims(&self) -> [usize; 4] {
+        [self.count, self.shape.c, self.shape.h, self.shape.w]
+    }
+}
+
+/// Writes the images as a grid of `cols` columns with a 2-pixel dark border between them.
+/// Grey for one channel, RGB for three.
+pub fn write_grid(path: &Path, images: &Images, cols: usize) -> Result<()> {
+    write_tiled(path, images.values, images.dims(), cols, 2)
 }
 
 /// The grid writer behind both entry points: `pad` dark pixels around and between tiles.
@@ -72,16 +80,10 @@ fn write_tiled(
 
 /// Writes one image per file into a folder: 00000.png, 00001.png, ..., each exactly h x w
 /// pixels (no border), so the files can be fed to other tools as they are.
-pub fn write_images(
-    dir: &Path,
-    images: &[f32],
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-) -> Result<()> {
+pub fn write_images(dir: &Path, images: &Images) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let per = c * h * w;
+    let [n, c, h, w] = images.dims();
+    let (images, per) = (images.values, c * h * w);
     for i in 0..n {
         write_tiled(
             &dir.join(format!("{i:05}.png")),
@@ -103,7 +105,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("prism-grid-{}", std::process::id()));
         // Two grey 3x2 images with distinct values in [-1, 1].
         let imgs: Vec<f32> = (0..12).map(|i| i as f32 / 11.0 * 2.0 - 1.0).collect();
-        write_images(&dir, &imgs, 2, 1, 3, 2).unwrap();
+        let batch = Images {
+            values: &imgs,
+            count: 2,
+            shape: Shape { c: 1, h: 3, w: 2 },
+        };
+        write_images(&dir, &batch).unwrap();
         let second = image::open(dir.join("00001.png")).unwrap();
         assert_eq!((second.width(), second.height()), (2, 3));
         let grey = second.to_luma8();
@@ -112,7 +119,7 @@ mod tests {
             .map(|v| ((v + 1.0) * 127.5).round() as u8)
             .collect();
         assert_eq!(grey.as_raw(), &want);
-        write_grid(&dir.join("grid.png"), &imgs, 2, 1, 3, 2, 2).unwrap();
+        write_grid(&dir.join("grid.png"), &batch, 2).unwrap();
         let grid = image::open(dir.join("grid.png")).unwrap();
         assert_eq!((grid.width(), grid.height()), (2 * 4 + 2, 3 + 4));
         std::fs::remove_dir_all(&dir).unwrap();
