@@ -29,6 +29,14 @@ pub const SOURCES: &[(&str, &str)] = &[
         "masked_conv.wgsl",
         include_str!("../../shaders/masked_conv.wgsl"),
     ),
+    (
+        "masked_conv_narrow.wgsl",
+        include_str!("../../shaders/masked_conv_narrow.wgsl"),
+    ),
+    (
+        "masked_conv_score.wgsl",
+        include_str!("../../shaders/masked_conv_score.wgsl"),
+    ),
     ("norm.wgsl", include_str!("../../shaders/norm.wgsl")),
     (
         "elementwise.wgsl",
