@@ -265,3 +265,66 @@ fn a_small_resnet_with_the_feature_loss_learns() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The round loop one step at a time (`Run::fit`, `aggregate`, `observe`, `metrics`,
+/// `record`): each step's result is what it says, and the stepped run ends where the driver
+/// `run` ends (same metrics apart from wall times, same scores).
+#[test]
+fn a_run_stepped_round_by_round_matches_the_driver() {
+    use prism::fl::simulation::Run;
+    let gpu = common::gpu();
+    let cfg = TrainConfig {
+        drop_rate: 0.3,
+        ..tiny(3)
+    };
+    let driven = common::scratch("test", "driven");
+    run(&gpu, &cfg, &options(&driven)).unwrap();
+    let stepped = common::scratch("test", "stepped");
+    let mut r = Run::start(&gpu, &cfg, &options(&stepped)).unwrap();
+    assert_eq!((r.start_round(), r.rounds_done()), (0, 0));
+    while r.wants_round() {
+        let round = r.rounds_done();
+        let mut fit = r.fit().unwrap();
+        assert_eq!(fit.round as usize, round);
+        assert_eq!(fit.selected, [0, 1, 2], "fraction_fit 1 selects everyone");
+        assert_eq!(fit.results.len() + fit.failures.len(), 3);
+        assert_eq!(fit.losses.len(), fit.results.len());
+        assert_eq!(fit.timing.local_steps, 6 * fit.results.len());
+        assert!(fit.bits_up > 0 || fit.results.is_empty());
+        assert_eq!(
+            r.rounds_done(),
+            round,
+            "fit alone does not finish the round"
+        );
+        let report = r.aggregate(&mut fit).unwrap();
+        assert_eq!(r.rounds_done(), round + 1);
+        assert_eq!(report.lambda.is_some(), !fit.results.is_empty());
+        let mmd = r.observe(&mut fit.timing).unwrap();
+        assert!(
+            mmd.is_some_and(|v| v.is_finite() && v > 0.0),
+            "eval_every 1: {mmd:?}"
+        );
+        let m = r.metrics(&fit, &report, mmd);
+        assert_eq!(m.round as usize, round + 1);
+        r.record(&m).unwrap();
+    }
+    assert_eq!(r.summary().rounds_done, 3);
+    let strip = |out: &PathBuf| -> Vec<serde_json::Value> {
+        common::metrics(out)
+            .into_iter()
+            .map(|mut l| {
+                let o = l.as_object_mut().unwrap();
+                o.remove("wall_s");
+                o.remove("timing");
+                l
+            })
+            .collect()
+    };
+    assert_eq!(strip(&stepped), strip(&driven));
+    let scores = |out: &PathBuf| {
+        Checkpoint::load(&out.join("checkpoint.bin"))
+            .unwrap()
+            .scores
+    };
+    assert_eq!(scores(&stepped), scores(&driven));
+}
