@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 pub mod dp;
 pub mod message;
+mod records;
 mod run;
 pub mod server;
 pub mod simulation;
