@@ -5,9 +5,7 @@
 
 use std::path::PathBuf;
 
-use prism::gpu::Gpu;
-use prism::io::grid::{write_grid, Images};
-use prism::model::Model;
+use prism::{write_grid, Gpu, Images, Model};
 
 fn main() -> Result<(), prism::Error> {
     let mut args = std::env::args().skip(1);

@@ -3,10 +3,7 @@
 //!
 //! `cargo run --release --example federated_mnist` (finds MNIST as README says, or fetches it).
 
-use prism::fl::simulation::{run, RunOptions};
-use prism::fl::TrainConfig;
-use prism::gpu::Gpu;
-use prism::model::{self, MaskKind};
+use prism::{from_checkpoint, run, Gpu, MaskKind, RunOptions, TrainConfig};
 
 fn main() -> Result<(), prism::Error> {
     let gpu = Gpu::new(Default::default())?; // a real GPU first, lavapipe where there is none
@@ -19,7 +16,7 @@ fn main() -> Result<(), prism::Error> {
     options.progress = true;
     let summary = run(&gpu, &config, &options)?;
 
-    let model = model::from_checkpoint(&summary.checkpoint, MaskKind::Sample)?;
+    let model = from_checkpoint(&summary.checkpoint, MaskKind::Sample)?;
     model.save(&options.out.join("model.prism"))?;
     println!(
         "{} rounds in {:.0} s; samples in {}; model of {} weights in runs/example/model.prism",

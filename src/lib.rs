@@ -8,22 +8,69 @@
 //! `sigmoid(s)`), samples a binary mask and uploads it at one bit per weight; the server
 //! averages the masks and applies MADA. The final model is a seed plus a bit mask.
 //!
-//! Layers, from the bottom: [`gpu`] (device, shaders, pipelines, buffers), [`kernels`] (one
-//! module per shader file, each with its CPU reference), and the host layers above them.
+//! The API is the crate root (the same items as [`prelude`]): enough to run a federation,
+//! to train clients and aggregate their uploads yourself, and to generate from, evaluate or
+//! export a model file. The modules behind it (GPU core, kernels, networks, losses, the host
+//! layers; ARCHITECTURE.md) are internal.
+//!
+//! ## A whole run
+//!
+//! The default configuration (MNIST, 10 non-IID clients, MADA), then its 1-bit model:
+//!
+//! ```no_run
+//! use prism::{from_checkpoint, run, Gpu, MaskKind, RunOptions, TrainConfig};
+//!
+//! let gpu = Gpu::new(Default::default())?; // a real GPU first, a software adapter otherwise
+//! let summary = run(&gpu, &TrainConfig::default(), &RunOptions::new("runs/mnist"))?;
+//! let model = from_checkpoint(&summary.checkpoint, MaskKind::Sample)?;
+//! model.save("runs/mnist/model.prism".as_ref())?;
+//! let images = model.generator(&gpu, 16)?.generate(&gpu, 16, 0)?; // [16, 1, 28, 28] in [-1, 1]
+//! # Ok::<(), prism::Error>(())
+//! ```
+//!
+//! ## The federation by hand
+//!
+//! Clients and server as separate pieces, the messages between them as bytes
+//! (`examples/federation_by_hand.rs`):
+//!
+//! ```no_run
+#![doc = include_str!("../examples/federation_by_hand.rs")]
+//! ```
 
-pub mod bytes;
-pub mod codec;
-pub mod data;
-pub mod error;
-pub mod eval;
-pub mod fl;
-pub mod generate;
-pub mod gpu;
-pub mod io;
-pub mod kernels;
-pub mod loss;
-pub mod model;
-pub mod nn;
-pub mod rng;
+pub mod prelude;
+pub use prelude::*;
 
-pub use error::{Error, GpuError, Result};
+#[doc(hidden)]
+pub mod cli;
+
+/// The internal modules: crate-private, or public with the `internals` feature (turned on by
+/// the crate's own tests, benches and tools through a dev-dependency on itself), so that those
+/// can reach the kernels, their CPU twins and the networks' parts.
+macro_rules! internal {
+    ($($(#[$m:meta])* mod $name:ident;)*) => {$(
+        $(#[$m])*
+        #[cfg(feature = "internals")]
+        pub mod $name;
+        $(#[$m])*
+        #[cfg(not(feature = "internals"))]
+        #[allow(dead_code, unused_imports)]
+        pub(crate) mod $name;
+    )*};
+}
+
+internal! {
+    mod bytes;
+    mod codec;
+    mod data;
+    mod error;
+    mod eval;
+    mod fl;
+    mod generate;
+    mod gpu;
+    mod io;
+    mod kernels;
+    mod loss;
+    mod model;
+    mod nn;
+    mod rng;
+}

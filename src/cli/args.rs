@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
+use crate::error::Error;
+use crate::fl::simulation::RunOptions;
+use crate::fl::{DpConfig, FeatureSpace, LossChoice, TrainConfig};
+use crate::gpu::{describe_adapter, Gpu, GpuOptions};
+use crate::model::{self, Model};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use prism::fl::simulation::RunOptions;
-use prism::fl::{DpConfig, FeatureSpace, LossChoice, TrainConfig};
-use prism::gpu::{describe_adapter, Gpu, GpuOptions};
-use prism::model::{self, Model};
-use prism::Error;
 
 #[derive(Parser)]
 #[command(

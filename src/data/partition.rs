@@ -17,7 +17,7 @@ pub enum Partition {
 }
 
 impl Partition {
-    /// Parses "iid", "shards[:N]" or "dirichlet[:ALPHA]".
+    /// Parses `iid`, `shards[:N]` or `dirichlet[:ALPHA]`.
     pub fn parse(s: &str) -> Result<Partition> {
         let (kind, arg) = match s.split_once(':') {
             Some((k, a)) => (k, Some(a)),

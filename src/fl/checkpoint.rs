@@ -28,7 +28,7 @@ pub struct Checkpoint {
     pub scores: Vec<Vec<f32>>,
     pub priors: Vec<Vec<f32>>,
     pub client_steps: Vec<u32>,
-    /// [client][layer] moments, 2n each.
+    /// Moments per client and layer, `2n` each.
     pub client_moments: Vec<Vec<Vec<f32>>>,
     /// [client][array] the loss's own state (moment matching: trackers and their Adam
     /// moments; empty for kernel MMD).

@@ -9,6 +9,7 @@
 use std::rc::Rc;
 
 use super::config::{DpConfig, TrainConfig};
+use super::server::ServerModel;
 use super::message::Payload;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
@@ -315,6 +316,14 @@ impl Trainer {
     }
 
     /// Fresh client state (zero Adam moments, step 0).
+    /// The server of this trainer's federation: its global scores (initialised from the
+    /// configuration's seed) and aggregation buffers for `cfg.clients` uploads.
+    pub fn new_server(&self, gpu: &Gpu, cfg: &TrainConfig) -> Result<ServerModel> {
+        let sizes = self.layer_sizes();
+        let score_layers: Vec<bool> = (0..sizes.len()).map(|l| self.uploads_scores(l)).collect();
+        ServerModel::new(gpu, &sizes, &score_layers, cfg.clients, cfg.seed)
+    }
+
     pub fn new_client_state(&self, gpu: &Gpu) -> Result<ClientState> {
         let moments = self
             .net

@@ -36,7 +36,7 @@ pub struct TrainConfig {
     /// Real images per step (the MMD's other sample); 0 means the same as `batch`.
     #[serde(default)]
     pub real_batch: usize,
-    /// iid, shards[:N], dirichlet[:ALPHA].
+    /// `iid`, `shards[:N]`, `dirichlet[:ALPHA]`.
     pub partition: String,
     /// Fraction of clients asked to train each round (Flower's fraction_fit).
     pub fraction_fit: f64,

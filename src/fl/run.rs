@@ -156,10 +156,7 @@ impl<'g> Run<'g> {
         }
         let sizes = trainer.layer_sizes();
         let total_weights: usize = sizes.iter().sum();
-        let score_layers: Vec<bool> = (0..sizes.len())
-            .map(|l| trainer.uploads_scores(l))
-            .collect();
-        let server = ServerModel::new(gpu, &sizes, &score_layers, cfg.clients, cfg.seed)?;
+        let server = trainer.new_server(gpu, cfg)?;
         let strategy = Prism {
             fraction_fit: cfg.fraction_fit,
             min_fit_clients: cfg.min_fit_clients,

@@ -192,7 +192,7 @@ pub struct Prism {
     /// Smoothing of bits: 0 -> lo, 1 -> hi (PRISM: 0.01, 0.99).
     pub lo: f32,
     pub hi: f32,
-    /// Reject uploads whose masks are outliers (see [`outliers`]).
+    /// Reject uploads whose masks are outliers (see `outliers` in this module).
     pub robust: bool,
 }
 

@@ -78,7 +78,7 @@ pub struct GpuOptions {
     /// Open the device with these limits instead of the adapter's own (tests lower them on
     /// purpose to exercise splitting and refusals). Must not exceed the adapter's.
     pub limits: Option<wgpu::Limits>,
-    /// Override [`KernelFeatures::vectors_per_invocation`] (tests run both forms anywhere).
+    /// Override `KernelFeatures::vectors_per_invocation` (tests run both forms anywhere).
     pub vectors_per_invocation: Option<u32>,
 }
 

@@ -1,0 +1,228 @@
+//! The `prism` command line: parses arguments, calls the library, reports. `src/main.rs`
+//! only calls [`main`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::data::locate::{self, Named};
+use crate::error::Error;
+use crate::fl::simulation::{self, RunOptions};
+use crate::gpu::{describe_adapter, list_adapters};
+use crate::model;
+use clap::{CommandFactory, FromArgMatches};
+
+mod args;
+
+use args::*;
+
+fn info(gpu_args: &GpuArgs) -> Result<(), Error> {
+    println!("adapters wgpu can see:");
+    let all = list_adapters(
+        gpu_args
+            .backend
+            .as_deref()
+            .map(wgpu::Backends::from_comma_list),
+    );
+    if all.is_empty() {
+        println!("  (none)");
+    }
+    for (info, compute) in all {
+        let note = if compute {
+            ""
+        } else {
+            "  [no compute shaders]"
+        };
+        println!("  {}{note}", describe_adapter(&info));
+    }
+    println!();
+    let gpu = gpu_args.open()?;
+    println!("selected:");
+    print!("{}", gpu.report());
+    Ok(())
+}
+
+fn train(a: &TrainArgs, gpu_args: &GpuArgs, given: &dyn Fn(&str) -> bool) -> Result<(), Error> {
+    let cfg = a.resolve(given)?;
+    cfg.validate()?;
+    let gpu = gpu_args.open()?;
+    let mut opts = RunOptions::new(&a.out);
+    opts.data = a.data.clone();
+    opts.fetch = !a.no_fetch;
+    opts.resume = a.resume;
+    opts.progress = !a.quiet;
+    opts.sample_every = a.sample_every;
+    opts.eval_every = a.eval_every;
+    opts.checkpoint_every = a.checkpoint_every;
+    opts.stop_after = a.stop_after;
+    let s = simulation::run(&gpu, &cfg, &opts)?;
+    if s.rounds_done == cfg.rounds {
+        let path = a.out.join("model.prism");
+        let m = model::from_checkpoint(&s.checkpoint, model::MaskKind::Sample)?;
+        m.save(&path)?;
+        eprintln!(
+            "model: {} ({} bytes)",
+            path.display(),
+            std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
+        );
+    }
+    eprintln!(
+        "{} of {} rounds in {:.1} s; samples: {}; checkpoint: {}",
+        s.rounds_done,
+        cfg.rounds,
+        s.wall_s,
+        s.grid.display(),
+        s.checkpoint.display()
+    );
+    if let Some(m) = &s.last {
+        eprintln!(
+            "last round: loss {:.4}, held-out MMD^2 {}, {:.3} bits per weight uploaded",
+            m.loss_last,
+            m.mmd_heldout.map_or("-".into(), |v| format!("{v:.4}")),
+            m.bits_per_weight
+        );
+    }
+    let t = &s.timing;
+    eprintln!(
+        "time: local steps {:.1} s ({:.1} ms a step: record {:.1} s, device {:.1} s, readback \
+         {:.1} s), uploads {:.1} s, aggregation {:.1} s, evaluation {:.1} s, grids {:.1} s, \
+         checkpoints {:.1} s",
+        t.local_record_s + t.local_device_s + t.local_readback_s,
+        t.ms_per_local_step(),
+        t.local_record_s,
+        t.local_device_s,
+        t.local_readback_s,
+        t.upload_s,
+        t.aggregate_s,
+        t.eval_s,
+        t.grid_s,
+        s.checkpoint_s
+    );
+    Ok(())
+}
+
+fn sample(a: &SampleArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
+    let (count, out) = (a.count, &a.out);
+    if count == 0 {
+        return Err(Error::invalid("--count must be positive"));
+    }
+    let m = a.source.load()?;
+    let gpu = gpu_args.open()?;
+    let batch = a.batch.clamp(1, count);
+    let g = if a.f16 {
+        m.generator_f16(&gpu, batch)?
+    } else {
+        m.generator(&gpu, batch)?
+    };
+    let t = std::time::Instant::now();
+    let imgs = g.generate(&gpu, count, a.latents)?;
+    let dt = t.elapsed().as_secs_f64();
+    let s = g.image;
+    let cols = (count as f64).sqrt().ceil() as usize;
+    let batch = crate::io::grid::Images {
+        values: &imgs,
+        count,
+        shape: s,
+    };
+    crate::io::grid::write_grid(out, &batch, cols)?;
+    if let Some(dir) = &a.folder {
+        crate::io::grid::write_images(dir, &batch)?;
+    }
+    eprintln!(
+        "{count} images in {dt:.2} s ({:.1} images/s); grid: {}",
+        count as f64 / dt,
+        out.display()
+    );
+    Ok(())
+}
+
+fn eval(
+    source: &Source,
+    count: usize,
+    data: Option<&PathBuf>,
+    gpu_args: &GpuArgs,
+) -> Result<(), Error> {
+    let m = source.load()?;
+    let gpu = gpu_args.open()?;
+    let report = m.evaluate(&gpu, count, data.map(|p| p.as_path()))?;
+    print!("{report}");
+    Ok(())
+}
+
+fn export(
+    source: &Source,
+    out: Option<&std::path::Path>,
+    st: Option<&std::path::Path>,
+) -> Result<(), Error> {
+    if out.is_none() && st.is_none() {
+        return Err(Error::invalid(
+            "give --out FILE.prism and/or --safetensors FILE",
+        ));
+    }
+    let m = source.load()?;
+    let f32_bytes = 4 * m.weights();
+    if let Some(path) = out {
+        m.save(path)?;
+        let size = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        eprintln!(
+            "{}: {size} bytes for {} weights ({:.3} bits per weight; f32 weights would take {f32_bytes} bytes, {:.1} times more)",
+            path.display(),
+            m.weights(),
+            8.0 * size as f64 / m.weights() as f64,
+            f32_bytes as f64 / size as f64
+        );
+    }
+    if let Some(path) = st {
+        m.export_safetensors(path)?;
+        eprintln!("{}: dense f32 weights", path.display());
+    }
+    Ok(())
+}
+
+/// The `prism` command: parses the process's arguments and runs the command.
+pub fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // Which flags the user typed (not defaulted): they override a --config file.
+    let given = |id: &str| {
+        matches.subcommand_matches("train").is_some_and(|m| {
+            m.try_get_raw(id).is_ok_and(|v| v.is_some())
+                && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        })
+    };
+    let result = match &cli.command {
+        Command::Info { gpu } => info(gpu),
+        Command::Train { args, gpu } => train(args, gpu, &given),
+        Command::Sample { args, gpu } => sample(args, gpu),
+        Command::Eval {
+            source,
+            count,
+            data,
+            gpu,
+        } => eval(source, *count, data.as_ref(), gpu),
+        Command::Export {
+            source,
+            out,
+            safetensors,
+        } => export(source, out.as_deref(), safetensors.as_deref()),
+        Command::Fetch { name } => match Named::parse(name) {
+            Some(n) => {
+                locate::fetch_into(n).map(|d| eprintln!("{} ready in {}", n.name(), d.display()))
+            }
+            None => Err(Error::invalid(format!(
+                "unknown dataset {name:?}: mnist, fashion-mnist or cifar10"
+            ))),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
