@@ -125,16 +125,7 @@ fn forward({{ octet.entry_args() }}) {
     let c2 = min(col0 + 2u, n - 1u);
     let c3 = min(col0 + 3u, n - 1u);
     let mkey = step_mask_key(p.g);
-//% if row_share == "direct"
-    var row_info: array<vec3<i32>, {{ rows }}>;
-    for (var r = 0u; r < R; r++) {
-        row_info[r] = fwd_row(row0 + r);
-    }
-//% else
-//% for j in range(rows // 8)
-    let ri{{ j }} = fwd_row(row0 + lane.lane8 + {{ 8 * j }}u);
-//% endfor
-//% endif
+{{ octet.row_info("fwd_row(", ")") }}
 //% for r in range(rows)
     var acc{{ r }} = vec4<f32>(0.0);
 //% endfor
@@ -150,66 +141,16 @@ fn forward({{ octet.entry_args() }}) {
         let k2 = kpos_next(k1);
         let k3 = kpos_next(k2);
         kp = kpos_next(k3);
-//% if row_share != "direct"
-//% for j in range(rows // 8)
-        let a{{ j }} = fwd_gather4(ri{{ j }}, k0, k1, k2, k3);
-//% endfor
-//% endif
-//% if source != "dense"
-        if (((c0 * k + i) & 31u) == 0u || i == 0u) { sw0 = sign_word(p.g, c0 * k + i); }
-        if (((c1 * k + i) & 31u) == 0u || i == 0u) { sw1 = sign_word(p.g, c1 * k + i); }
-        if (((c2 * k + i) & 31u) == 0u || i == 0u) { sw2 = sign_word(p.g, c2 * k + i); }
-        if (((c3 * k + i) & 31u) == 0u || i == 0u) { sw3 = sign_word(p.g, c3 * k + i); }
-//% endif
-        let w0 = weff4_word(p.g, c0 * k + i, mkey, sw0);
-        let w1 = weff4_word(p.g, c1 * k + i, mkey, sw1);
-        let w2 = weff4_word(p.g, c2 * k + i, mkey, sw2);
-        let w3 = weff4_word(p.g, c3 * k + i, mkey, sw3);
-//% if half
-        let h0 = vec4<f16>(w0);
-        let h1 = vec4<f16>(w1);
-        let h2 = vec4<f16>(w2);
-        let h3 = vec4<f16>(w3);
-//% endif
-//% for r in range(rows)
-        {
-//% if row_share == "direct"
-            let xr = fwd_gather4(row_info[{{ r }}], k0, k1, k2, k3);
-//% else
-            let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
-//% endif
-//% if half
-            let xh = vec4<f16>(xr);
-            acc{{ r }} += vec4<f32>(vec4<f16>(dot(xh, h0), dot(xh, h1), dot(xh, h2), dot(xh, h3)));
-//% else
-            acc{{ r }} += vec4<f32>(dot(xr, w0), dot(xr, w1), dot(xr, w2), dot(xr, w3));
-//% endif
-        }
-//% endfor
+{{ octet.shared_loads("fwd_gather4(ri@j, k0, k1, k2, k3)") }}
+{{ octet.weights4("i == 0u") }}
+{{ octet.accumulate("fwd_gather4(row_info[@r], k0, k1, k2, k3)", "dot4") }}
     }
 //% else
     for (var i = 0u; i < k; i++) {
-//% if row_share != "direct"
-//% for j in range(rows // 8)
-        let a{{ j }} = fwd_gather(ri{{ j }}, kp);
-//% endfor
-//% endif
+{{ octet.shared_loads("fwd_gather(ri@j, kp)") }}
         let wv = vec4<f32>(weff1(p.g, c0 * k + i, mkey), weff1(p.g, c1 * k + i, mkey),
                            weff1(p.g, c2 * k + i, mkey), weff1(p.g, c3 * k + i, mkey));
-//% for r in range(rows)
-        {
-//% if row_share == "direct"
-            let xr = fwd_gather(row_info[{{ r }}], kp);
-//% else
-            let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
-//% endif
-//% if half
-            acc{{ r }} += vec4<f32>(f16(xr) * vec4<f16>(wv));
-//% else
-            acc{{ r }} += xr * wv;
-//% endif
-        }
-//% endfor
+{{ octet.accumulate("fwd_gather(row_info[@r], kp)", "scale") }}
         kp = kpos_next(kp);
     }
 //% endif
@@ -281,44 +222,18 @@ fn grad_input({{ octet.entry_args() }}) {
     let c2 = min(col0 + 2u, n - 1u);
     let c3 = min(col0 + 3u, n - 1u);
     let mkey = step_mask_key(p.g);
-//% if row_share == "direct"
-    var row_info: array<vec3<i32>, {{ rows }}>;
-    for (var r = 0u; r < R; r++) {
-        row_info[r] = bwd_row(row0 + r);
-    }
-//% else
-//% for j in range(rows // 8)
-    let ri{{ j }} = bwd_row(row0 + lane.lane8 + {{ 8 * j }}u);
-//% endfor
-//% endif
+{{ octet.row_info("bwd_row(", ")") }}
 //% for r in range(rows)
     var acc{{ r }} = vec4<f32>(0.0);
 //% endfor
     var kp = KPos(0u, 0u, 0u);
     for (var i = 0u; i < k; i++) {
-//% if row_share != "direct"
-//% for j in range(rows // 8)
-        let a{{ j }} = bwd_gather(ri{{ j }}, kp);
-//% endfor
-//% endif
+{{ octet.shared_loads("bwd_gather(ri@j, kp)") }}
         // Weight [co, ci, ky, kx] for the lane's four ci.
         let wi = kp.c * n * khw + kp.ky * p.kw + kp.kx;
         let wv = vec4<f32>(weff1(p.g, wi + c0 * khw, mkey), weff1(p.g, wi + c1 * khw, mkey),
                            weff1(p.g, wi + c2 * khw, mkey), weff1(p.g, wi + c3 * khw, mkey));
-//% for r in range(rows)
-        {
-//% if row_share == "direct"
-            let d = bwd_gather(row_info[{{ r }}], kp);
-//% else
-            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
-//% endif
-//% if half
-            acc{{ r }} += vec4<f32>(f16(d) * vec4<f16>(wv));
-//% else
-            acc{{ r }} += d * wv;
-//% endif
-        }
-//% endfor
+{{ octet.accumulate("bwd_gather(row_info[@r], kp)", "scale") }}
         kp = kpos_next(kp);
     }
     let hw = p.h * p.w;
@@ -390,44 +305,18 @@ fn grad_input_strided({{ octet.entry_args() }}) {
     let c2 = min(col0 + 2u, n - 1u);
     let c3 = min(col0 + 3u, n - 1u);
     let mkey = step_mask_key(p.g);
-//% if row_share == "direct"
-    var row_info: array<vec3<i32>, {{ rows }}>;
-    for (var r = 0u; r < R; r++) {
-        row_info[r] = strided_class_row(row0 + r, per_class, qh, qw, py, px, ky0, kx0);
-    }
-//% else
-//% for j in range(rows // 8)
-    let ri{{ j }} = strided_class_row(row0 + lane.lane8 + {{ 8 * j }}u, per_class, qh, qw, py, px, ky0, kx0);
-//% endfor
-//% endif
+{{ octet.row_info("strided_class_row(", ", per_class, qh, qw, py, px, ky0, kx0)") }}
 //% for r in range(rows)
     var acc{{ r }} = vec4<f32>(0.0);
 //% endfor
     var tp = TapPos(0u, 0u, 0u);
     for (var i = 0u; i < k; i++) {
-//% if row_share != "direct"
-//% for j in range(rows // 8)
-        let a{{ j }} = strided_class_gather(ri{{ j }}, tp);
-//% endfor
-//% endif
+{{ octet.shared_loads("strided_class_gather(ri@j, tp)") }}
         // Weight [co, ci, ky0 + s jy, kx0 + s jx] for the lane's four ci.
         let wi = tp.co * n * khw + (ky0 + s * tp.jy) * p.kw + kx0 + s * tp.jx;
         let wv = vec4<f32>(weff1(p.g, wi + c0 * khw, mkey), weff1(p.g, wi + c1 * khw, mkey),
                            weff1(p.g, wi + c2 * khw, mkey), weff1(p.g, wi + c3 * khw, mkey));
-//% for r in range(rows)
-        {
-//% if row_share == "direct"
-            let d = strided_class_gather(row_info[{{ r }}], tp);
-//% else
-            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
-//% endif
-//% if half
-            acc{{ r }} += vec4<f32>(f16(d) * vec4<f16>(wv));
-//% else
-            acc{{ r }} += d * wv;
-//% endif
-        }
-//% endfor
+{{ octet.accumulate("strided_class_gather(row_info[@r], tp)", "scale") }}
         tp = tap_next(tp, nty, ntx);
     }
     let hw = p.h * p.w;

@@ -130,67 +130,16 @@ fn forward({{ octet.entry_args() }}) {
     var sw3 = 0u;
     for (var k4 = 0u; k4 < k4n; k4++) {
         let i = k4 * 4u;
-//% if row_share != "direct"
-//% for j in range(rows // 8)
-        let a{{ j }} = x[min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * k4n + k4];
-//% endfor
-//% endif
-//% if source != "dense"
-        // One sign draw covers 32 weights of a row: refresh when a column enters a new block.
-        if (((c0 * k + i) & 31u) == 0u || k4 == 0u) { sw0 = sign_word(p.g, c0 * k + i); }
-        if (((c1 * k + i) & 31u) == 0u || k4 == 0u) { sw1 = sign_word(p.g, c1 * k + i); }
-        if (((c2 * k + i) & 31u) == 0u || k4 == 0u) { sw2 = sign_word(p.g, c2 * k + i); }
-        if (((c3 * k + i) & 31u) == 0u || k4 == 0u) { sw3 = sign_word(p.g, c3 * k + i); }
-//% endif
-        let w0 = weff4_word(p.g, c0 * k + i, mkey, sw0);
-        let w1 = weff4_word(p.g, c1 * k + i, mkey, sw1);
-        let w2 = weff4_word(p.g, c2 * k + i, mkey, sw2);
-        let w3 = weff4_word(p.g, c3 * k + i, mkey, sw3);
-//% if half
-        let h0 = vec4<f16>(w0);
-        let h1 = vec4<f16>(w1);
-        let h2 = vec4<f16>(w2);
-        let h3 = vec4<f16>(w3);
-//% endif
-//% for r in range(rows)
-        {
-//% if row_share == "direct"
-            let xr = x[min(row0 + {{ r }}u, m - 1u) * k4n + k4];
-//% else
-            let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
-//% endif
-//% if half
-            let xh = vec4<f16>(xr);
-            acc{{ r }} += vec4<f32>(vec4<f16>(dot(xh, h0), dot(xh, h1), dot(xh, h2), dot(xh, h3)));
-//% else
-            acc{{ r }} += vec4<f32>(dot(xr, w0), dot(xr, w1), dot(xr, w2), dot(xr, w3));
-//% endif
-        }
-//% endfor
+{{ octet.shared_loads("x[min(row0 + lane.lane8 + @8ju, m - 1u) * k4n + k4]") }}
+{{ octet.weights4("k4 == 0u") }}
+{{ octet.accumulate("x[min(row0 + @ru, m - 1u) * k4n + k4]", "dot4") }}
     }
 //% else
     for (var i = 0u; i < k; i++) {
-//% if row_share != "direct"
-//% for j in range(rows // 8)
-        let a{{ j }} = x[min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * k + i];
-//% endfor
-//% endif
+{{ octet.shared_loads("x[min(row0 + lane.lane8 + @8ju, m - 1u) * k + i]") }}
         let wv = vec4<f32>(weff1(p.g, c0 * k + i, mkey), weff1(p.g, c1 * k + i, mkey),
                            weff1(p.g, c2 * k + i, mkey), weff1(p.g, c3 * k + i, mkey));
-//% for r in range(rows)
-        {
-//% if row_share == "direct"
-            let xr = x[min(row0 + {{ r }}u, m - 1u) * k + i];
-//% else
-            let xr = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
-//% endif
-//% if half
-            acc{{ r }} += vec4<f32>(f16(xr) * vec4<f16>(wv));
-//% else
-            acc{{ r }} += xr * wv;
-//% endif
-        }
-//% endfor
+{{ octet.accumulate("x[min(row0 + @ru, m - 1u) * k + i]", "scale") }}
     }
 //% endif
 //% for r in range(rows)
@@ -222,25 +171,12 @@ fn grad_input({{ octet.entry_args() }}) {
     let ci = min(col0, n - 4u);
     for (var k4 = 0u; k4 < k4n; k4++) {
         let o = k4 * 4u;
-//% if row_share != "direct"
-//% for j in range(rows // 8)
-        let a{{ j }} = dy[min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * k4n + k4];
-//% endfor
-//% endif
+{{ octet.shared_loads("dy[min(row0 + lane.lane8 + @8ju, m - 1u) * k4n + k4]") }}
         let w0 = weff4(p.g, o * n + ci, mkey);
         let w1 = weff4(p.g, (o + 1u) * n + ci, mkey);
         let w2 = weff4(p.g, (o + 2u) * n + ci, mkey);
         let w3 = weff4(p.g, (o + 3u) * n + ci, mkey);
-//% for r in range(rows)
-        {
-//% if row_share == "direct"
-            let d = dy[min(row0 + {{ r }}u, m - 1u) * k4n + k4];
-//% else
-            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
-//% endif
-            acc{{ r }} += d.x * w0 + d.y * w1 + d.z * w2 + d.w * w3;
-        }
-//% endfor
+{{ octet.accumulate("dy[min(row0 + @ru, m - 1u) * k4n + k4]", "combine") }}
     }
 //% else
     let c0 = min(col0, n - 1u);
@@ -248,23 +184,10 @@ fn grad_input({{ octet.entry_args() }}) {
     let c2 = min(col0 + 2u, n - 1u);
     let c3 = min(col0 + 3u, n - 1u);
     for (var o = 0u; o < k; o++) {
-//% if row_share != "direct"
-//% for j in range(rows // 8)
-        let a{{ j }} = dy[min(row0 + lane.lane8 + {{ 8 * j }}u, m - 1u) * k + o];
-//% endfor
-//% endif
+{{ octet.shared_loads("dy[min(row0 + lane.lane8 + @8ju, m - 1u) * k + o]") }}
         let wv = vec4<f32>(weff1(p.g, o * n + c0, mkey), weff1(p.g, o * n + c1, mkey),
                            weff1(p.g, o * n + c2, mkey), weff1(p.g, o * n + c3, mkey));
-//% for r in range(rows)
-        {
-//% if row_share == "direct"
-            let d = dy[min(row0 + {{ r }}u, m - 1u) * k + o];
-//% else
-            let d = {{ octet.share("a" ~ (r // 8), r % 8) | trim }};
-//% endif
-            acc{{ r }} += d * wv;
-        }
-//% endfor
+{{ octet.accumulate("dy[min(row0 + @ru, m - 1u) * k + o]", "scale32") }}
     }
 //% endif
 //% for r in range(rows)

@@ -375,22 +375,17 @@ impl Strategy for Prism {
                     continue;
                 }
                 // A ~ Bernoulli(sigmoid(s_t)), B ~ Bernoulli(sigmoid(s_hat)); lambda = Hamming / total.
-                ks.push(mask::thresholds(gpu, &model.scores[l], &model.keep[l])?);
-                ks.push(mask::thresholds(gpu, &model.s_hat[l], &model.keep_hat[l])?);
-                ks.push(mask::sample_packed(
-                    gpu,
-                    n,
-                    &model.keep[l],
-                    rng::key(rng::key(key, 0), l as u32),
-                    &model.bits_a[l],
-                )?);
-                ks.push(mask::sample_packed(
-                    gpu,
-                    n,
-                    &model.keep_hat[l],
-                    rng::key(rng::key(key, 1), l as u32),
-                    &model.bits_b[l],
-                )?);
+                let draws = [
+                    (&model.scores[l], &model.keep[l], &model.bits_a[l]),
+                    (&model.s_hat[l], &model.keep_hat[l], &model.bits_b[l]),
+                ];
+                for (scores, keep, _) in draws {
+                    ks.push(mask::thresholds(gpu, scores, keep)?);
+                }
+                for (i, (_, keep, bits)) in draws.into_iter().enumerate() {
+                    let k = rng::key(rng::key(key, i as u32), l as u32);
+                    ks.push(mask::sample_packed(gpu, n, keep, k, bits)?);
+                }
                 ks.push(mask::hamming(
                     gpu,
                     n,

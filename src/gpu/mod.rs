@@ -456,30 +456,32 @@ impl Gpu {
             f.vectors_per_invocation
         ));
         s.push_str("limits:\n");
-        s.push_str(&format!(
-            "  max_buffer_size                     {}\n",
-            l.max_buffer_size
-        ));
-        s.push_str(&format!(
-            "  max_storage_buffer_binding_size     {}\n",
-            l.max_storage_buffer_binding_size
-        ));
-        s.push_str(&format!(
-            "  max_storage_buffers_per_shader_stage {}\n",
-            l.max_storage_buffers_per_shader_stage
-        ));
-        s.push_str(&format!(
-            "  max_compute_workgroups_per_dimension {}\n",
-            l.max_compute_workgroups_per_dimension
-        ));
-        s.push_str(&format!(
-            "  max_compute_invocations_per_workgroup {}\n",
-            l.max_compute_invocations_per_workgroup
-        ));
-        s.push_str(&format!(
-            "  max_compute_workgroup_storage_size  {}\n",
-            l.max_compute_workgroup_storage_size
-        ));
+        let limits: [(&str, u64); 6] = [
+            ("max_buffer_size", l.max_buffer_size),
+            (
+                "max_storage_buffer_binding_size",
+                l.max_storage_buffer_binding_size,
+            ),
+            (
+                "max_storage_buffers_per_shader_stage",
+                l.max_storage_buffers_per_shader_stage.into(),
+            ),
+            (
+                "max_compute_workgroups_per_dimension",
+                l.max_compute_workgroups_per_dimension.into(),
+            ),
+            (
+                "max_compute_invocations_per_workgroup",
+                l.max_compute_invocations_per_workgroup.into(),
+            ),
+            (
+                "max_compute_workgroup_storage_size",
+                l.max_compute_workgroup_storage_size.into(),
+            ),
+        ];
+        for (name, value) in limits {
+            s.push_str(&format!("  {name:<37} {value}\n"));
+        }
         s
     }
 }

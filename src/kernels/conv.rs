@@ -231,32 +231,35 @@ pub fn forward_in(
     check(x, s.input_len(), DType::F32, "conv input")?;
     check(y, s.output_len(), DType::F32, "conv output")?;
     let m = s.batch * s.oh() * s.ow();
-    if s.cout <= NARROW {
-        let t = Tiling::choose(m as u32, s.cout as u32);
-        let p = params(s, layer.gen(), &t, m, s.cout);
-        let k = gpu
-            .kernel(
-                shader(source.name(), 8, false, s.stride, half),
-                "forward_narrow",
-            )
-            .params(&p)
-            .bind("x", x)
-            .bind("y", y)
-            .groups(groups_for(m, 64)?);
-        return Ok(source.bind(k).build()?);
-    }
     let t = Tiling::choose(m as u32, s.cout as u32);
     let p = params(s, layer.gen(), &t, m, s.cout);
+    let io = [("x", x), ("y", y)];
+    if s.cout <= NARROW {
+        let key = shader(source.name(), 8, false, s.stride, half);
+        return launch(gpu, source, key, "forward_narrow", &p, io, groups_for(m, 64)?);
+    }
     let aligned = (s.cin * s.kh * s.kw) % 4 == 0;
+    let key = shader(source.name(), t.rows, aligned, s.stride, half);
+    launch(gpu, source, key, "forward", &p, io, p.tiles_total)
+}
+
+/// One launch of a `masked_conv.wgsl` entry point that reads `source`'s weights: its
+/// parameters, its input and output buffers by WGSL name, and its workgroup count.
+fn launch(
+    gpu: &Gpu,
+    source: &MaskSource,
+    key: ShaderKey,
+    entry: &str,
+    p: &Params,
+    [(a, ta), (b, tb)]: [(&str, &Tensor); 2],
+    groups: u32,
+) -> Result<Kernel> {
     let k = gpu
-        .kernel(
-            shader(source.name(), t.rows, aligned, s.stride, half),
-            "forward",
-        )
-        .params(&p)
-        .bind("x", x)
-        .bind("y", y)
-        .groups(p.tiles_total);
+        .kernel(key, entry)
+        .params(p)
+        .bind(a, ta)
+        .bind(b, tb)
+        .groups(groups);
     Ok(source.bind(k).build()?)
 }
 
@@ -291,6 +294,7 @@ pub fn grad_input_in(
     let m = s.batch * s.h * s.w;
     let t = Tiling::choose(m as u32, s.cin as u32);
     let p = params(s, layer.gen(), &t, m, s.cin);
+    let io = [("dy", dy), ("dx", dx)];
     if s.cin <= NARROW {
         let (entry, lanes) = if s.stride > 1 {
             // Lanes ordered by residue class (see the shader), each class padded to 64 lanes.
@@ -302,41 +306,19 @@ pub fn grad_input_in(
         } else {
             ("grad_input_narrow", m)
         };
-        let k = gpu
-            .kernel(shader(source.name(), 8, false, s.stride, half), entry)
-            .params(&p)
-            .bind("dy", dy)
-            .bind("dx", dx)
-            .groups(groups_for(lanes, 64)?);
-        return Ok(source.bind(k).build()?);
+        let key = shader(source.name(), 8, false, s.stride, half);
+        return launch(gpu, source, key, entry, &p, io, groups_for(lanes, 64)?);
     }
+    let key = shader(source.name(), t.rows, false, s.stride, half);
     if s.stride > 1 {
         // Rows by residue class (see the shader), each class padded to whole tiles.
         let q = s.batch * s.h.div_ceil(s.stride) * s.w.div_ceil(s.stride);
         let tile_m = t.tile_m() as usize;
         let rows = q.div_ceil(tile_m) * tile_m * s.stride * s.stride;
         let p = params(s, layer.gen(), &t, rows, s.cin);
-        let k = gpu
-            .kernel(
-                shader(source.name(), t.rows, false, s.stride, half),
-                "grad_input_strided",
-            )
-            .params(&p)
-            .bind("dy", dy)
-            .bind("dx", dx)
-            .groups(p.tiles_total);
-        return Ok(source.bind(k).build()?);
+        return launch(gpu, source, key, "grad_input_strided", &p, io, p.tiles_total);
     }
-    let k = gpu
-        .kernel(
-            shader(source.name(), t.rows, false, s.stride, half),
-            "grad_input",
-        )
-        .params(&p)
-        .bind("dy", dy)
-        .bind("dx", dx)
-        .groups(p.tiles_total);
-    Ok(source.bind(k).build()?)
+    launch(gpu, source, key, "grad_input", &p, io, p.tiles_total)
 }
 
 /// The score gradient of a convolution: two kernels (split-K partial sums, then the reduction

@@ -313,49 +313,48 @@ pub struct AdamState<'a> {
 pub mod cpu {
     use super::{Estimator, LinearShape};
 
-    /// y = x weff^T with weff [outputs, inputs].
-    pub fn forward(s: &LinearShape, x: &[f32], weff: &[f32]) -> Vec<f32> {
-        let mut y = vec![0f32; s.batch * s.outputs];
-        for b in 0..s.batch {
-            for o in 0..s.outputs {
-                let mut acc = 0f64;
-                for i in 0..s.inputs {
-                    acc += x[b * s.inputs + i] as f64 * weff[o * s.inputs + i] as f64;
+    /// The products' sums as f32: `term(i, j, k)` gives the accumulator and the value of one
+    /// product; k, innermost, runs over the summed index, so each sum is accumulated (in f64) in
+    /// index order.
+    fn sum(
+        len: usize,
+        [ni, nj, nk]: [usize; 3],
+        mut term: impl FnMut(usize, usize, usize) -> (usize, f64),
+    ) -> Vec<f32> {
+        let mut acc = vec![0f64; len];
+        for i in 0..ni {
+            for j in 0..nj {
+                for k in 0..nk {
+                    let (at, v) = term(i, j, k);
+                    acc[at] += v;
                 }
-                y[b * s.outputs + o] = acc as f32;
             }
         }
-        y
+        acc.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// y = x weff^T with weff [outputs, inputs].
+    pub fn forward(s: &LinearShape, x: &[f32], weff: &[f32]) -> Vec<f32> {
+        let (n, k) = (s.outputs, s.inputs);
+        sum(s.batch * n, [s.batch, n, k], |b, o, i| {
+            (b * n + o, x[b * k + i] as f64 * weff[o * k + i] as f64)
+        })
     }
 
     /// dx = dy weff.
     pub fn grad_input(s: &LinearShape, dy: &[f32], weff: &[f32]) -> Vec<f32> {
-        let mut dx = vec![0f32; s.batch * s.inputs];
-        for b in 0..s.batch {
-            for i in 0..s.inputs {
-                let mut acc = 0f64;
-                for o in 0..s.outputs {
-                    acc += dy[b * s.outputs + o] as f64 * weff[o * s.inputs + i] as f64;
-                }
-                dx[b * s.inputs + i] = acc as f32;
-            }
-        }
-        dx
+        let (n, k) = (s.outputs, s.inputs);
+        sum(s.batch * k, [s.batch, k, n], |b, i, o| {
+            (b * k + i, dy[b * n + o] as f64 * weff[o * k + i] as f64)
+        })
     }
 
     /// dL/dw_eff = dy^T x.
     pub fn grad_weight(s: &LinearShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
-        let mut g = vec![0f32; s.weights()];
-        for o in 0..s.outputs {
-            for i in 0..s.inputs {
-                let mut acc = 0f64;
-                for b in 0..s.batch {
-                    acc += dy[b * s.outputs + o] as f64 * x[b * s.inputs + i] as f64;
-                }
-                g[o * s.inputs + i] = acc as f32;
-            }
-        }
-        g
+        let (n, k) = (s.outputs, s.inputs);
+        sum(s.weights(), [n, k, s.batch], |o, i, b| {
+            (o * k + i, dy[b * n + o] as f64 * x[b * k + i] as f64)
+        })
     }
 
     /// The estimator's factor df/ds at score s.
