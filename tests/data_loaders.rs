@@ -141,12 +141,12 @@ fn real_mnist_and_fashion_mnist_load() {
             test.image(0)[..28]
         );
     }
-    let e = locate::load(
-        Named::Mnist,
-        Some(Path::new("/nonexistent")),
-        Split::Train,
-        false,
-    )
-    .unwrap_err();
-    assert!(matches!(e, Error::DataNotFound(_)), "{e}");
+    // A named folder without the data is an error, whatever else this machine holds (./data,
+    // $PRISM_DATA, the cache): it is the only place looked at.
+    let missing = Path::new("/nonexistent");
+    assert_eq!(locate::search_dirs(Some(missing)), [missing.to_path_buf()]);
+    match locate::load(Named::Mnist, Some(missing), Split::Train, false) {
+        Ok(d) => panic!("{} images loaded from /nonexistent", d.len()),
+        Err(e) => assert!(matches!(e, Error::DataNotFound(_)), "{e}"),
+    }
 }

