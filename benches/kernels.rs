@@ -18,7 +18,7 @@ use prism::kernels::conv::{self, ConvShape};
 use prism::kernels::mask;
 use prism::kernels::matmul::{self, LinearShape};
 use prism::kernels::weights::{self, cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::StepState;
+use prism::kernels::{ScoreGradIo, StepState};
 use prism::rng::HostRng;
 
 fn quick() -> bool {
@@ -229,10 +229,12 @@ fn bench_training_matmuls(c: &mut Criterion) {
                     &s,
                     &layer,
                     matmul::Estimator::PScaled,
-                    &tx,
-                    &tdy,
-                    &tscores,
-                    &tgrad,
+                    &ScoreGradIo {
+                        x: &tx,
+                        dy: &tdy,
+                        scores: &tscores,
+                        grad: &tgrad,
+                    },
                 )
                 .unwrap(),
             ),

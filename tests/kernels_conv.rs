@@ -10,7 +10,7 @@ use prism::kernels::conv::{self, cpu, ConvShape, ConvTransposeShape};
 use prism::kernels::mask;
 use prism::kernels::matmul::{cpu as mcpu, Estimator};
 use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::StepState;
+use prism::kernels::{ScoreGradIo, StepState};
 use prism::rng::HostRng;
 
 #[allow(clippy::too_many_arguments)]
@@ -104,8 +104,19 @@ fn conv_forward_grad_input_grad_score_match_cpu() {
             let tg = gpu.tensor(&[n], DType::F32, "g").unwrap();
             let f = conv::forward(&gpu, &s, &layer, &src, &tx, &ty).unwrap();
             let b = conv::grad_input(&gpu, &s, &layer, &src, &tdy, &tdx).unwrap();
-            let g = conv::grad_score(&gpu, &s, &layer, Estimator::PScaled, &tx, &tdy, &ts, &tg)
-                .unwrap();
+            let g = conv::grad_score(
+                &gpu,
+                &s,
+                &layer,
+                Estimator::PScaled,
+                &ScoreGradIo {
+                    x: &tx,
+                    dy: &tdy,
+                    scores: &ts,
+                    grad: &tg,
+                },
+            )
+            .unwrap();
             let [g1, g2] = g.kernels();
             gpu.run(&[&f, &b, g1, g2]).unwrap();
             let tag = format!("{s:?} {:?}", gpu.features().row_share);
@@ -165,10 +176,12 @@ fn conv_score_gradient_splits_long_reductions() {
         &s,
         &layer,
         Estimator::StraightThrough,
-        &tx,
-        &tdy,
-        &ts,
-        &tg,
+        &ScoreGradIo {
+            x: &tx,
+            dy: &tdy,
+            scores: &ts,
+            grad: &tg,
+        },
     )
     .unwrap();
     assert!(g.partials.workgroups().iter().product::<u32>() > 1);
@@ -328,10 +341,12 @@ fn conv_gradients_finite_differences() {
         &s,
         &layer,
         Estimator::StraightThrough,
-        &tx,
-        &tr,
-        &ts_,
-        &tg,
+        &ScoreGradIo {
+            x: &tx,
+            dy: &tr,
+            scores: &ts_,
+            grad: &tg,
+        },
     )
     .unwrap();
     let [g1, g2] = kg.kernels();
@@ -395,10 +410,12 @@ fn conv_gradients_finite_differences() {
         &t,
         &lt,
         Estimator::StraightThrough,
-        &txt,
-        &trt,
-        &tst,
-        &tgt,
+        &ScoreGradIo {
+            x: &txt,
+            dy: &trt,
+            scores: &tst,
+            grad: &tgt,
+        },
     )
     .unwrap();
     let [a, b] = kt.kernels();

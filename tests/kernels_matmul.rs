@@ -9,7 +9,7 @@ use prism::gpu::{DType, Gpu};
 use prism::kernels::mask;
 use prism::kernels::matmul::{self, cpu, Estimator, LinearShape};
 use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::{adam, StepState};
+use prism::kernels::{adam, ScoreGradIo, StepState};
 use prism::rng::HostRng;
 
 /// (batch, inputs, outputs): tile multiples, odd sizes, batch 1, unaligned (not multiples of 4).
@@ -169,7 +169,19 @@ fn grad_score_matches_cpu() {
                 let tdy = gpu.upload_f32(&dy, &[s.batch, s.outputs], "dy").unwrap();
                 let ts = gpu.upload_f32(&c.scores, &[s.weights()], "scores").unwrap();
                 let tg = gpu.tensor(&[s.weights()], DType::F32, "grad").unwrap();
-                let k = matmul::grad_score(&gpu, &s, &c.layer, est, &tx, &tdy, &ts, &tg).unwrap();
+                let k = matmul::grad_score(
+                    &gpu,
+                    &s,
+                    &c.layer,
+                    est,
+                    &ScoreGradIo {
+                        x: &tx,
+                        dy: &tdy,
+                        scores: &ts,
+                        grad: &tg,
+                    },
+                )
+                .unwrap();
                 gpu.run(&[&k]).unwrap();
                 let frozen = wcpu::frozen_all(&c.layer, s.weights());
                 let want = cpu::grad_score(est, &cpu::grad_weight(&s, &x, &dy), &frozen, &c.scores);
@@ -216,9 +228,9 @@ fn grad_score_adam_matches_the_gradient_then_adam() {
                 &c.layer,
                 est,
                 &cfg,
-                &tx,
-                &tdy,
                 &matmul::AdamState {
+                    x: &tx,
+                    dy: &tdy,
                     scores: &fs,
                     moments: &fm,
                     keep: &fk,
@@ -227,7 +239,19 @@ fn grad_score_adam_matches_the_gradient_then_adam() {
             )
             .unwrap();
             let tg = gpu.tensor(&[n], DType::F32, "grad").unwrap();
-            let grad = matmul::grad_score(&gpu, &s, &c.layer, est, &tx, &tdy, &us, &tg).unwrap();
+            let grad = matmul::grad_score(
+                &gpu,
+                &s,
+                &c.layer,
+                est,
+                &ScoreGradIo {
+                    x: &tx,
+                    dy: &tdy,
+                    scores: &us,
+                    grad: &tg,
+                },
+            )
+            .unwrap();
             let io = adam::AdamIo {
                 step: &tstep,
                 grad: &tg,
@@ -343,7 +367,19 @@ fn grad_score_finite_differences() {
     let ts = gpu.upload_f32(&c.scores, &[n], "scores").unwrap();
     let tg = gpu.tensor(&[n], DType::F32, "grad").unwrap();
     for est in [Estimator::StraightThrough, Estimator::PScaled] {
-        let k = matmul::grad_score(&gpu, &s, &c.layer, est, &tx, &tr, &ts, &tg).unwrap();
+        let k = matmul::grad_score(
+            &gpu,
+            &s,
+            &c.layer,
+            est,
+            &ScoreGradIo {
+                x: &tx,
+                dy: &tr,
+                scores: &ts,
+                grad: &tg,
+            },
+        )
+        .unwrap();
         gpu.run(&[&k]).unwrap();
         let analytic = gpu.read_f32(&tg).unwrap();
         let h = 1e-2f32;

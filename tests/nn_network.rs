@@ -187,6 +187,34 @@ fn trained_backward(gpu: &Gpu, arch: &Architecture, batch: usize, rng: &mut Host
     (net, weff, scores, z, r)
 }
 
+/// A frozen network of `arch` (an encoder) run forward on `z` and backward from `r`, and the
+/// CPU twins of its weights.
+fn frozen_backward(
+    gpu: &Gpu,
+    arch: &Architecture,
+    batch: usize,
+    z: &[f32],
+    r: &[f32],
+) -> (Network, Vec<Vec<f32>>) {
+    let net = Network::build(
+        gpu,
+        arch,
+        opts(batch, WeightMode::Frozen, Backward::Input),
+        Wiring::default(),
+    )
+    .unwrap();
+    let weff = net
+        .layers
+        .iter()
+        .map(|l| wcpu::frozen_all(&l.weights, l.info.weights))
+        .collect();
+    gpu.write_f32(&net.input, z).unwrap();
+    gpu.write_f32(net.grad_output.as_ref().unwrap(), r).unwrap();
+    gpu.run(&net.forward.refs()).unwrap();
+    gpu.run(&net.backward.refs()).unwrap();
+    (net, weff)
+}
+
 #[test]
 fn training_forward_matches_the_cpu_interpreter() {
     let gpu = common::gpu();
@@ -228,25 +256,9 @@ fn encoder_input_gradient_finite_differences() {
     let mut rng = HostRng::new(72, &[]);
     let arch = tiny_conv();
     let batch = 3;
-    let net = Network::build(
-        &gpu,
-        &arch,
-        opts(batch, WeightMode::Frozen, Backward::Input),
-        Wiring::default(),
-    )
-    .unwrap();
-    let weff: Vec<Vec<f32>> = net
-        .layers
-        .iter()
-        .map(|l| wcpu::frozen_all(&l.weights, l.info.weights))
-        .collect();
     let z = normal(&mut rng, batch * arch.latent);
-    let r = normal(&mut rng, net.output.len());
-    gpu.write_f32(&net.input, &z).unwrap();
-    gpu.write_f32(net.grad_output.as_ref().unwrap(), &r)
-        .unwrap();
-    gpu.run(&net.forward.refs()).unwrap();
-    gpu.run(&net.backward.refs()).unwrap();
+    let r = normal(&mut rng, batch * arch.output().unwrap().len());
+    let (net, weff) = frozen_backward(&gpu, &arch, batch, &z, &r);
     let dz = gpu.read_f32(net.grad_input.as_ref().unwrap()).unwrap();
     let loss = |zv: &[f32]| -> f64 {
         cpu::forward(&arch, batch, zv, &weff)
@@ -467,23 +479,7 @@ fn gpu_backward_matches_the_cpu_interpreter() {
             );
         }
 
-        let frozen_net = Network::build(
-            &gpu,
-            &arch,
-            opts(batch, WeightMode::Frozen, Backward::Input),
-            Wiring::default(),
-        )
-        .unwrap();
-        let weff: Vec<Vec<f32>> = frozen_net
-            .layers
-            .iter()
-            .map(|l| wcpu::frozen_all(&l.weights, l.info.weights))
-            .collect();
-        gpu.write_f32(&frozen_net.input, &z).unwrap();
-        gpu.write_f32(frozen_net.grad_output.as_ref().unwrap(), &r)
-            .unwrap();
-        gpu.run(&frozen_net.forward.refs()).unwrap();
-        gpu.run(&frozen_net.backward.refs()).unwrap();
+        let (frozen_net, weff) = frozen_backward(&gpu, &arch, batch, &z, &r);
         let want = cpu::backward(&arch, batch, &z, &weff, &r).unwrap();
         assert_close(
             &format!("{} input gradient", arch.name),

@@ -9,7 +9,17 @@ import torch.nn.functional as F
 from loss_study import D, idx_images, idx_labels, Bern
 
 
-class MConv(nn.Module):
+class Masked(nn.Module):
+    """Frozen signed weights w and scores s: the weights in use are w * m with m a fresh
+    Bernoulli(sigmoid(s)) sample, or w * fixed once a final mask is fixed."""
+
+    def weight(self):
+        if self.fixed is not None:
+            return self.w * self.fixed
+        return self.w * Bern.apply(torch.sigmoid(self.s))
+
+
+class MConv(Masked):
     def __init__(self, cin, cout, k, s, p):
         super().__init__()
         fan = cin * k * k
@@ -19,16 +29,12 @@ class MConv(nn.Module):
         self.stride, self.pad = s, p
         self.fixed = None
 
-    def weight(self):
-        if self.fixed is not None:
-            return self.w * self.fixed
-        return self.w * Bern.apply(torch.sigmoid(self.s))
 
     def forward(self, x):
         return F.conv2d(x, self.weight(), stride=self.stride, padding=self.pad)
 
 
-class MLin(nn.Module):
+class MLin(Masked):
     def __init__(self, i, o):
         super().__init__()
         sign = torch.randint(0, 2, (o, i)).float() * 2 - 1
@@ -36,10 +42,6 @@ class MLin(nn.Module):
         self.s = nn.Parameter(torch.randn(o, i))
         self.fixed = None
 
-    def weight(self):
-        if self.fixed is not None:
-            return self.w * self.fixed
-        return self.w * Bern.apply(torch.sigmoid(self.s))
 
     def forward(self, x):
         return x @ self.weight().t()

@@ -10,17 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from digit_score import idx_images, idx_labels  # this script's folder is on the module path
+
 D = os.environ.get("PRISM_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-
-
-def idx_images(path):
-    with gzip.open(path) as g:
-        return np.frombuffer(g.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28).astype(np.float32) / 255
-
-
-def idx_labels(path):
-    with gzip.open(path) as g:
-        return np.frombuffer(g.read(), np.uint8, offset=8).astype(np.int64)
 
 
 class Bern(torch.autograd.Function):

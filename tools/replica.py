@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from digit_score import idx_images  # this script's folder is on the module path
+from loss_study import Bern
 
 
 def main():
@@ -66,18 +67,8 @@ def main():
         real = F.pad(real.view(-1, 1, 28, 28), (2, 2, 2, 2), value=-1.0).reshape(-1, 1024)
         a.latent = 128
 
-    class Bernoulli(torch.autograd.Function):
-        """m ~ Bernoulli(p); backward dm/dp = p (the reference code's p-scaled estimator)."""
-
-        @staticmethod
-        def forward(ctx, p):
-            ctx.save_for_backward(p)
-            return torch.bernoulli(p)
-
-        @staticmethod
-        def backward(ctx, g):
-            (p,) = ctx.saved_tensors
-            return g * p
+    # m ~ Bernoulli(p); backward dm/dp = p (the reference code's p-scaled estimator).
+    Bernoulli = Bern
 
     class MaskedLinear(nn.Module):
         def __init__(self, inputs, outputs):

@@ -6,7 +6,7 @@
 //! convolution's forward, and its score gradient the convolution's with x and dy exchanged.
 
 use super::matmul::Estimator;
-use super::{check, groups_for, u32_of, LayerWeights, MaskSource, Precision, Tiling, WeightGen};
+use super::{check, groups_for, u32_of, LayerWeights, MaskSource, Precision, ScoreGradIo, Tiling, WeightGen};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
@@ -352,17 +352,19 @@ fn score_splits(tiles: u32, k_total: usize) -> u32 {
 }
 
 /// grad <- dL/ds of a convolution's scores.
-#[allow(clippy::too_many_arguments)]
 pub fn grad_score(
     gpu: &Gpu,
     s: &ConvShape,
     layer: &LayerWeights,
     estimator: Estimator,
-    x: &Tensor,
-    dy: &Tensor,
-    scores: &Tensor,
-    grad: &Tensor,
+    io: &ScoreGradIo,
 ) -> Result<ScoreGrad> {
+    let ScoreGradIo {
+        x,
+        dy,
+        scores,
+        grad,
+    } = *io;
     s.validate()?;
     check(x, s.input_len(), DType::F32, "conv input")?;
     check(dy, s.output_len(), DType::F32, "conv output gradient")?;
@@ -459,19 +461,21 @@ pub fn transpose_grad_input(
 }
 
 /// grad <- dL/ds of a transposed convolution's scores.
-#[allow(clippy::too_many_arguments)]
 pub fn transpose_grad_score(
     gpu: &Gpu,
     s: &ConvTransposeShape,
     layer: &LayerWeights,
     estimator: Estimator,
-    x: &Tensor,
-    dy: &Tensor,
-    scores: &Tensor,
-    grad: &Tensor,
+    io: &ScoreGradIo,
 ) -> Result<ScoreGrad> {
     s.validate()?;
-    grad_score(gpu, &s.adjoint(), layer, estimator, dy, x, scores, grad)
+    // The adjoint convolution's input is this layer's output (and the other way round).
+    let adjoint = ScoreGradIo {
+        x: io.dy,
+        dy: io.x,
+        ..*io
+    };
+    grad_score(gpu, &s.adjoint(), layer, estimator, &adjoint)
 }
 
 /// CPU references (f64 accumulation, direct loops).

@@ -2,7 +2,7 @@
 //! input, and gradient with respect to the scores, with weights regenerated in the kernel.
 
 use super::adam::{AdamConfig, AdamParams};
-use super::{check, u32_of, LayerWeights, MaskSource, Precision, StepState, Tiling, WeightGen};
+use super::{check, u32_of, LayerWeights, MaskSource, Precision, ScoreGradIo, StepState, Tiling, WeightGen};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
@@ -218,17 +218,19 @@ pub fn grad_input(
 
 /// grad <- (dy^T x) * w * f(sigmoid(scores)), the gradient of the loss with respect to the
 /// scores through the chosen estimator.
-#[allow(clippy::too_many_arguments)]
 pub fn grad_score(
     gpu: &Gpu,
     s: &LinearShape,
     layer: &LayerWeights,
     estimator: Estimator,
-    x: &Tensor,
-    dy: &Tensor,
-    scores: &Tensor,
-    grad: &Tensor,
+    io: &ScoreGradIo,
 ) -> Result<Kernel> {
+    let ScoreGradIo {
+        x,
+        dy,
+        scores,
+        grad,
+    } = *io;
     s.validate()?;
     check(x, s.batch * s.inputs, DType::F32, "linear input")?;
     check(dy, s.batch * s.outputs, DType::F32, "output gradient")?;
@@ -252,17 +254,15 @@ pub fn grad_score(
 /// [`super::adam::step`] would from that gradient, at t = step.step + 1. For aligned shapes
 /// (inputs and outputs multiples of 4); the caller must record every kernel that reads this
 /// layer's scores or keep thresholds in the step (its forward and grad_input) before this one.
-#[allow(clippy::too_many_arguments)]
 pub fn grad_score_adam(
     gpu: &Gpu,
     s: &LinearShape,
     layer: &LayerWeights,
     estimator: Estimator,
     adam: &AdamConfig,
-    x: &Tensor,
-    dy: &Tensor,
     io: &AdamState,
 ) -> Result<Kernel> {
+    let (x, dy) = (io.x, io.dy);
     s.validate()?;
     if !s.aligned() {
         return Err(Error::invalid(format!(
@@ -301,8 +301,11 @@ pub fn grad_score_adam(
         .build()?)
 }
 
-/// What [`grad_score_adam`] updates: a layer's training state and the step it is at.
+/// What [`grad_score_adam`] reads (the layer's input and output gradient) and updates (the
+/// layer's training state), and the step it is at.
 pub struct AdamState<'a> {
+    pub x: &'a Tensor,
+    pub dy: &'a Tensor,
     pub scores: &'a Tensor,
     pub moments: &'a Tensor,
     pub keep: &'a Tensor,

@@ -44,6 +44,16 @@ impl StepState {
 }
 
 /// Arithmetic of the inner products of masked layers in inference.
+/// The buffers of a masked layer's score gradient: the layer's input `x`, the gradient `dy`
+/// of its output, its `scores`, and `grad` = dL/ds (written).
+#[derive(Clone, Copy)]
+pub struct ScoreGradIo<'a> {
+    pub x: &'a Tensor,
+    pub dy: &'a Tensor,
+    pub scores: &'a Tensor,
+    pub grad: &'a Tensor,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     /// f32 throughout.

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel, Tensor};
 use crate::kernels::conv::{self, ConvShape, ConvTransposeShape};
 use crate::kernels::matmul::{self, LinearShape};
-use crate::kernels::{LayerWeights, MaskSource, Precision};
+use crate::kernels::{LayerWeights, MaskSource, Precision, ScoreGradIo};
 use crate::nn::arch::{weight_count, MaskedLayerInfo, Shape};
 use crate::nn::cpu::Pass;
 use crate::nn::network::Backward;
@@ -281,7 +281,13 @@ impl Recorded for MaskedOp {
             None
         };
         let scores_wanted = r.opts.backward == Backward::Scores;
-        let grad = || l.grad.as_ref().expect("training layers have gradients");
+        let estimator = r.opts.estimator;
+        let score_io = || ScoreGradIo {
+            x: &x.t,
+            dy: &dy,
+            scores: &l.scores,
+            grad: l.grad.as_ref().expect("training layers have gradients"),
+        };
         match &self.shape {
             MaskedShape::Linear(s) => {
                 // With Adam fused, the score gradient updates the scores and keep thresholds
@@ -294,9 +300,9 @@ impl Recorded for MaskedOp {
                             &l.weights,
                             r.opts.estimator,
                             &cfg,
-                            &x.t,
-                            &dy,
                             &matmul::AdamState {
+                                x: &x.t,
+                                dy: &dy,
                                 scores: &l.scores,
                                 moments,
                                 keep: &l.keep,
@@ -307,16 +313,7 @@ impl Recorded for MaskedOp {
                     _ => None,
                 };
                 if scores_wanted && fused.is_none() {
-                    let k = matmul::grad_score(
-                        r.gpu,
-                        s,
-                        &l.weights,
-                        r.opts.estimator,
-                        &x.t,
-                        &dy,
-                        &l.scores,
-                        grad(),
-                    )?;
+                    let k = matmul::grad_score(r.gpu, s, &l.weights, estimator, &score_io())?;
                     r.program.push(k);
                 }
                 if let Some(dx) = &dx {
@@ -331,8 +328,7 @@ impl Recorded for MaskedOp {
             }
             MaskedShape::Conv(s) => {
                 if scores_wanted {
-                    let (e, w, sc) = (r.opts.estimator, &l.weights, &l.scores);
-                    let sg = conv::grad_score(r.gpu, s, w, e, &x.t, &dy, sc, grad())?;
+                    let sg = conv::grad_score(r.gpu, s, &l.weights, estimator, &score_io())?;
                     r.program.push_score_grad(sg);
                 }
                 if let Some(dx) = &dx {
@@ -342,8 +338,8 @@ impl Recorded for MaskedOp {
             }
             MaskedShape::ConvT(s) => {
                 if scores_wanted {
-                    let (e, w, sc) = (r.opts.estimator, &l.weights, &l.scores);
-                    let sg = conv::transpose_grad_score(r.gpu, s, w, e, &x.t, &dy, sc, grad())?;
+                    let io = score_io();
+                    let sg = conv::transpose_grad_score(r.gpu, s, &l.weights, estimator, &io)?;
                     r.program.push_score_grad(sg);
                 }
                 if let Some(dx) = &dx {
