@@ -202,18 +202,7 @@ fn mean_keep_probability(ckpt: &Path) -> f64 {
 }
 
 fn small(clients: usize, rounds: usize) -> TrainConfig {
-    TrainConfig {
-        arch: "mlp28".into(),
-        clients,
-        rounds,
-        local_steps: 6,
-        batch: 32,
-        real_batch: 0,
-        lr: 0.1,
-        partition: "shards:2".into(),
-        seed: 21,
-        ..Default::default()
-    }
+    common::tiny_config(clients, rounds, 21)
 }
 
 fn options(out: &Path, eval_every: usize) -> RunOptions {

@@ -10,7 +10,7 @@ use prism::kernels::conv::{self, cpu, ConvShape, ConvTransposeShape};
 use prism::kernels::mask;
 use prism::kernels::matmul::{cpu as mcpu, Estimator};
 use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::{ScoreGradIo, StepState};
+use prism::kernels::{Precision, ScoreGradIo, StepState};
 use prism::rng::HostRng;
 
 #[allow(clippy::too_many_arguments)]
@@ -102,8 +102,8 @@ fn conv_forward_grad_input_grad_score_match_cpu() {
             let tdx = gpu.tensor(&[s.input_len()], DType::F32, "dx").unwrap();
             let ts = gpu.upload_f32(&scores, &[n], "scores").unwrap();
             let tg = gpu.tensor(&[n], DType::F32, "g").unwrap();
-            let f = conv::forward(&gpu, &s, &layer, &src, &tx, &ty).unwrap();
-            let b = conv::grad_input(&gpu, &s, &layer, &src, &tdy, &tdx).unwrap();
+            let f = conv::forward(&gpu, &s, &layer, &src, &tx, &ty, Precision::F32).unwrap();
+            let b = conv::grad_input(&gpu, &s, &layer, &src, &tdy, &tdx, Precision::F32).unwrap();
             let g = conv::grad_score(
                 &gpu,
                 &s,
@@ -254,8 +254,16 @@ fn transposed_conv_matches_cpu_scatter() {
             let out_len = s.batch * s.cout * s.oh() * s.ow();
             let tx = gpu.upload_f32(&x, &[x.len()], "x").unwrap();
             let ty = gpu.tensor(&[out_len], DType::F32, "y").unwrap();
-            let k = conv::transpose_forward(&gpu, &s, &layer, &MaskSource::Packed(&bits), &tx, &ty)
-                .unwrap();
+            let k = conv::transpose_forward(
+                &gpu,
+                &s,
+                &layer,
+                &MaskSource::Packed(&bits),
+                &tx,
+                &ty,
+                Precision::F32,
+            )
+            .unwrap();
             gpu.run(&[&k]).unwrap();
             assert_close(
                 &format!("convT {s:?}"),
@@ -335,7 +343,16 @@ fn conv_gradients_finite_differences() {
     // loss with sigmoid(inf) = 1; score gradient against FD of the relaxed loss.
     let all = mask::cpu::pack(&vec![true; n]);
     let bits = gpu.upload_u32(&all, &[all.len()], "ones").unwrap();
-    let kb = conv::grad_input(&gpu, &s, &layer, &MaskSource::Packed(&bits), &tr, &tdx).unwrap();
+    let kb = conv::grad_input(
+        &gpu,
+        &s,
+        &layer,
+        &MaskSource::Packed(&bits),
+        &tr,
+        &tdx,
+        Precision::F32,
+    )
+    .unwrap();
     let kg = conv::grad_score(
         &gpu,
         &s,

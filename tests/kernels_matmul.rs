@@ -9,7 +9,7 @@ use prism::gpu::{DType, Gpu};
 use prism::kernels::mask;
 use prism::kernels::matmul::{self, cpu, Estimator, LinearShape};
 use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::{adam, ScoreGradIo, StepState};
+use prism::kernels::{adam, Precision, ScoreGradIo, StepState};
 use prism::rng::HostRng;
 
 /// (batch, inputs, outputs): tile multiples, odd sizes, batch 1, unaligned (not multiples of 4).
@@ -107,7 +107,8 @@ fn forward_matches_cpu() {
                 let tx = gpu.upload_f32(&x, &[s.batch, s.inputs], "x").unwrap();
                 let ty = gpu.tensor(&[s.batch, s.outputs], DType::F32, "y").unwrap();
                 for_each_source(&gpu, &c, |src, weff, name| {
-                    let k = matmul::forward(&gpu, &s, &c.layer, src, &tx, &ty).unwrap();
+                    let k =
+                        matmul::forward(&gpu, &s, &c.layer, src, &tx, &ty, Precision::F32).unwrap();
                     gpu.run(&[&k]).unwrap();
                     let what = format!(
                         "forward {name} {s:?} {init:?} {:?}",
@@ -299,7 +300,7 @@ fn grad_input_finite_differences() {
     let r = uniform(&mut rng, s.batch * s.outputs);
     let tx = gpu.upload_f32(&x, &[s.batch, s.inputs], "x").unwrap();
     let ty = gpu.tensor(&[s.batch, s.outputs], DType::F32, "y").unwrap();
-    let fwd = matmul::forward(&gpu, &s, &c.layer, &src, &tx, &ty).unwrap();
+    let fwd = matmul::forward(&gpu, &s, &c.layer, &src, &tx, &ty, Precision::F32).unwrap();
     let loss = |xv: &[f32]| -> f64 {
         gpu.write_f32(&tx, xv).unwrap();
         gpu.run(&[&fwd]).unwrap();
@@ -347,7 +348,16 @@ fn grad_score_finite_differences() {
     let tx = gpu.upload_f32(&x, &[s.batch, s.inputs], "x").unwrap();
     let ty = gpu.tensor(&[s.batch, s.outputs], DType::F32, "y").unwrap();
     let tw = gpu.tensor(&[n], DType::F32, "relaxed weights").unwrap();
-    let fwd = matmul::forward(&gpu, &s, &c.layer, &MaskSource::Dense(&tw), &tx, &ty).unwrap();
+    let fwd = matmul::forward(
+        &gpu,
+        &s,
+        &c.layer,
+        &MaskSource::Dense(&tw),
+        &tx,
+        &ty,
+        Precision::F32,
+    )
+    .unwrap();
     let loss = |sc: &[f32]| -> f64 {
         let w: Vec<f32> = frozen
             .iter()
@@ -429,7 +439,16 @@ fn large_grids_fold() {
     let x = uniform(&mut rng, s.batch * s.inputs);
     let tx = gpu.upload_f32(&x, &[s.batch, s.inputs], "x").unwrap();
     let ty = gpu.tensor(&[s.batch, s.outputs], DType::F32, "y").unwrap();
-    let k = matmul::forward(&gpu, &s, &layer, &MaskSource::Frozen, &tx, &ty).unwrap();
+    let k = matmul::forward(
+        &gpu,
+        &s,
+        &layer,
+        &MaskSource::Frozen,
+        &tx,
+        &ty,
+        Precision::F32,
+    )
+    .unwrap();
     assert!(
         k.workgroups()[2] > 1,
         "expected a 3-D grid, got {:?}",

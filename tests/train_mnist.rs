@@ -11,18 +11,7 @@ use prism::fl::simulation::{run, RunOptions};
 use prism::fl::{FeatureSpace, TrainConfig};
 
 fn tiny(rounds: usize) -> TrainConfig {
-    TrainConfig {
-        arch: "mlp28".into(),
-        clients: 3,
-        rounds,
-        local_steps: 6,
-        batch: 32,
-        real_batch: 0,
-        lr: 0.1,
-        partition: "shards:2".into(),
-        seed: 7,
-        ..Default::default()
-    }
+    common::tiny_config(3, rounds, 7)
 }
 
 fn options(out: &PathBuf) -> RunOptions {

@@ -203,20 +203,8 @@ fn shader(source: &str, rows: u32, aligned: bool, stride: usize, half: bool) -> 
         .def("unit_stride", stride == 1)
 }
 
-/// y <- conv(x, w * m).
+/// y <- conv(x, w * m), multiplying at `precision`.
 pub fn forward(
-    gpu: &Gpu,
-    s: &ConvShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    x: &Tensor,
-    y: &Tensor,
-) -> Result<Kernel> {
-    forward_in(gpu, s, layer, source, x, y, Precision::F32)
-}
-
-/// [`forward`] with the given arithmetic precision.
-pub fn forward_in(
     gpu: &Gpu,
     s: &ConvShape,
     layer: &LayerWeights,
@@ -263,21 +251,9 @@ fn launch(
     Ok(source.bind(k).build()?)
 }
 
-/// dx <- conv^T(dy, w * m).
-pub fn grad_input(
-    gpu: &Gpu,
-    s: &ConvShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    dy: &Tensor,
-    dx: &Tensor,
-) -> Result<Kernel> {
-    grad_input_in(gpu, s, layer, source, dy, dx, Precision::F32)
-}
-
-/// [`grad_input`] with the given arithmetic precision (f16 serves the forward pass of a
+/// dx <- conv^T(dy, w * m), multiplying at `precision` (f16 serves the forward pass of a
 /// transposed convolution in inference).
-pub fn grad_input_in(
+pub fn grad_input(
     gpu: &Gpu,
     s: &ConvShape,
     layer: &LayerWeights,
@@ -421,20 +397,8 @@ pub fn grad_score(
     })
 }
 
-/// y <- conv_transpose(x, w * m).
+/// y <- conv_transpose(x, w * m), multiplying at `precision`.
 pub fn transpose_forward(
-    gpu: &Gpu,
-    s: &ConvTransposeShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    x: &Tensor,
-    y: &Tensor,
-) -> Result<Kernel> {
-    transpose_forward_in(gpu, s, layer, source, x, y, Precision::F32)
-}
-
-/// [`transpose_forward`] with the given arithmetic precision.
-pub fn transpose_forward_in(
     gpu: &Gpu,
     s: &ConvTransposeShape,
     layer: &LayerWeights,
@@ -444,7 +408,7 @@ pub fn transpose_forward_in(
     precision: Precision,
 ) -> Result<Kernel> {
     s.validate()?;
-    grad_input_in(gpu, &s.adjoint(), layer, source, x, y, precision)
+    grad_input(gpu, &s.adjoint(), layer, source, x, y, precision)
 }
 
 /// dx <- the input gradient of a transposed convolution.
@@ -457,7 +421,7 @@ pub fn transpose_grad_input(
     dx: &Tensor,
 ) -> Result<Kernel> {
     s.validate()?;
-    forward(gpu, &s.adjoint(), layer, source, dy, dx)
+    forward(gpu, &s.adjoint(), layer, source, dy, dx, Precision::F32)
 }
 
 /// grad <- dL/ds of a transposed convolution's scores.

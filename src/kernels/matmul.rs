@@ -101,20 +101,8 @@ fn shader(s: &LinearShape, source: &str, t: &Tiling, half: bool) -> ShaderKey {
         .def("aligned", s.aligned())
 }
 
-/// y <- x (w * m)^T.
+/// y <- x (w * m)^T, multiplying at `precision`.
 pub fn forward(
-    gpu: &Gpu,
-    s: &LinearShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    x: &Tensor,
-    y: &Tensor,
-) -> Result<Kernel> {
-    forward_in(gpu, s, layer, source, x, y, Precision::F32)
-}
-
-/// [`forward`] with the given arithmetic precision.
-pub fn forward_in(
     gpu: &Gpu,
     s: &LinearShape,
     layer: &LayerWeights,

@@ -25,7 +25,7 @@ use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::matmul::{self, LinearShape};
 use crate::kernels::norm::{self, NormShape};
 use crate::kernels::weights::cpu::frozen_all;
-use crate::kernels::{data, elementwise as ew, LayerWeights, MaskSource};
+use crate::kernels::{data, elementwise as ew, LayerWeights, MaskSource, Precision};
 use crate::nn::{Layer, Shape};
 
 /// How the readout is fitted.
@@ -260,7 +260,7 @@ pub fn client_statistics(
         &as_weights,
         &MaskSource::Dense(&ones),
         &ft,
-        &sums,
+        &sums, Precision::F32,
     )?;
     gpu.run(&[&t, &s])?;
     let mean: Vec<f64> = gpu
@@ -301,7 +301,7 @@ pub fn client_statistics(
         &as_weights,
         &MaskSource::Dense(&fc),
         &fc,
-        &gram,
+        &gram, Precision::F32,
     )?;
     let c = matmul::forward(
         gpu,
@@ -309,7 +309,7 @@ pub fn client_statistics(
         &as_weights,
         &MaskSource::Dense(&yt),
         &fc,
-        &cross,
+        &cross, Precision::F32,
     )?;
     gpu.run(&[&centre, &g, &c])?;
     let to64 = |v: Vec<f32>| v.into_iter().map(|x| x as f64).collect();

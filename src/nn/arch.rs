@@ -113,32 +113,11 @@ pub const MAX_ACTIVATION: usize = 1 << 26;
 pub const MAX_WEIGHTS: usize = 1 << 31;
 
 impl Layer {
-    /// The sizes this layer names (checked against [`MAX_DIM`]).
-    fn dims(&self) -> Vec<usize> {
-        match self {
-            Layer::Linear { outputs } => vec![*outputs],
-            Layer::Conv {
-                cout,
-                k,
-                stride,
-                pad,
-            }
-            | Layer::ConvT {
-                cout,
-                k,
-                stride,
-                pad,
-            } => vec![*cout, *k, *stride, *pad],
-            Layer::Reshape { c, h, w } => vec![*c, *h, *w],
-            _ => Vec::new(),
-        }
-    }
-
     /// Output shape for an input shape, or an error saying why the layer cannot apply.
     pub fn output_shape(&self, s: Shape) -> Result<Shape> {
         let bad = |why: &str| Err(Error::invalid(format!("{self:?} on input {s:?}: {why}")));
-        if self
-            .dims()
+        if super::layers::kind(self)
+            .sizes()
             .iter()
             .chain([&s.c, &s.h, &s.w])
             .any(|&d| d > MAX_DIM)

@@ -189,3 +189,20 @@ pub fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> 
         .collect();
     safetensors::tensor::serialize(views, None).unwrap()
 }
+
+/// A federation small enough for a test: `clients` clients of mlp28 on two label shards each,
+/// 6 local steps at batch 32 a round.
+pub fn tiny_config(clients: usize, rounds: usize, seed: u32) -> prism::TrainConfig {
+    prism::TrainConfig {
+        arch: "mlp28".into(),
+        clients,
+        rounds,
+        local_steps: 6,
+        batch: 32,
+        real_batch: 0,
+        lr: 0.1,
+        partition: "shards:2".into(),
+        seed,
+        ..Default::default()
+    }
+}

@@ -38,6 +38,7 @@ enum MaskedShape {
 
 /// What distinguishes the masked kinds; the rest of their [`Kind`] is shared.
 trait MaskedKind {
+    fn sizes(&self) -> Vec<usize>;
     fn output_shape(&self, s: Shape, bad: &dyn Fn(&str) -> Error) -> Result<Shape>;
     fn collect_masked(&self, s: Shape, out: &mut Vec<MaskedLayerInfo>) -> Result<()>;
     /// The kernel shape at a batch size for input shape `s`.
@@ -45,6 +46,10 @@ trait MaskedKind {
 }
 
 impl<T: MaskedKind> Kind for T {
+    fn sizes(&self) -> Vec<usize> {
+        MaskedKind::sizes(self)
+    }
+
     fn output_shape(&self, s: Shape, bad: &dyn Fn(&str) -> Error) -> Result<Shape> {
         MaskedKind::output_shape(self, s, bad)
     }
@@ -131,6 +136,10 @@ impl MaskedKind for Linear {
         Ok(Shape::flat(self.outputs))
     }
 
+    fn sizes(&self) -> Vec<usize> {
+        vec![self.outputs]
+    }
+
     fn shape(&self, batch: usize, s: Shape) -> MaskedShape {
         self.kernel_shape(batch, s)
     }
@@ -169,6 +178,10 @@ impl MaskedKind for Conv {
             h: (s.h + 2 * pad - k) / stride + 1,
             w: (s.w + 2 * pad - k) / stride + 1,
         })
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        vec![self.cout, self.k, self.stride, self.pad]
     }
 
     fn shape(&self, batch: usize, s: Shape) -> MaskedShape {
@@ -210,10 +223,10 @@ impl MaskedShape {
         precision: Precision,
     ) -> Result<Kernel> {
         match self {
-            MaskedShape::Linear(s) => matmul::forward_in(gpu, s, lw, source, x, y, precision),
-            MaskedShape::Conv(s) => conv::forward_in(gpu, s, lw, source, x, y, precision),
+            MaskedShape::Linear(s) => matmul::forward(gpu, s, lw, source, x, y, precision),
+            MaskedShape::Conv(s) => conv::forward(gpu, s, lw, source, x, y, precision),
             MaskedShape::ConvT(s) => {
-                conv::transpose_forward_in(gpu, s, lw, source, x, y, precision)
+                conv::transpose_forward(gpu, s, lw, source, x, y, precision)
             }
         }
     }
@@ -332,7 +345,7 @@ impl Recorded for MaskedOp {
                     r.program.push_score_grad(sg);
                 }
                 if let Some(dx) = &dx {
-                    let k = conv::grad_input(r.gpu, s, &l.weights, &r.source(self.layer), &dy, dx)?;
+                    let k = conv::grad_input(r.gpu, s, &l.weights, &r.source(self.layer), &dy, dx, Precision::F32)?;
                     r.program.push(k);
                 }
             }

@@ -16,6 +16,12 @@ use crate::error::{Error, Result};
 
 /// A layer kind.
 pub(crate) trait Kind {
+    /// The sizes the layer's description names (bounded by [`super::arch::MAX_DIM`] before any
+    /// arithmetic, since layer tables come from files).
+    fn sizes(&self) -> Vec<usize> {
+        Vec::new()
+    }
+
     /// The output shape for input shape `s` (its sizes already bounded), or `bad(why)`.
     fn output_shape(&self, s: Shape, bad: &dyn Fn(&str) -> Error) -> Result<Shape>;
 

@@ -21,6 +21,10 @@ pub(super) struct Residual<'a> {
 }
 
 impl Kind for Reshape {
+    fn sizes(&self) -> Vec<usize> {
+        vec![self.0.c, self.0.h, self.0.w]
+    }
+
     fn output_shape(&self, s: Shape, bad: &dyn Fn(&str) -> Error) -> Result<Shape> {
         if self.0.len() != s.len() {
             return Err(bad("element count differs"));
