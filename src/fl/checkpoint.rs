@@ -2,9 +2,9 @@
 //! the server's Beta priors, every client's Adam moments and step counter, the metrics so far).
 //!
 //! Layout (little endian): magic "PRCK" | version u32 | config JSON (u32 length + bytes) |
-//! rounds done u32 | layers u32 | per layer: weights u32, scores f32[n], prior f32[2n] |
-//! clients u32 | per client: step u32, moments f32[2n] per layer, (version 2) loss state
-//! arrays u32 and per array: length u32, f32[length] | metrics JSON (u32 length + bytes) |
+//! rounds done u32 | layers u32 | per layer: weights u32, scores f32\[n\], prior f32\[2n\] |
+//! clients u32 | per client: step u32, moments f32\[2n\] per layer, (version 2) loss state
+//! arrays u32 and per array: length u32, f32\[length\] | metrics JSON (u32 length + bytes) |
 //! crc32 of all before. Version 1 (no loss state) still reads.
 //!
 //! Written to a temporary file, synced, then renamed over the old one: a crash at any moment

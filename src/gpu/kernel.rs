@@ -50,7 +50,7 @@ impl Kernel {
         pass.dispatch_workgroups(self.workgroups[0], self.workgroups[1], self.workgroups[2]);
     }
 
-    /// "shader[variant]::entry".
+    /// "shader\[variant\]::entry".
     pub fn label(&self) -> &str {
         &self.entry.label
     }

@@ -104,7 +104,7 @@ pub fn step(gpu: &Gpu, cfg: &AdamConfig, io: &AdamIo) -> Result<Kernel> {
         .build()?)
 }
 
-/// losses[step - step_base] <- loss[1] (the loss value of the step just taken).
+/// losses[step - step_base] <- loss\[1\] (the loss value of the step just taken).
 pub fn record_loss(gpu: &Gpu, step: &Tensor, loss: &Tensor, losses: &Tensor) -> Result<Kernel> {
     check(step, StepState::WORDS, DType::U32, "step state")?;
     Ok(gpu

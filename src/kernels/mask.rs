@@ -221,7 +221,7 @@ pub fn aggregate(
 }
 
 /// MADA's update of one layer: out <- lambda s_hat + (1 - lambda) scores, where lambda =
-/// count[0] / total (the Hamming count over all `total` weights).
+/// count\[0\] / total (the Hamming count over all `total` weights).
 pub fn blend(
     gpu: &Gpu,
     total: usize,

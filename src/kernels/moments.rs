@@ -68,7 +68,7 @@ fn key() -> ShaderKey {
 }
 
 /// Merges the first `rows` rows of a batch of features f [>= rows, d] into the running
-/// (mean, M2) pairs `acc` [2d], which already hold `before` samples (0: overwrite).
+/// (mean, M2) pairs `acc` \[2d\], which already hold `before` samples (0: overwrite).
 pub fn stats_merge(
     gpu: &Gpu,
     f: &Tensor,
@@ -99,7 +99,7 @@ pub fn stats_merge(
         .build()?)
 }
 
-/// real [2d] <- (mean, unbiased variance) from the accumulator of `count` samples.
+/// real \[2d\] <- (mean, unbiased variance) from the accumulator of `count` samples.
 pub fn stats_finish(gpu: &Gpu, acc: &Tensor, count: usize, real: &Tensor) -> Result<Kernel> {
     let d = acc.len() / 2;
     check(real, 2 * d, DType::F32, "real feature statistics")?;
@@ -126,11 +126,11 @@ pub fn stats_finish(gpu: &Gpu, acc: &Tensor, count: usize, real: &Tensor) -> Res
 pub struct LayerIo<'a> {
     /// Generated features [n, d].
     pub features: &'a Tensor,
-    /// Real (mean, variance) per feature [2d].
+    /// Real (mean, variance) per feature \[2d\].
     pub real: &'a Tensor,
-    /// Trackers (v_m, v_v) per feature [2d].
+    /// Trackers (v_m, v_v) per feature \[2d\].
     pub track: &'a Tensor,
-    /// The trackers' Adam moments [4d].
+    /// The trackers' Adam moments \[4d\].
     pub opt: &'a Tensor,
     /// dL/d features [n, d] (written).
     pub grad: &'a Tensor,
@@ -243,7 +243,7 @@ pub mod cpu {
             * weight
     }
 
-    /// One step of a layer: updates `track` [2d] and `opt` [4d] in place (Adam with t), returns
+    /// One step of a layer: updates `track` \[2d\] and `opt` \[4d\] in place (Adam with t), returns
     /// dL/df [n, d] and the per-feature (objective, squared difference) terms.
     #[allow(clippy::too_many_arguments)]
     pub fn step(

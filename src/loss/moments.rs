@@ -12,7 +12,7 @@ use crate::nn::{Network, Tap};
 pub struct MomentLoss {
     /// Per tap: the tracker update and the feature gradient; then the loss reduction.
     pub kernels: Vec<Kernel>,
-    /// [0] the GFMN objective, [1] the recorded loss (mean squared moment difference), both
+    /// \[0\] the GFMN objective, \[1\] the recorded loss (mean squared moment difference), both
     /// times the loss weight.
     pub loss: Tensor,
     /// The working buffers the kernels bind, per tap: real (mean, variance) [2d], trackers
@@ -79,8 +79,8 @@ impl MomentLoss {
         })
     }
 
-    /// Sizes (f32) of the state a client keeps across rounds: per tap, its trackers [2d] and
-    /// their Adam moments [4d].
+    /// Sizes (f32) of the state a client keeps across rounds: per tap, its trackers \[2d\] and
+    /// their Adam moments \[4d\].
     pub fn state_sizes(&self) -> Vec<usize> {
         self.features.iter().flat_map(|&d| [2 * d, 4 * d]).collect()
     }

@@ -58,7 +58,7 @@ pub struct ClientLoss {
 pub struct Objective {
     /// Run in order after the generator's forward pass and before its backward pass.
     pub kernels: Vec<Kernel>,
-    /// [1]: the step's loss as recorded (the weighted sum of the terms' recorded values).
+    /// \[1\]: the step's loss as recorded (the weighted sum of the terms' recorded values).
     pub loss: Rc<Tensor>,
     /// Whether a real batch must be gathered each step (moment matching alone reads none).
     pub uses_real_batch: bool,

@@ -60,13 +60,13 @@ pub const RIDGE: f64 = 1e-2;
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReadoutStats {
     pub count: f64,
-    /// Mean of f [d].
+    /// Mean of f \[d\].
     pub mean: Vec<f64>,
     /// Sum of (f - mean)(f - mean)^T [d, d] (row-major, symmetric).
     pub gram: Vec<f64>,
     /// Sum of (f - mean) y^T [d, classes].
     pub cross: Vec<f64>,
-    /// Images per class [classes].
+    /// Images per class \[classes\].
     pub class_counts: Vec<f64>,
 }
 
