@@ -45,14 +45,10 @@ impl<'a> Pass<'a> {
         &params.affine[i]
     }
 
-    /// Adds `g` into masked layer `index`'s dL/dw_eff.
+    /// Adds `g` into masked layer `index`'s dL/dw_eff (backward passes only).
     pub(crate) fn add_weight_gradient(&mut self, index: usize, g: &[f32]) {
         let acc = &mut self.weight_grads[index];
-        if acc.is_empty() {
-            *acc = g.to_vec();
-        } else {
-            acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
-        }
+        acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
     }
 }
 
@@ -104,12 +100,17 @@ pub(crate) fn run_backward(
     Ok(dy)
 }
 
-fn pass<'a>(batch: usize, params: &'a Params<'a>, masked: usize) -> Pass<'a> {
+/// A pass over `params`; `gradients`: it runs backward, so it holds zeroed dL/dw_eff.
+fn pass<'a>(batch: usize, params: &'a Params<'a>, gradients: bool) -> Pass<'a> {
+    let weight_grads = match gradients {
+        true => params.weights.iter().map(|w| vec![0.0; w.len()]).collect(),
+        false => Vec::new(),
+    };
     Pass {
         batch,
         params,
         at: Cursor::default(),
-        weight_grads: vec![Vec::new(); masked],
+        weight_grads,
     }
 }
 
@@ -123,7 +124,7 @@ pub fn layer_outputs(
     params: &Params,
 ) -> Result<Vec<(Vec<f32>, Shape)>> {
     let mut outs = Vec::with_capacity(layers.len());
-    let mut p = pass(batch, params, params.weights.len());
+    let mut p = pass(batch, params, false);
     run(&mut p, layers, input.to_vec(), shape, Some(&mut outs))?;
     Ok(outs)
 }
@@ -140,7 +141,7 @@ pub fn forward(
         weights: weff,
         affine: &[],
     };
-    let mut p = pass(batch, &params, weff.len());
+    let mut p = pass(batch, &params, false);
     let shape = Shape::flat(arch.latent);
     Ok(run(&mut p, &arch.layers, input.to_vec(), shape, None)?.0)
 }
@@ -166,14 +167,11 @@ pub fn backward(
         weights: weff,
         affine: &[],
     };
-    let mut p = pass(batch, &params, weff.len());
+    let mut p = pass(batch, &params, true);
     let shape = Shape::flat(arch.latent);
     let input = run_backward(&mut p, &arch.layers, input, shape, grad_output)?;
-    let weights = p
-        .weight_grads
-        .into_iter()
-        .zip(weff)
-        .map(|(g, w)| if g.is_empty() { vec![0.0; w.len()] } else { g })
-        .collect();
-    Ok(Gradients { input, weights })
+    Ok(Gradients {
+        input,
+        weights: p.weight_grads,
+    })
 }

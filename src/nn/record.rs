@@ -43,18 +43,16 @@ pub(crate) struct Act {
     pub shape: Shape,
 }
 
+/// What a recorded op's backward pass gives: dL/d input, or None when nothing upstream needs it.
+pub(crate) type InputGrad = Result<Option<Rc<Tensor>>>;
+
 /// One recorded forward op: what its backward pass needs.
 pub(crate) trait Recorded {
     /// The op's output.
     fn output(&self) -> &Act;
     /// Records the backward kernels from dL/d output `dy`. Returns dL/d input, or None when
     /// `want_dx` is false and so nothing upstream needs it (which ends the pass).
-    fn backward(
-        &self,
-        r: &mut BackwardRecorder,
-        dy: Rc<Tensor>,
-        want_dx: bool,
-    ) -> Result<Option<Rc<Tensor>>>;
+    fn backward(&self, r: &mut BackwardRecorder, dy: Rc<Tensor>, want_dx: bool) -> InputGrad;
     /// Whether the op holds a masked layer (whose scores want gradients).
     fn has_masked(&self) -> bool {
         false
@@ -79,12 +77,7 @@ impl Recorded for OneKernelOp {
         &self.y
     }
 
-    fn backward(
-        &self,
-        r: &mut BackwardRecorder,
-        dy: Rc<Tensor>,
-        want_dx: bool,
-    ) -> Result<Option<Rc<Tensor>>> {
+    fn backward(&self, r: &mut BackwardRecorder, dy: Rc<Tensor>, want_dx: bool) -> InputGrad {
         if !want_dx {
             return Ok(None);
         }
@@ -197,22 +190,17 @@ pub(crate) struct BackwardRecorder<'g, 'n> {
 }
 
 impl BackwardRecorder<'_, '_> {
-    /// A new gradient buffer shaped like `t`.
-    pub fn grad_like_tensor(&mut self, t: &Tensor, what: &str) -> Result<Rc<Tensor>> {
-        let g = Rc::new(self.gpu.tensor(t.shape(), DType::F32, what)?);
+    /// A new gradient buffer of `dims`, kept alive with the network.
+    fn grad_buffer(&mut self, dims: &[usize], what: &str) -> Result<Rc<Tensor>> {
+        let g = Rc::new(self.gpu.tensor(dims, DType::F32, what)?);
         self.grads.push(g.clone());
         Ok(g)
     }
 
     /// A new gradient buffer for activation `a`.
     pub fn grad_like(&mut self, a: &Act, what: &str) -> Result<Rc<Tensor>> {
-        let t = Rc::new(self.gpu.tensor(
-            &[self.opts.batch, a.shape.c, a.shape.h, a.shape.w],
-            DType::F32,
-            what,
-        )?);
-        self.grads.push(t.clone());
-        Ok(t)
+        let s = a.shape;
+        self.grad_buffer(&[self.opts.batch, s.c, s.h, s.w], what)
     }
 
     pub fn source(&self, layer: usize) -> MaskSource<'_> {
@@ -251,7 +239,7 @@ impl BackwardRecorder<'_, '_> {
                     .map(|t| t.1.clone());
                 if let Some(g) = tapped {
                     // This layer's output feeds the loss directly as well as the layers after it.
-                    let sum = self.grad_like_tensor(&dy, "tap gradient sum")?;
+                    let sum = self.grad_buffer(dy.shape(), "tap gradient sum")?;
                     self.program
                         .push(crate::kernels::elementwise::add(self.gpu, &dy, &g, &sum)?);
                     dy = sum;

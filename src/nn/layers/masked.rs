@@ -12,7 +12,7 @@ use crate::kernels::{LayerWeights, MaskSource, Precision, ScoreGradIo};
 use crate::nn::arch::{weight_count, MaskedLayerInfo, Shape};
 use crate::nn::cpu::Pass;
 use crate::nn::network::Backward;
-use crate::nn::record::{Act, BackwardRecorder, ForwardRecorder, Recorded};
+use crate::nn::record::{Act, BackwardRecorder, ForwardRecorder, InputGrad, Recorded};
 
 /// A masked dense layer on flattened activations (no bias).
 pub(super) struct Linear {
@@ -91,46 +91,6 @@ impl<T: MaskedKind> Kind for T {
     }
 }
 
-impl Linear {
-    fn kernel_shape(&self, batch: usize, s: Shape) -> MaskedShape {
-        MaskedShape::Linear(LinearShape {
-            batch,
-            inputs: s.len(),
-            outputs: self.outputs,
-        })
-    }
-}
-
-impl Conv {
-    fn kernel_shape(&self, batch: usize, s: Shape) -> MaskedShape {
-        let c = ConvShape {
-            batch,
-            cin: s.c,
-            cout: self.cout,
-            h: s.h,
-            w: s.w,
-            kh: self.k,
-            kw: self.k,
-            stride: self.stride,
-            pad: self.pad,
-        };
-        if !self.transposed {
-            return MaskedShape::Conv(c);
-        }
-        MaskedShape::ConvT(ConvTransposeShape {
-            batch: c.batch,
-            cin: c.cin,
-            cout: c.cout,
-            h: c.h,
-            w: c.w,
-            kh: c.kh,
-            kw: c.kw,
-            stride: c.stride,
-            pad: c.pad,
-        })
-    }
-}
-
 impl MaskedKind for Linear {
     fn output_shape(&self, _s: Shape, _bad: &dyn Fn(&str) -> Error) -> Result<Shape> {
         Ok(Shape::flat(self.outputs))
@@ -141,7 +101,11 @@ impl MaskedKind for Linear {
     }
 
     fn shape(&self, batch: usize, s: Shape) -> MaskedShape {
-        self.kernel_shape(batch, s)
+        MaskedShape::Linear(LinearShape {
+            batch,
+            inputs: s.len(),
+            outputs: self.outputs,
+        })
     }
 
     fn collect_masked(&self, s: Shape, out: &mut Vec<MaskedLayerInfo>) -> Result<()> {
@@ -185,7 +149,31 @@ impl MaskedKind for Conv {
     }
 
     fn shape(&self, batch: usize, s: Shape) -> MaskedShape {
-        self.kernel_shape(batch, s)
+        let c = ConvShape {
+            batch,
+            cin: s.c,
+            cout: self.cout,
+            h: s.h,
+            w: s.w,
+            kh: self.k,
+            kw: self.k,
+            stride: self.stride,
+            pad: self.pad,
+        };
+        if !self.transposed {
+            return MaskedShape::Conv(c);
+        }
+        MaskedShape::ConvT(ConvTransposeShape {
+            batch: c.batch,
+            cin: c.cin,
+            cout: c.cout,
+            h: c.h,
+            w: c.w,
+            kh: c.kh,
+            kw: c.kw,
+            stride: c.stride,
+            pad: c.pad,
+        })
     }
 
     fn collect_masked(&self, s: Shape, out: &mut Vec<MaskedLayerInfo>) -> Result<()> {
@@ -279,12 +267,7 @@ impl Recorded for MaskedOp {
         true
     }
 
-    fn backward(
-        &self,
-        r: &mut BackwardRecorder,
-        dy: Rc<Tensor>,
-        want_dx: bool,
-    ) -> Result<Option<Rc<Tensor>>> {
+    fn backward(&self, r: &mut BackwardRecorder, dy: Rc<Tensor>, want_dx: bool) -> InputGrad {
         let layers = r.layers;
         let l = &layers[self.layer];
         let x = &self.x;
@@ -311,7 +294,7 @@ impl Recorded for MaskedOp {
                             r.gpu,
                             s,
                             &l.weights,
-                            r.opts.estimator,
+                            estimator,
                             &cfg,
                             &matmul::AdamState {
                                 x: &x.t,
@@ -345,7 +328,9 @@ impl Recorded for MaskedOp {
                     r.program.push_score_grad(sg);
                 }
                 if let Some(dx) = &dx {
-                    let k = conv::grad_input(r.gpu, s, &l.weights, &r.source(self.layer), &dy, dx, Precision::F32)?;
+                    let source = r.source(self.layer);
+                    let k =
+                        conv::grad_input(r.gpu, s, &l.weights, &source, &dy, dx, Precision::F32)?;
                     r.program.push(k);
                 }
             }

@@ -10,6 +10,7 @@ mod pool;
 mod structure;
 
 use super::arch::{Layer, MaskedLayerInfo, Shape};
+use pointwise::{Pointwise, Which};
 use super::cpu::Pass;
 use super::record::{Act, ForwardRecorder, Recorded};
 use crate::error::{Error, Result};
@@ -65,10 +66,10 @@ pub(crate) fn kind(l: &Layer) -> Box<dyn Kind + '_> {
         }),
         Layer::BatchNorm => Box::new(norm::BatchNorm),
         Layer::Affine => Box::new(norm::Affine),
-        Layer::Relu => Box::new(pointwise::Relu),
-        Layer::Tanh => Box::new(pointwise::Tanh),
-        Layer::Upsample2x => Box::new(pointwise::Upsample2x),
-        Layer::Blur => Box::new(pointwise::Blur),
+        Layer::Relu => Box::new(Pointwise(Which::Relu)),
+        Layer::Tanh => Box::new(Pointwise(Which::Tanh)),
+        Layer::Upsample2x => Box::new(Pointwise(Which::Upsample2x)),
+        Layer::Blur => Box::new(Pointwise(Which::Blur)),
         Layer::MaxPool2 => Box::new(pool::Pool2(crate::kernels::pool::Pool::Max)),
         Layer::AvgPool2 => Box::new(pool::Pool2(crate::kernels::pool::Pool::Avg)),
         Layer::Reshape { c, h, w } => Box::new(structure::Reshape(Shape {

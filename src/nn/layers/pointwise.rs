@@ -9,14 +9,12 @@ use crate::nn::arch::Shape;
 use crate::nn::cpu::Pass;
 use crate::nn::record::{Act, ForwardRecorder, OneKernelOp, Recorded};
 
-pub(super) struct Relu;
-pub(super) struct Tanh;
-pub(super) struct Upsample2x;
-pub(super) struct Blur;
+/// A pointwise layer: one kind for the four, told apart by [`Which`].
+pub(super) struct Pointwise(pub Which);
 
-/// Which pointwise layer a recorded op is.
+/// Which pointwise layer.
 #[derive(Clone, Copy)]
-enum Which {
+pub(super) enum Which {
     Relu,
     Tanh,
     Upsample2x,
@@ -91,58 +89,37 @@ impl Which {
     }
 }
 
-/// The shared [`Kind`] of the pointwise layers.
-macro_rules! pointwise_kind {
-    ($t:ident, $which:expr, |$s:ident| $shape:expr) => {
-        impl Kind for $t {
-            fn output_shape(&self, $s: Shape, _bad: &dyn Fn(&str) -> Error) -> Result<Shape> {
-                Ok($shape)
-            }
+impl Kind for Pointwise {
+    fn output_shape(&self, s: Shape, _bad: &dyn Fn(&str) -> Error) -> Result<Shape> {
+        Ok(match self.0 {
+            Which::Upsample2x => Shape {
+                c: s.c,
+                h: 2 * s.h,
+                w: 2 * s.w,
+            },
+            Which::Relu | Which::Tanh | Which::Blur => s,
+        })
+    }
 
-            fn record(
-                &self,
-                f: &mut ForwardRecorder,
-                x: &Act,
-                out: Shape,
-            ) -> Result<Box<dyn Recorded>> {
-                record(f, $which, x, out)
-            }
+    fn record(&self, f: &mut ForwardRecorder, x: &Act, out: Shape) -> Result<Box<dyn Recorded>> {
+        let which = self.0;
+        let y = f.act(out, which.name().0)?;
+        let (batch, s) = (f.opts.batch, x.shape);
+        f.forward.push(which.forward(f.gpu, batch, s, &x.t, &y.t)?);
+        let yt = y.t.clone();
+        Ok(Box::new(OneKernelOp {
+            x: x.clone(),
+            y,
+            what: which.name().1,
+            kernel: Box::new(move |gpu, dy, dx| which.backward(gpu, batch, s, &yt, dy, dx)),
+        }))
+    }
 
-            fn cpu_forward(&self, p: &mut Pass, x: &[f32], s: Shape) -> Result<Vec<f32>> {
-                Ok($which.cpu_forward(p.batch, s, x))
-            }
+    fn cpu_forward(&self, p: &mut Pass, x: &[f32], s: Shape) -> Result<Vec<f32>> {
+        Ok(self.0.cpu_forward(p.batch, s, x))
+    }
 
-            fn cpu_backward(
-                &self,
-                p: &mut Pass,
-                x: &[f32],
-                s: Shape,
-                dy: &[f32],
-            ) -> Result<Vec<f32>> {
-                Ok($which.cpu_backward(p.batch, s, x, dy))
-            }
-        }
-    };
-}
-
-pointwise_kind!(Relu, Which::Relu, |s| s);
-pointwise_kind!(Tanh, Which::Tanh, |s| s);
-pointwise_kind!(Blur, Which::Blur, |s| s);
-pointwise_kind!(Upsample2x, Which::Upsample2x, |s| Shape {
-    c: s.c,
-    h: 2 * s.h,
-    w: 2 * s.w,
-});
-
-fn record(f: &mut ForwardRecorder, which: Which, x: &Act, out: Shape) -> Result<Box<dyn Recorded>> {
-    let y = f.act(out, which.name().0)?;
-    let (batch, s) = (f.opts.batch, x.shape);
-    f.forward.push(which.forward(f.gpu, batch, s, &x.t, &y.t)?);
-    let yt = y.t.clone();
-    Ok(Box::new(OneKernelOp {
-        x: x.clone(),
-        y,
-        what: which.name().1,
-        kernel: Box::new(move |gpu, dy, dx| which.backward(gpu, batch, s, &yt, dy, dx)),
-    }))
+    fn cpu_backward(&self, p: &mut Pass, x: &[f32], s: Shape, dy: &[f32]) -> Result<Vec<f32>> {
+        Ok(self.0.cpu_backward(p.batch, s, x, dy))
+    }
 }

@@ -9,7 +9,7 @@ use crate::gpu::Tensor;
 use crate::kernels::elementwise as ew;
 use crate::nn::arch::{self, Layer, MaskedLayerInfo, Shape};
 use crate::nn::cpu::{self, Pass};
-use crate::nn::record::{Act, BackwardRecorder, ForwardRecorder, Recorded};
+use crate::nn::record::{Act, BackwardRecorder, ForwardRecorder, InputGrad, Recorded};
 
 /// A view of the activations with another per-sample shape (no kernel).
 pub(super) struct Reshape(pub Shape);
@@ -55,12 +55,7 @@ impl Recorded for ReshapeOp {
         &self.0
     }
 
-    fn backward(
-        &self,
-        _r: &mut BackwardRecorder,
-        dy: Rc<Tensor>,
-        _want_dx: bool,
-    ) -> Result<Option<Rc<Tensor>>> {
+    fn backward(&self, _r: &mut BackwardRecorder, dy: Rc<Tensor>, _: bool) -> InputGrad {
         Ok(Some(dy))
     }
 }
@@ -123,12 +118,7 @@ impl Recorded for ResidualOp {
         self.main.iter().chain(&self.skip).any(|op| op.has_masked())
     }
 
-    fn backward(
-        &self,
-        r: &mut BackwardRecorder,
-        dy: Rc<Tensor>,
-        want_dx: bool,
-    ) -> Result<Option<Rc<Tensor>>> {
+    fn backward(&self, r: &mut BackwardRecorder, dy: Rc<Tensor>, want_dx: bool) -> InputGrad {
         let dm = r.back(&self.main, dy.clone(), want_dx, false)?;
         let ds = r.back(&self.skip, dy, want_dx, false)?;
         if !want_dx {
