@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from loss_study import D, idx_images, idx_labels, Bern
+from loss_study import D, idx_images, idx_labels, Bern, federation_args, federation_setup, non_iid_parts, server_step
 
 
 class Masked(nn.Module):
@@ -74,28 +74,15 @@ class MClf(nn.Module):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--local", type=int, default=20)
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=1)
+    federation_args(ap, rounds=3, local=20, lr=0.1)
     ap.add_argument("--ch", default="32,64,128")
     ap.add_argument("--out", required=True)
     ap.add_argument("--final", default="threshold")
-    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    rng = np.random.default_rng(a.seed)
-    x = torch.tensor(idx_images(f"{D}/mnist/train-images-idx3-ubyte.gz")) * 2 - 1
-    y = idx_labels(f"{D}/mnist/train-labels-idx1-ubyte.gz")
+    x, y, rng = federation_setup(a)
     yt = torch.tensor(y)
     K = a.clients
-    order = np.argsort(y, kind="stable")
-    shards = np.array_split(order, 4 * K)
-    sp = rng.permutation(4 * K)
-    parts = [torch.tensor(np.concatenate([shards[j] for j in sp[4 * k:4 * k + 4]])) for k in range(K)]
+    parts = [torch.tensor(p) for p in non_iid_parts(y, K, rng)]
     net = MClf(tuple(int(c) for c in a.ch.split(",")))
     params = [m.s for m in net.masked()]
     glob = [p.detach().clone() for p in params]
@@ -114,16 +101,7 @@ def main():
             with torch.no_grad():
                 masks.append([torch.bernoulli(torch.sigmoid(p)) for p in params])
         with torch.no_grad():
-            s_hat = []
-            for li in range(len(params)):
-                th = torch.stack([m[li] for m in masks]).mul(0.98).add(0.01).mean(0)
-                s_hat.append(torch.log(th / (1 - th)))
-            diff = 0; tot = 0
-            for g, sh in zip(glob, s_hat):
-                A = torch.bernoulli(torch.sigmoid(g)); B = torch.bernoulli(torch.sigmoid(sh))
-                diff += (A != B).sum().item(); tot += A.numel()
-            lam = diff / tot
-            glob = [lam * sh + (1 - lam) * g for g, sh in zip(glob, s_hat)]
+            glob, lam = server_step(glob, masks)
         # accuracy of the global threshold mask on test
         with torch.no_grad():
             for m, g in zip(net.masked(), glob):

@@ -7,17 +7,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 import loss_study as proto
-from loss_study import D, idx_images, idx_labels, Gen, mmd, MovingMoments, real_stats, AE, Clf
+from loss_study import Gen, mmd, MovingMoments, real_stats, AE, Clf
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--local", type=int, default=50)
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.3)
-    ap.add_argument("--seed", type=int, default=1)
+    proto.federation_args(ap, rounds=12, local=50, lr=0.3)
     ap.add_argument("--loss", default="pixel")
     ap.add_argument("--weights", default="")
     ap.add_argument("--sigmas", default="2,5,10,20,40,80")
@@ -29,26 +24,18 @@ def main():
     ap.add_argument("--no-mada", action="store_true")
     ap.add_argument("--out", default="fed-study-out")
     ap.add_argument("--cache", default=".", help="folder of the study encoders loss_study.py trained")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--widths", default="256,512,1024")
     ap.add_argument("--side", type=int, default=14)
     ap.add_argument("--final", default="sample", help="sample or threshold")
     ap.add_argument("--save-at", default="", help="rounds after which to also write samples")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    rng = np.random.default_rng(a.seed)
-    x = torch.tensor(idx_images(f"{D}/mnist/train-images-idx3-ubyte.gz")) * 2 - 1
-    y = idx_labels(f"{D}/mnist/train-labels-idx1-ubyte.gz")
+    x, y, rng = proto.federation_setup(a)
     K = a.clients
     if a.iid:
         perm = rng.permutation(len(x))
         parts = np.array_split(perm, K)
     else:
-        order = np.argsort(y, kind="stable")
-        shards = np.array_split(order, 4 * K)
-        sp = rng.permutation(4 * K)
-        parts = [np.concatenate([shards[j] for j in sp[4 * k:4 * k + 4]]) for k in range(K)]
+        parts = proto.non_iid_parts(y, K, rng)
     losses = a.loss.split(",")
     wts = [float(w) for w in a.weights.split(",")] if a.weights else [1.0] * len(losses)
     layers = [int(l) for l in a.layers.split(",")]
@@ -113,22 +100,10 @@ def main():
             with torch.no_grad():
                 masks.append([torch.bernoulli(torch.sigmoid(p)) for p in params])
         with torch.no_grad():
-            s_hat = []
-            for li in range(len(params)):
-                th = torch.stack([m[li] for m in masks]).mul(0.98).add(0.01).mean(0)
-                s_hat.append(torch.log(th / (1 - th)))
-            if a.no_mada:
-                glob = s_hat
-            else:
-                diff = 0; tot = 0
-                for g, sh in zip(glob, s_hat):
-                    A = torch.bernoulli(torch.sigmoid(g)); B = torch.bernoulli(torch.sigmoid(sh))
-                    diff += (A != B).sum().item(); tot += A.numel()
-                lam = diff / tot
-                glob = [lam * sh + (1 - lam) * g for g, sh in zip(glob, s_hat)]
+            glob, lam = proto.server_step(glob, masks, mada=not a.no_mada)
         if str(r + 1) in a.save_at.split(","):
             write_samples(gen, params, glob, f"{a.out}_r{r+1}")
-        print(f"round {r+1}: loss {total.item():.4f} lambda {lam if not a.no_mada else 1:.3f} ({time.time()-tr:.0f}s, total {time.time()-t0:.0f}s)", flush=True)
+        print(f"round {r+1}: loss {total.item():.4f} lambda {lam:.3f} ({time.time()-tr:.0f}s, total {time.time()-t0:.0f}s)", flush=True)
     torch.save(glob, a.out + ".scores.pt")
     print(f"train time {time.time()-t0:.0f}s")
     write_samples(gen, params, glob, a.out)

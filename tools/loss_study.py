@@ -62,10 +62,11 @@ class Gen(nn.Module):
         return torch.tanh(h)  # [-1, 1]
 
 
-class AE(nn.Module):
-    """conv 32-64-128 stride 2 (BN, ReLU) -> linear code; mirrored decoder."""
+class Trunk(nn.Module):
+    """conv 32-64-128 stride 2 (BN, ReLU) -> linear code: the encoder both study encoders share.
+    `code_relu` says whether the code passes a ReLU (the classifier's) or not (the AE's)."""
 
-    def __init__(self, code=32, ch=(32, 64, 128)):
+    def __init__(self, code, ch, code_relu):
         super().__init__()
         c1, c2, c3 = ch
         self.enc = nn.ModuleList([
@@ -74,12 +75,7 @@ class AE(nn.Module):
             nn.Conv2d(c2, c3, 3, 2, 1), nn.BatchNorm2d(c3),  # 4
         ])
         self.fc = nn.Linear(c3 * 16, code)
-        self.dfc = nn.Linear(code, c3 * 16)
-        self.dec = nn.Sequential(
-            nn.ReLU(), nn.ConvTranspose2d(c3, c2, 3, 2, 1), nn.BatchNorm2d(c2), nn.ReLU(),  # 7
-            nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.BatchNorm2d(c1), nn.ReLU(),  # 14
-            nn.ConvTranspose2d(c1, 1, 4, 2, 1), nn.Tanh())
-        self.c3 = c3
+        self.code_relu = code_relu
 
     def features(self, x):
         """ReLU outputs of the three conv stages and the code."""
@@ -88,56 +84,60 @@ class AE(nn.Module):
         for i in range(0, 6, 2):
             h = F.relu(self.enc[i + 1](self.enc[i](h)))
             out.append(h)
-        out.append(self.fc(h.flatten(1)))
+        code = self.fc(h.flatten(1))
+        out.append(F.relu(code) if self.code_relu else code)
         return out
+
+
+class AE(Trunk):
+    """The trunk's linear code; mirrored decoder."""
+
+    def __init__(self, code=32, ch=(32, 64, 128)):
+        super().__init__(code, ch, code_relu=False)
+        c1, c2, c3 = ch
+        self.dfc = nn.Linear(code, c3 * 16)
+        self.dec = nn.Sequential(
+            nn.ReLU(), nn.ConvTranspose2d(c3, c2, 3, 2, 1), nn.BatchNorm2d(c2), nn.ReLU(),  # 7
+            nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.BatchNorm2d(c1), nn.ReLU(),  # 14
+            nn.ConvTranspose2d(c1, 1, 4, 2, 1), nn.Tanh())
+        self.c3 = c3
 
     def forward(self, x):
         z = self.features(x)[-1]
         return self.dec(self.dfc(z).view(-1, self.c3, 4, 4))
 
 
-class Clf(nn.Module):
-    """Same conv trunk as AE, trained with labels; 'code' = penultimate features."""
+class Clf(Trunk):
+    """The same trunk trained with labels; 'code' = penultimate (ReLU) features."""
 
     def __init__(self, code=32, ch=(32, 64, 128)):
-        super().__init__()
-        c1, c2, c3 = ch
-        self.enc = nn.ModuleList([
-            nn.Conv2d(1, c1, 4, 2, 1), nn.BatchNorm2d(c1),
-            nn.Conv2d(c1, c2, 4, 2, 1), nn.BatchNorm2d(c2),
-            nn.Conv2d(c2, c3, 3, 2, 1), nn.BatchNorm2d(c3),
-        ])
-        self.fc = nn.Linear(c3 * 16, code)
+        super().__init__(code, ch, code_relu=True)
         self.out = nn.Linear(code, 10)
-
-    def features(self, x):
-        out = []
-        h = x
-        for i in range(0, 6, 2):
-            h = F.relu(self.enc[i + 1](self.enc[i](h)))
-            out.append(h)
-        out.append(F.relu(self.fc(h.flatten(1))))
-        return out
 
     def forward(self, x):
         return self.out(self.features(x)[-1])
 
 
-def train_clf(x, y, steps, seed=0, code=32, ch=(32, 64, 128)):
-    torch.manual_seed(seed)
-    net = Clf(code, ch)
+def fit_encoder(net, n, steps, batch_loss, name):
+    """Adam at 1e-3 on batches of 128 indices drawn from range(n); batch_loss(indices) gives the
+    loss. Returns the network frozen, in eval mode."""
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     t = time.time()
     for s in range(steps):
-        i = torch.randint(0, len(x), (128,))
-        loss = F.cross_entropy(net(x[i]), y[i])
+        loss = batch_loss(torch.randint(0, n, (128,)))
         opt.zero_grad(); loss.backward(); opt.step()
         if s % 500 == 0:
-            print(f"  clf step {s} loss {loss.item():.4f} ({time.time()-t:.0f}s)", flush=True)
+            print(f"  {name} step {s} loss {loss.item():.4f} ({time.time()-t:.0f}s)", flush=True)
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return net
+
+
+def train_clf(x, y, steps, seed=0, code=32, ch=(32, 64, 128)):
+    torch.manual_seed(seed)
+    net = Clf(code, ch)
+    return fit_encoder(net, len(x), steps, lambda i: F.cross_entropy(net(x[i]), y[i]), "clf")
 
 
 class ELM(nn.Module):
@@ -184,19 +184,13 @@ class ELM(nn.Module):
 def train_ae(x, steps, seed=0, code=32, ch=(32, 64, 128), denoise=0.0):
     torch.manual_seed(seed)
     ae = AE(code, ch)
-    opt = torch.optim.Adam(ae.parameters(), 1e-3)
-    t = time.time()
-    for s in range(steps):
-        b = x[torch.randint(0, len(x), (128,))]
+
+    def batch_loss(i):
+        b = x[i]
         inp = b if denoise == 0 else b + denoise * torch.randn_like(b)
-        loss = F.mse_loss(ae(inp), b)
-        opt.zero_grad(); loss.backward(); opt.step()
-        if s % 500 == 0:
-            print(f"  ae step {s} loss {loss.item():.4f} ({time.time()-t:.0f}s)", flush=True)
-    ae.eval()
-    for p in ae.parameters():
-        p.requires_grad_(False)
-    return ae
+        return F.mse_loss(ae(inp), b)
+
+    return fit_encoder(ae, len(x), steps, batch_loss, "ae")
 
 
 def mmd(x, y, sig2s=None, kind="gauss", scale=1.0):
@@ -259,6 +253,58 @@ def save_samples(gen, out):
         images = torch.cat([gen(250) for _ in range(4)])
     for i, im in enumerate(((images + 1) * 127.5).round().clamp(0, 255).byte().view(-1, 28, 28)):
         Image.fromarray(im.numpy(), "L").save(os.path.join(out, f"{i:04}.png"))
+
+
+# The federated studies (fed_study.py, fed_encoder_study.py) share these: the run's flags, the
+# data, the non-IID split and one server step.
+
+def federation_args(ap, rounds, local, lr):
+    """The flags every federated study takes, with its own defaults."""
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--local", type=int, default=local)
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+
+
+def federation_setup(a):
+    """Seeds torch and numpy from --seed; returns the MNIST train images (in [-1, 1]), labels and
+    the numpy generator."""
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    x = torch.tensor(idx_images(f"{D}/mnist/train-images-idx3-ubyte.gz")) * 2 - 1
+    y = idx_labels(f"{D}/mnist/train-labels-idx1-ubyte.gz")
+    return x, y, rng
+
+
+def non_iid_parts(y, clients, rng):
+    """The reference's split: images sorted by label, cut into 4 shards per client, each client
+    given 4 shards at random (index arrays)."""
+    order = np.argsort(y, kind="stable")
+    shards = np.array_split(order, 4 * clients)
+    sp = rng.permutation(4 * clients)
+    return [np.concatenate([shards[j] for j in sp[4 * k:4 * k + 4]]) for k in range(clients)]
+
+
+def server_step(glob, masks, mada=True):
+    """Averages the clients' mask samples into scores (probabilities clipped to [0.01, 0.99])
+    and, with MADA, moves the global scores toward them by the share of weights whose sampled
+    masks differ. Returns the new scores and lambda."""
+    s_hat = []
+    for li in range(len(glob)):
+        th = torch.stack([m[li] for m in masks]).mul(0.98).add(0.01).mean(0)
+        s_hat.append(torch.log(th / (1 - th)))
+    if not mada:
+        return s_hat, 1.0
+    diff = 0; tot = 0
+    for g, sh in zip(glob, s_hat):
+        A = torch.bernoulli(torch.sigmoid(g)); B = torch.bernoulli(torch.sigmoid(sh))
+        diff += (A != B).sum().item(); tot += A.numel()
+    lam = diff / tot
+    return [lam * sh + (1 - lam) * g for g, sh in zip(glob, s_hat)], lam
 
 
 def main():
