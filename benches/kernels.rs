@@ -18,7 +18,7 @@ use prism::kernels::conv::{self, ConvShape};
 use prism::kernels::mask;
 use prism::kernels::matmul::{self, LinearShape};
 use prism::kernels::weights::{self, cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::{Precision, ScoreGradIo, StepState};
+use prism::kernels::{Product, ScoreGradIo, StepState};
 use prism::rng::HostRng;
 
 fn quick() -> bool {
@@ -138,7 +138,7 @@ fn bench_matmul(c: &mut Criterion) {
         let flops = 2.0 * s.macs() as f64;
         group.throughput(Throughput::Elements(flops as u64));
         for (name, source, weff) in &variants {
-            let k = matmul::forward(&gpu, &s, &layer, source, &tx, &ty, Precision::F32).unwrap();
+            let k = matmul::forward(&gpu, &s, &Product::new(&layer, source, &tx, &ty)).unwrap();
             gpu.run(&[&k]).unwrap();
             let y = gpu.read_f32(&ty).unwrap();
             for &b in &[0, n / 2, n - 1] {
@@ -214,21 +214,17 @@ fn bench_training_matmuls(c: &mut Criterion) {
                 matmul::forward(
                     &gpu,
                     &s,
-                    &layer,
-                    &MaskSource::Dense(&src.dense),
-                    &tx,
-                    &ty,
-                    Precision::F32,
+                    &Product::new(&layer, &MaskSource::Dense(&src.dense), &tx, &ty),
                 )
                 .unwrap(),
             ),
             (
                 "forward",
-                matmul::forward(&gpu, &s, &layer, &train, &tx, &ty, Precision::F32).unwrap(),
+                matmul::forward(&gpu, &s, &Product::new(&layer, &train, &tx, &ty)).unwrap(),
             ),
             (
                 "grad_input",
-                matmul::grad_input(&gpu, &s, &layer, &train, &tdy, &tdx).unwrap(),
+                matmul::grad_input(&gpu, &s, &Product::new(&layer, &train, &tdy, &tdx)).unwrap(),
             ),
             (
                 "grad_score",
@@ -378,7 +374,7 @@ fn bench_conv(c: &mut Criterion) {
             ),
         ];
         for (vname, source, weff) in &variants {
-            let k = conv::forward(&gpu, &s, &layer, source, &tx, &ty, Precision::F32).unwrap();
+            let k = conv::forward(&gpu, &s, &Product::new(&layer, source, &tx, &ty)).unwrap();
             gpu.run(&[&k]).unwrap();
             let y = gpu.read_f32(&ty).unwrap();
             let (oh, ow) = (s.oh(), s.ow());

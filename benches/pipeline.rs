@@ -8,6 +8,9 @@
 //! need MNIST (`$PRISM_DATA`, or ../shared/data). `PRISM_BENCH_PRESETS=a,b` keeps only those
 //! presets: criterion's name filter skips timing but not each preset's set-up and check.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -17,7 +20,6 @@ use prism::data::resolve::load_dataset;
 use prism::fl::{TrainConfig, Trainer};
 use prism::generate::Generator;
 use prism::gpu::Gpu;
-use prism::model::{masks_from_scores, MaskKind, Model};
 use prism::nn::Architecture;
 use prism::rng::HostRng;
 
@@ -46,28 +48,10 @@ fn data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
 }
 
-fn random_model(preset: &str) -> Model {
-    let arch = Architecture::preset(preset, 1).unwrap();
-    let mut rng = HostRng::new(1, &[]);
-    let scores: Vec<Vec<f32>> = arch
-        .masked_layers()
-        .unwrap()
-        .iter()
-        .map(|l| (0..l.weights).map(|_| rng.normal() as f32).collect())
-        .collect();
-    Model {
-        masks: masks_from_scores(&scores, MaskKind::Sample, 1),
-        arch,
-        seed: 1,
-        mask_kind: MaskKind::Sample,
-        dataset: "mnist".into(),
-    }
-}
-
 /// A fresh adapter per variant, so that the pool's high-water mark is the variant's own.
 fn build(preset: &str, variant: &str, batch: usize) -> (Gpu, Generator) {
     let gpu = open_gpu();
-    let m = random_model(preset);
+    let m = common::random_model(Architecture::preset(preset, 1).unwrap(), 1);
     let g = match variant {
         "packed mask" => m.generator(&gpu, batch).unwrap(),
         "packed mask f16" => m.generator_f16(&gpu, batch).unwrap(),

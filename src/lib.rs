@@ -36,6 +36,7 @@
 //! ```no_run
 #![doc = include_str!("../examples/federation_by_hand.rs")]
 //! ```
+#![cfg_attr(not(feature = "internals"), allow(dead_code, unused_imports))]
 
 pub mod prelude;
 pub use prelude::*;
@@ -43,34 +44,63 @@ pub use prelude::*;
 #[doc(hidden)]
 pub mod cli;
 
-/// The internal modules: crate-private, or public with the `internals` feature (turned on by
-/// the crate's own tests, benches and tools through a dev-dependency on itself), so that those
-/// can reach the kernels, their CPU twins and the networks' parts.
-macro_rules! internal {
-    ($($(#[$m:meta])* mod $name:ident;)*) => {$(
-        $(#[$m])*
-        #[cfg(feature = "internals")]
-        pub mod $name;
-        $(#[$m])*
-        #[cfg(not(feature = "internals"))]
-        #[allow(dead_code, unused_imports)]
-        pub(crate) mod $name;
-    )*};
-}
-
-internal! {
-    mod bytes;
-    mod codec;
-    mod data;
-    mod error;
-    mod eval;
-    mod fl;
-    mod generate;
-    mod gpu;
-    mod io;
-    mod kernels;
-    mod loss;
-    mod model;
-    mod nn;
-    mod rng;
-}
+// The internal modules: crate-private, or public with the `internals` feature (turned on by
+// the crate's own tests, benches and tools through a dev-dependency on itself), so that those
+// can reach the kernels, their CPU twins and the networks' parts. Declared one by one, not by a
+// macro, so that rustfmt sees them.
+#[cfg(feature = "internals")]
+pub mod bytes;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod bytes;
+#[cfg(feature = "internals")]
+pub mod codec;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod codec;
+#[cfg(feature = "internals")]
+pub mod data;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod data;
+#[cfg(feature = "internals")]
+pub mod error;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod error;
+#[cfg(feature = "internals")]
+pub mod eval;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod eval;
+#[cfg(feature = "internals")]
+pub mod fl;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod fl;
+#[cfg(feature = "internals")]
+pub mod generate;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod generate;
+#[cfg(feature = "internals")]
+pub mod gpu;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod gpu;
+#[cfg(feature = "internals")]
+pub mod io;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod io;
+#[cfg(feature = "internals")]
+pub mod kernels;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod kernels;
+#[cfg(feature = "internals")]
+pub mod loss;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod loss;
+#[cfg(feature = "internals")]
+pub mod model;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod model;
+#[cfg(feature = "internals")]
+pub mod nn;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod nn;
+#[cfg(feature = "internals")]
+pub mod rng;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod rng;

@@ -91,7 +91,7 @@ pub fn masks_from_scores(scores: &[Vec<f32>], kind: MaskKind, seed: u32) -> Vec<
 pub fn from_checkpoint(path: &Path, kind: MaskKind) -> Result<Model> {
     let c = Checkpoint::load(path)?;
     let arch = c.config.architecture()?;
-    let sizes: Vec<usize> = arch.masked_layers()?.iter().map(|l| l.weights).collect();
+    let sizes: Vec<usize> = arch.mask_sizes()?;
     let have: Vec<usize> = c.scores.iter().map(|s| s.len()).collect();
     if sizes != have {
         return Err(Error::format(
@@ -111,12 +111,7 @@ pub fn from_checkpoint(path: &Path, kind: MaskKind) -> Result<Model> {
 impl Model {
     /// Serialises the model; `coder` entropy-codes masks where that makes them smaller.
     pub fn encode(&self, coder: Option<&dyn MaskCoder>) -> Result<Vec<u8>> {
-        let sizes: Vec<usize> = self
-            .arch
-            .masked_layers()?
-            .iter()
-            .map(|l| l.weights)
-            .collect();
+        let sizes: Vec<usize> = self.arch.mask_sizes()?;
         let header = Header {
             architecture: self.arch.clone(),
             seed: self.seed,
@@ -412,12 +407,7 @@ mod tests {
 
     fn tiny() -> Model {
         let arch = Architecture::preset("mlp28", 1).unwrap();
-        let sizes: Vec<usize> = arch
-            .masked_layers()
-            .unwrap()
-            .iter()
-            .map(|l| l.weights)
-            .collect();
+        let sizes: Vec<usize> = arch.mask_sizes().unwrap();
         let scores: Vec<Vec<f32>> = sizes
             .iter()
             .map(|&n| (0..n).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect())

@@ -171,12 +171,7 @@ fn tiny_arch() -> Architecture {
 
 fn valid_model() -> Vec<u8> {
     let arch = tiny_arch();
-    let sizes: Vec<usize> = arch
-        .masked_layers()
-        .unwrap()
-        .iter()
-        .map(|l| l.weights)
-        .collect();
+    let sizes: Vec<usize> = arch.mask_sizes().unwrap();
     let mut rng = HostRng::new(4, &[4]);
     let masks = sizes
         .iter()

@@ -7,7 +7,7 @@ use common::{assert_close, normal, uniform};
 use prism::gpu::{DType, Gpu, GpuOptions};
 use prism::kernels::matmul::{self, LinearShape};
 use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::{mask, norm, Precision, StepState};
+use prism::kernels::{mask, norm, Product, StepState};
 use prism::rng::HostRng;
 use prism::{Error, GpuError};
 
@@ -66,14 +66,15 @@ fn core_kernels_run_on_every_adapter() {
             let k = matmul::forward(
                 &gpu,
                 &s,
-                &layer,
-                &MaskSource::Train {
-                    keep: &keep,
-                    step: &st,
-                },
-                &tx,
-                &ty,
-                Precision::F32,
+                &Product::new(
+                    &layer,
+                    &MaskSource::Train {
+                        keep: &keep,
+                        step: &st,
+                    },
+                    &tx,
+                    &ty,
+                ),
             )
             .unwrap();
             gpu.run(&[&k]).unwrap();
@@ -153,15 +154,7 @@ fn bindings_beyond_the_limit_are_refused_before_the_driver() {
     };
     let x = gpu.zeros(&[s.batch * s.inputs], DType::F32, "x").unwrap();
     let y = gpu.zeros(&[s.batch * s.outputs], DType::F32, "y").unwrap();
-    match matmul::forward(
-        &gpu,
-        &s,
-        &layer,
-        &MaskSource::Frozen,
-        &x,
-        &y,
-        Precision::F32,
-    ) {
+    match matmul::forward(&gpu, &s, &Product::new(&layer, &MaskSource::Frozen, &x, &y)) {
         Err(Error::Gpu(GpuError::BindingTooLarge { bytes, limit, .. })) => {
             assert_eq!(bytes, 131_072);
             assert_eq!(limit, 65_536);
@@ -217,16 +210,8 @@ fn pipelines_and_buffers_are_reused() {
     let build_and_run = || {
         let x = gpu.zeros(&[s.batch * s.inputs], DType::F32, "x").unwrap();
         let y = gpu.tensor(&[s.batch * s.outputs], DType::F32, "y").unwrap();
-        let k = matmul::forward(
-            &gpu,
-            &s,
-            &layer,
-            &MaskSource::Frozen,
-            &x,
-            &y,
-            Precision::F32,
-        )
-        .unwrap();
+        let k =
+            matmul::forward(&gpu, &s, &Product::new(&layer, &MaskSource::Frozen, &x, &y)).unwrap();
         gpu.run(&[&k]).unwrap();
     };
     build_and_run();

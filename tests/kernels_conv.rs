@@ -10,7 +10,7 @@ use prism::kernels::conv::{self, cpu, ConvShape, ConvTransposeShape};
 use prism::kernels::mask;
 use prism::kernels::matmul::{cpu as mcpu, Estimator};
 use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::{Precision, ScoreGradIo, StepState};
+use prism::kernels::{Product, ScoreGradIo, StepState};
 use prism::rng::HostRng;
 
 #[allow(clippy::too_many_arguments)]
@@ -102,8 +102,8 @@ fn conv_forward_grad_input_grad_score_match_cpu() {
             let tdx = gpu.tensor(&[s.input_len()], DType::F32, "dx").unwrap();
             let ts = gpu.upload_f32(&scores, &[n], "scores").unwrap();
             let tg = gpu.tensor(&[n], DType::F32, "g").unwrap();
-            let f = conv::forward(&gpu, &s, &layer, &src, &tx, &ty, Precision::F32).unwrap();
-            let b = conv::grad_input(&gpu, &s, &layer, &src, &tdy, &tdx, Precision::F32).unwrap();
+            let f = conv::forward(&gpu, &s, &Product::new(&layer, &src, &tx, &ty)).unwrap();
+            let b = conv::grad_input(&gpu, &s, &Product::new(&layer, &src, &tdy, &tdx)).unwrap();
             let g = conv::grad_score(
                 &gpu,
                 &s,
@@ -257,11 +257,7 @@ fn transposed_conv_matches_cpu_scatter() {
             let k = conv::transpose_forward(
                 &gpu,
                 &s,
-                &layer,
-                &MaskSource::Packed(&bits),
-                &tx,
-                &ty,
-                Precision::F32,
+                &Product::new(&layer, &MaskSource::Packed(&bits), &tx, &ty),
             )
             .unwrap();
             gpu.run(&[&k]).unwrap();
@@ -276,9 +272,12 @@ fn transposed_conv_matches_cpu_scatter() {
             let r = uniform(&mut rng, out_len);
             let tr = gpu.upload_f32(&r, &[out_len], "r").unwrap();
             let tdx = gpu.tensor(&[x.len()], DType::F32, "dx").unwrap();
-            let kb =
-                conv::transpose_grad_input(&gpu, &s, &layer, &MaskSource::Packed(&bits), &tr, &tdx)
-                    .unwrap();
+            let kb = conv::transpose_grad_input(
+                &gpu,
+                &s,
+                &Product::new(&layer, &MaskSource::Packed(&bits), &tr, &tdx),
+            )
+            .unwrap();
             gpu.run(&[&kb]).unwrap();
             let y = cpu::transpose_forward(&s, &x, &weff);
             let lhs: f64 = y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum();
@@ -346,11 +345,7 @@ fn conv_gradients_finite_differences() {
     let kb = conv::grad_input(
         &gpu,
         &s,
-        &layer,
-        &MaskSource::Packed(&bits),
-        &tr,
-        &tdx,
-        Precision::F32,
+        &Product::new(&layer, &MaskSource::Packed(&bits), &tr, &tdx),
     )
     .unwrap();
     let kg = conv::grad_score(

@@ -9,7 +9,7 @@ use prism::gpu::{DType, Gpu};
 use prism::kernels::mask;
 use prism::kernels::matmul::{self, cpu, Estimator, LinearShape};
 use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
-use prism::kernels::{adam, Precision, ScoreGradIo, StepState};
+use prism::kernels::{adam, Product, ScoreGradIo, StepState};
 use prism::rng::HostRng;
 
 /// (batch, inputs, outputs): tile multiples, odd sizes, batch 1, unaligned (not multiples of 4).
@@ -108,7 +108,7 @@ fn forward_matches_cpu() {
                 let ty = gpu.tensor(&[s.batch, s.outputs], DType::F32, "y").unwrap();
                 for_each_source(&gpu, &c, |src, weff, name| {
                     let k =
-                        matmul::forward(&gpu, &s, &c.layer, src, &tx, &ty, Precision::F32).unwrap();
+                        matmul::forward(&gpu, &s, &Product::new(&c.layer, src, &tx, &ty)).unwrap();
                     gpu.run(&[&k]).unwrap();
                     let what = format!(
                         "forward {name} {s:?} {init:?} {:?}",
@@ -141,7 +141,8 @@ fn grad_input_matches_cpu() {
                 if name == "dense" {
                     return;
                 }
-                let k = matmul::grad_input(&gpu, &s, &c.layer, src, &tdy, &tdx).unwrap();
+                let k =
+                    matmul::grad_input(&gpu, &s, &Product::new(&c.layer, src, &tdy, &tdx)).unwrap();
                 gpu.run(&[&k]).unwrap();
                 let what = format!("grad_input {name} {s:?} {:?}", gpu.features().row_share);
                 assert_close(
@@ -300,7 +301,7 @@ fn grad_input_finite_differences() {
     let r = uniform(&mut rng, s.batch * s.outputs);
     let tx = gpu.upload_f32(&x, &[s.batch, s.inputs], "x").unwrap();
     let ty = gpu.tensor(&[s.batch, s.outputs], DType::F32, "y").unwrap();
-    let fwd = matmul::forward(&gpu, &s, &c.layer, &src, &tx, &ty, Precision::F32).unwrap();
+    let fwd = matmul::forward(&gpu, &s, &Product::new(&c.layer, &src, &tx, &ty)).unwrap();
     let loss = |xv: &[f32]| -> f64 {
         gpu.write_f32(&tx, xv).unwrap();
         gpu.run(&[&fwd]).unwrap();
@@ -313,7 +314,7 @@ fn grad_input_finite_differences() {
     };
     let tr = gpu.upload_f32(&r, &[s.batch, s.outputs], "r").unwrap();
     let tdx = gpu.tensor(&[s.batch, s.inputs], DType::F32, "dx").unwrap();
-    gpu.run(&[&matmul::grad_input(&gpu, &s, &c.layer, &src, &tr, &tdx).unwrap()])
+    gpu.run(&[&matmul::grad_input(&gpu, &s, &Product::new(&c.layer, &src, &tr, &tdx)).unwrap()])
         .unwrap();
     let analytic = gpu.read_f32(&tdx).unwrap();
     let h = 1e-2f32;
@@ -351,11 +352,7 @@ fn grad_score_finite_differences() {
     let fwd = matmul::forward(
         &gpu,
         &s,
-        &c.layer,
-        &MaskSource::Dense(&tw),
-        &tx,
-        &ty,
-        Precision::F32,
+        &Product::new(&c.layer, &MaskSource::Dense(&tw), &tx, &ty),
     )
     .unwrap();
     let loss = |sc: &[f32]| -> f64 {
@@ -442,11 +439,7 @@ fn large_grids_fold() {
     let k = matmul::forward(
         &gpu,
         &s,
-        &layer,
-        &MaskSource::Frozen,
-        &tx,
-        &ty,
-        Precision::F32,
+        &Product::new(&layer, &MaskSource::Frozen, &tx, &ty),
     )
     .unwrap();
     assert!(

@@ -11,7 +11,6 @@ use prism::fl::simulation::{run, RunOptions};
 use prism::fl::TrainConfig;
 use prism::model::{self, MaskKind, Model};
 use prism::nn::Architecture;
-use prism::rng::HostRng;
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("prism-model-{name}-{}", std::process::id()));
@@ -20,29 +19,11 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// A model of `arch` with masks sampled from random scores (no training needed for sizes).
-fn random_model(arch: Architecture, seed: u32) -> Model {
-    let mut rng = HostRng::new(seed, &[]);
-    let scores: Vec<Vec<f32>> = arch
-        .masked_layers()
-        .unwrap()
-        .iter()
-        .map(|l| (0..l.weights).map(|_| rng.normal() as f32).collect())
-        .collect();
-    Model {
-        masks: model::masks_from_scores(&scores, MaskKind::Sample, seed),
-        arch,
-        seed,
-        mask_kind: MaskKind::Sample,
-        dataset: "mnist".into(),
-    }
-}
-
 #[test]
 fn model_files_are_small() {
     let dir = tmp("size");
     for (preset, bound) in [("conv28", 30.0), ("resnet32", 16.0)] {
-        let m = random_model(Architecture::preset(preset, 1).unwrap(), 5);
+        let m = common::random_model(Architecture::preset(preset, 1).unwrap(), 5);
         let path = dir.join(format!("{preset}.prism"));
         m.save(&path).unwrap();
         let size = std::fs::metadata(&path).unwrap().len() as f64;
@@ -154,7 +135,7 @@ fn a_model_regenerates_its_checkpoints_images_and_its_dense_twin_agrees() {
 #[test]
 fn damaged_or_foreign_model_files_are_refused() {
     let dir = tmp("damage");
-    let m = random_model(Architecture::preset("mlp28", 1).unwrap(), 2);
+    let m = common::random_model(Architecture::preset("mlp28", 1).unwrap(), 2);
     let path = dir.join("m.prism");
     m.save(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
@@ -185,7 +166,7 @@ fn damaged_or_foreign_model_files_are_refused() {
 #[test]
 fn evaluation_rows_rank_real_above_degraded() {
     let gpu = common::gpu();
-    let m = random_model(Architecture::preset("mlp28-up", 1).unwrap(), 9);
+    let m = common::random_model(Architecture::preset("mlp28-up", 1).unwrap(), 9);
     let data = common::data_dir();
     let e = m.evaluate(&gpu, 120, Some(&data)).unwrap();
     assert_eq!(e.count, 120);

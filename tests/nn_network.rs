@@ -10,7 +10,9 @@ use prism::gpu::Gpu;
 use prism::kernels::matmul::{cpu as mcpu, Estimator};
 use prism::kernels::weights::cpu as wcpu;
 use prism::kernels::{mask, Init, StepState};
-use prism::nn::{cpu, Architecture, Backward, BuildOptions, Layer, Network, WeightMode, Wiring};
+use prism::nn::{
+    arch, cpu, Architecture, Backward, BuildOptions, Layer, Network, WeightMode, Wiring,
+};
 use prism::rng::HostRng;
 
 /// A miniature of the paper's ResNet: transposed conv from 1x1, one residual block, output conv.
@@ -26,36 +28,7 @@ fn tiny_resnet() -> Architecture {
                 stride: 1,
                 pad: 0,
             },
-            Layer::Residual {
-                main: vec![
-                    Layer::BatchNorm,
-                    Layer::Relu,
-                    Layer::Upsample2x,
-                    Layer::Conv {
-                        cout: 3,
-                        k: 3,
-                        stride: 1,
-                        pad: 1,
-                    },
-                    Layer::BatchNorm,
-                    Layer::Relu,
-                    Layer::Conv {
-                        cout: 3,
-                        k: 3,
-                        stride: 1,
-                        pad: 1,
-                    },
-                ],
-                skip: vec![
-                    Layer::Conv {
-                        cout: 3,
-                        k: 1,
-                        stride: 1,
-                        pad: 0,
-                    },
-                    Layer::Upsample2x,
-                ],
-            },
+            arch::res_block(3),
             Layer::BatchNorm,
             Layer::Relu,
             Layer::Conv {

@@ -9,8 +9,8 @@
 use std::rc::Rc;
 
 use super::config::{DpConfig, TrainConfig};
-use super::server::ServerModel;
 use super::message::Payload;
+use super::server::ServerModel;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Kernel, Tensor};

@@ -76,13 +76,26 @@ pub struct AdamIo<'a> {
     pub keep: &'a Tensor,
 }
 
+/// Checks a layer's training state for `n` scores: the scores, their Adam moments ((m, v)
+/// interleaved), the keep thresholds and the step state.
+pub(crate) fn check_state(
+    n: usize,
+    scores: &Tensor,
+    moments: &Tensor,
+    keep: &Tensor,
+    step: &Tensor,
+) -> Result<()> {
+    check(scores, n, DType::F32, "scores")?;
+    check(moments, 2 * n, DType::F32, "Adam moments")?;
+    check(keep, keep_words(n), DType::U32, "keep thresholds")?;
+    check(step, StepState::WORDS, DType::U32, "step state")
+}
+
 /// One Adam step (t = step.step + 1) on `n` scores, refreshing the keep thresholds.
 pub fn step(gpu: &Gpu, cfg: &AdamConfig, io: &AdamIo) -> Result<Kernel> {
     let n = io.scores.len();
-    check(io.step, StepState::WORDS, DType::U32, "step state")?;
     check(io.grad, n, DType::F32, "gradient")?;
-    check(io.moments, 2 * n, DType::F32, "Adam moments")?;
-    check(io.keep, keep_words(n), DType::U32, "keep thresholds")?;
+    check_state(n, io.scores, io.moments, io.keep, io.step)?;
     let p = Params {
         n: u32_of(n, "scores")?,
         _pad: [0; 3],

@@ -6,7 +6,10 @@
 //! convolution's forward, and its score gradient the convolution's with x and dy exchanged.
 
 use super::matmul::Estimator;
-use super::{check, groups_for, u32_of, LayerWeights, MaskSource, Precision, ScoreGradIo, Tiling, WeightGen};
+use super::{
+    groups_for, launch_masked, u32_of, LayerSizes, LayerWeights, Precision, Product, ScoreGradIo,
+    Tiling, WeightGen,
+};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
@@ -203,74 +206,48 @@ fn shader(source: &str, rows: u32, aligned: bool, stride: usize, half: bool) -> 
         .def("unit_stride", stride == 1)
 }
 
-/// y <- conv(x, w * m), multiplying at `precision`.
-pub fn forward(
-    gpu: &Gpu,
-    s: &ConvShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    x: &Tensor,
-    y: &Tensor,
-    precision: Precision,
-) -> Result<Kernel> {
-    let half = precision.half(gpu)?;
+/// y <- conv(x, w * m), multiplying at the product's precision.
+pub fn forward(gpu: &Gpu, s: &ConvShape, op: &Product) -> Result<Kernel> {
     s.validate()?;
-    source.check(s.weights())?;
-    check(x, s.input_len(), DType::F32, "conv input")?;
-    check(y, s.output_len(), DType::F32, "conv output")?;
+    let lens = [s.input_len(), s.output_len()];
+    let half = op.check(gpu, s.weights(), lens, ["conv input", "conv output"])?;
     let m = s.batch * s.oh() * s.ow();
     let t = Tiling::choose(m as u32, s.cout as u32);
-    let p = params(s, layer.gen(), &t, m, s.cout);
-    let io = [("x", x), ("y", y)];
+    let p = params(s, op.layer.gen(), &t, m, s.cout);
+    let (source, io) = (op.source, [("x", op.input), ("y", op.output)]);
     if s.cout <= NARROW {
         let key = shader(source.name(), 8, false, s.stride, half);
-        return launch(gpu, source, key, "forward_narrow", &p, io, groups_for(m, 64)?);
+        return launch_masked(
+            gpu,
+            source,
+            key,
+            "forward_narrow",
+            &p,
+            io,
+            groups_for(m, 64)?,
+        );
     }
     let aligned = (s.cin * s.kh * s.kw) % 4 == 0;
     let key = shader(source.name(), t.rows, aligned, s.stride, half);
-    launch(gpu, source, key, "forward", &p, io, p.tiles_total)
+    launch_masked(gpu, source, key, "forward", &p, io, p.tiles_total)
 }
 
-/// One launch of a `masked_conv.wgsl` entry point that reads `source`'s weights: its
-/// parameters, its input and output buffers by WGSL name, and its workgroup count.
-fn launch(
-    gpu: &Gpu,
-    source: &MaskSource,
-    key: ShaderKey,
-    entry: &str,
-    p: &Params,
-    [(a, ta), (b, tb)]: [(&str, &Tensor); 2],
-    groups: u32,
-) -> Result<Kernel> {
-    let k = gpu
-        .kernel(key, entry)
-        .params(p)
-        .bind(a, ta)
-        .bind(b, tb)
-        .groups(groups);
-    Ok(source.bind(k).build()?)
-}
-
-/// dx <- conv^T(dy, w * m), multiplying at `precision` (f16 serves the forward pass of a
+/// dx <- conv^T(dy, w * m), multiplying at the product's precision (f16 serves the forward pass of a
 /// transposed convolution in inference).
-pub fn grad_input(
-    gpu: &Gpu,
-    s: &ConvShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    dy: &Tensor,
-    dx: &Tensor,
-    precision: Precision,
-) -> Result<Kernel> {
-    let half = precision.half(gpu)?;
+pub fn grad_input(gpu: &Gpu, s: &ConvShape, op: &Product) -> Result<Kernel> {
     s.validate()?;
-    source.check(s.weights())?;
-    check(dy, s.output_len(), DType::F32, "conv output gradient")?;
-    check(dx, s.input_len(), DType::F32, "conv input gradient")?;
+    let lens = [s.output_len(), s.input_len()];
+    let half = op.check(
+        gpu,
+        s.weights(),
+        lens,
+        ["conv output gradient", "conv input gradient"],
+    )?;
+    let (layer, source) = (op.layer, op.source);
     let m = s.batch * s.h * s.w;
     let t = Tiling::choose(m as u32, s.cin as u32);
     let p = params(s, layer.gen(), &t, m, s.cin);
-    let io = [("dy", dy), ("dx", dx)];
+    let io = [("dy", op.input), ("dx", op.output)];
     if s.cin <= NARROW {
         let (entry, lanes) = if s.stride > 1 {
             // Lanes ordered by residue class (see the shader), each class padded to 64 lanes.
@@ -283,7 +260,7 @@ pub fn grad_input(
             ("grad_input_narrow", m)
         };
         let key = shader(source.name(), 8, false, s.stride, half);
-        return launch(gpu, source, key, entry, &p, io, groups_for(lanes, 64)?);
+        return launch_masked(gpu, source, key, entry, &p, io, groups_for(lanes, 64)?);
     }
     let key = shader(source.name(), t.rows, false, s.stride, half);
     if s.stride > 1 {
@@ -292,9 +269,17 @@ pub fn grad_input(
         let tile_m = t.tile_m() as usize;
         let rows = q.div_ceil(tile_m) * tile_m * s.stride * s.stride;
         let p = params(s, layer.gen(), &t, rows, s.cin);
-        return launch(gpu, source, key, "grad_input_strided", &p, io, p.tiles_total);
+        return launch_masked(
+            gpu,
+            source,
+            key,
+            "grad_input_strided",
+            &p,
+            io,
+            p.tiles_total,
+        );
     }
-    launch(gpu, source, key, "grad_input", &p, io, p.tiles_total)
+    launch_masked(gpu, source, key, "grad_input", &p, io, p.tiles_total)
 }
 
 /// The score gradient of a convolution: two kernels (split-K partial sums, then the reduction
@@ -335,17 +320,19 @@ pub fn grad_score(
     estimator: Estimator,
     io: &ScoreGradIo,
 ) -> Result<ScoreGrad> {
+    s.validate()?;
+    io.check(&LayerSizes {
+        x: s.input_len(),
+        dy: s.output_len(),
+        weights: s.weights(),
+        kind: "conv",
+    })?;
     let ScoreGradIo {
         x,
         dy,
         scores,
         grad,
     } = *io;
-    s.validate()?;
-    check(x, s.input_len(), DType::F32, "conv input")?;
-    check(dy, s.output_len(), DType::F32, "conv output gradient")?;
-    check(scores, s.weights(), DType::F32, "scores")?;
-    check(grad, s.weights(), DType::F32, "score gradient")?;
     let n = s.cin * s.kh * s.kw;
     let t = Tiling::choose(s.cout as u32, n as u32);
     let mut p = params(s, layer.gen(), &t, s.cout, n);
@@ -397,31 +384,16 @@ pub fn grad_score(
     })
 }
 
-/// y <- conv_transpose(x, w * m), multiplying at `precision`.
-pub fn transpose_forward(
-    gpu: &Gpu,
-    s: &ConvTransposeShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    x: &Tensor,
-    y: &Tensor,
-    precision: Precision,
-) -> Result<Kernel> {
+/// y <- conv_transpose(x, w * m), multiplying at the product's precision.
+pub fn transpose_forward(gpu: &Gpu, s: &ConvTransposeShape, op: &Product) -> Result<Kernel> {
     s.validate()?;
-    grad_input(gpu, &s.adjoint(), layer, source, x, y, precision)
+    grad_input(gpu, &s.adjoint(), op)
 }
 
-/// dx <- the input gradient of a transposed convolution.
-pub fn transpose_grad_input(
-    gpu: &Gpu,
-    s: &ConvTransposeShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    dy: &Tensor,
-    dx: &Tensor,
-) -> Result<Kernel> {
+/// dx <- the input gradient of a transposed convolution (in f32).
+pub fn transpose_grad_input(gpu: &Gpu, s: &ConvTransposeShape, op: &Product) -> Result<Kernel> {
     s.validate()?;
-    forward(gpu, &s.adjoint(), layer, source, dy, dx, Precision::F32)
+    forward(gpu, &s.adjoint(), &op.at(Precision::F32))
 }
 
 /// grad <- dL/ds of a transposed convolution's scores.

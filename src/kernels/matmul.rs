@@ -2,7 +2,10 @@
 //! input, and gradient with respect to the scores, with weights regenerated in the kernel.
 
 use super::adam::{AdamConfig, AdamParams};
-use super::{check, u32_of, LayerWeights, MaskSource, Precision, ScoreGradIo, StepState, Tiling, WeightGen};
+use super::{
+    check, launch_masked, u32_of, LayerSizes, LayerWeights, MaskSource, Product, ScoreGradIo,
+    Tiling, WeightGen,
+};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
@@ -18,6 +21,16 @@ pub struct LinearShape {
 impl LinearShape {
     pub fn weights(&self) -> usize {
         self.inputs * self.outputs
+    }
+
+    /// The sizes its score gradient checks.
+    pub(crate) fn sizes(&self) -> LayerSizes {
+        LayerSizes {
+            x: self.batch * self.inputs,
+            dy: self.batch * self.outputs,
+            weights: self.weights(),
+            kind: "linear",
+        }
     }
 
     /// Multiply-adds of one forward pass.
@@ -101,30 +114,16 @@ fn shader(s: &LinearShape, source: &str, t: &Tiling, half: bool) -> ShaderKey {
         .def("aligned", s.aligned())
 }
 
-/// y <- x (w * m)^T, multiplying at `precision`.
-pub fn forward(
-    gpu: &Gpu,
-    s: &LinearShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    x: &Tensor,
-    y: &Tensor,
-    precision: Precision,
-) -> Result<Kernel> {
-    let half = precision.half(gpu)?;
+/// y <- x (w * m)^T, multiplying at the product's precision.
+pub fn forward(gpu: &Gpu, s: &LinearShape, op: &Product) -> Result<Kernel> {
     s.validate()?;
-    source.check(s.weights())?;
-    check(x, s.batch * s.inputs, DType::F32, "linear input")?;
-    check(y, s.batch * s.outputs, DType::F32, "linear output")?;
+    let lens = [s.batch * s.inputs, s.batch * s.outputs];
+    let half = op.check(gpu, s.weights(), lens, ["linear input", "linear output"])?;
     let t = Tiling::choose(s.batch as u32, s.outputs as u32);
-    let p = params(s, layer.gen(), &t, s.batch, s.outputs, 0);
-    let k = gpu
-        .kernel(shader(s, source.name(), &t, half), "forward")
-        .params(&p)
-        .bind("x", x)
-        .bind("y", y)
-        .groups(p.tiles_total);
-    Ok(source.bind(k).build()?)
+    let p = params(s, op.layer.gen(), &t, s.batch, s.outputs, 0);
+    let key = shader(s, op.source.name(), &t, half);
+    let io = [("x", op.input), ("y", op.output)];
+    launch_masked(gpu, op.source, key, "forward", &p, io, p.tiles_total)
 }
 
 /// The layer to name when a tensor serves as a matmul's dense "weights" (a Gram matrix, the
@@ -153,13 +152,17 @@ pub fn gram_lower(gpu: &Gpu, z: &Tensor, g: &Tensor) -> Result<Kernel> {
     check(g, s.batch * s.batch, DType::F32, "Gram matrix")?;
     let t = lower_tiling(rows as u32);
     let p = params(&s, DENSE_OPERAND.gen(), &t, s.batch, s.outputs, 0);
-    let k = gpu
-        .kernel(shader(&s, "dense", &t, false).def("lower", true), "forward")
-        .params(&p)
-        .bind("x", z)
-        .bind("y", g)
-        .groups(p.tiles_total);
-    Ok(MaskSource::Dense(z).bind(k).build()?)
+    let key = shader(&s, "dense", &t, false).def("lower", true);
+    let io = [("x", z), ("y", g)];
+    launch_masked(
+        gpu,
+        &MaskSource::Dense(z),
+        key,
+        "forward",
+        &p,
+        io,
+        p.tiles_total,
+    )
 }
 
 /// Tiles a lower-triangle kernel computes for an m x m output.
@@ -180,28 +183,23 @@ fn lower_tiling(m: u32) -> Tiling {
         .expect("four arrangements")
 }
 
-/// dx <- dy (w * m).
-pub fn grad_input(
-    gpu: &Gpu,
-    s: &LinearShape,
-    layer: &LayerWeights,
-    source: &MaskSource,
-    dy: &Tensor,
-    dx: &Tensor,
-) -> Result<Kernel> {
+/// dx <- dy (w * m), in f32 (the input gradient of training; no f16 form).
+pub fn grad_input(gpu: &Gpu, s: &LinearShape, op: &Product) -> Result<Kernel> {
     s.validate()?;
-    source.check(s.weights())?;
-    check(dy, s.batch * s.outputs, DType::F32, "output gradient")?;
-    check(dx, s.batch * s.inputs, DType::F32, "input gradient")?;
+    let lens = [s.batch * s.outputs, s.batch * s.inputs];
+    if op.check(
+        gpu,
+        s.weights(),
+        lens,
+        ["output gradient", "input gradient"],
+    )? {
+        return Err(Error::invalid("a linear input gradient runs in f32 only"));
+    }
     let t = Tiling::choose(s.batch as u32, s.inputs as u32);
-    let p = params(s, layer.gen(), &t, s.batch, s.inputs, 0);
-    let k = gpu
-        .kernel(shader(s, source.name(), &t, false), "grad_input")
-        .params(&p)
-        .bind("dy", dy)
-        .bind("dx", dx)
-        .groups(p.tiles_total);
-    Ok(source.bind(k).build()?)
+    let p = params(s, op.layer.gen(), &t, s.batch, s.inputs, 0);
+    let key = shader(s, op.source.name(), &t, false);
+    let io = [("dy", op.input), ("dx", op.output)];
+    launch_masked(gpu, op.source, key, "grad_input", &p, io, p.tiles_total)
 }
 
 /// grad <- (dy^T x) * w * f(sigmoid(scores)), the gradient of the loss with respect to the
@@ -213,17 +211,14 @@ pub fn grad_score(
     estimator: Estimator,
     io: &ScoreGradIo,
 ) -> Result<Kernel> {
+    s.validate()?;
+    io.check(&s.sizes())?;
     let ScoreGradIo {
         x,
         dy,
         scores,
         grad,
     } = *io;
-    s.validate()?;
-    check(x, s.batch * s.inputs, DType::F32, "linear input")?;
-    check(dy, s.batch * s.outputs, DType::F32, "output gradient")?;
-    check(scores, s.weights(), DType::F32, "scores")?;
-    check(grad, s.weights(), DType::F32, "score gradient")?;
     let t = Tiling::choose(s.outputs as u32, s.inputs as u32);
     let p = params(s, layer.gen(), &t, s.outputs, s.inputs, estimator.code());
     Ok(gpu
@@ -257,17 +252,8 @@ pub fn grad_score_adam(
             "Adam in the score gradient needs inputs and outputs that are multiples of 4: {s:?}"
         )));
     }
-    check(x, s.batch * s.inputs, DType::F32, "linear input")?;
-    check(dy, s.batch * s.outputs, DType::F32, "output gradient")?;
-    check(io.scores, s.weights(), DType::F32, "scores")?;
-    check(io.moments, 2 * s.weights(), DType::F32, "Adam moments")?;
-    check(
-        io.keep,
-        super::mask::keep_words(s.weights()),
-        DType::U32,
-        "keep thresholds",
-    )?;
-    check(io.step, StepState::WORDS, DType::U32, "step state")?;
+    s.sizes().check_activations(x, dy)?;
+    super::adam::check_state(s.weights(), io.scores, io.moments, io.keep, io.step)?;
     let t = Tiling::choose(s.outputs as u32, s.inputs as u32);
     let p = Params {
         adam: adam.into(),

@@ -8,6 +8,7 @@ use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::matmul::{self, LinearShape};
 use crate::kernels::MaskSource;
+use crate::kernels::Product;
 
 /// GMMN's kernel parameters for MNIST in pixel space (pixels in [0, 1]), Li et al. 2015:
 /// yujiali/gmmn's `GaussianKernelMmdLoss` computes exp(-|a - b|^2 / (2 s)), so they are
@@ -203,10 +204,7 @@ pub fn loss(
                 matmul::grad_input(
                     gpu,
                     &cz_shape,
-                    &matmul::DENSE_OPERAND,
-                    &MaskSource::Dense(&z),
-                    &coef,
-                    &cz,
+                    &Product::new(&matmul::DENSE_OPERAND, &MaskSource::Dense(&z), &coef, &cz),
                 )?,
                 gradient,
             ];

@@ -17,7 +17,8 @@ pub mod pool;
 pub mod weights;
 
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Tensor};
+use crate::gpu::shader::ShaderKey;
+use crate::gpu::{DType, Gpu, Kernel, Tensor};
 
 pub use weights::{Init, LayerWeights, MaskSource, WeightGen};
 
@@ -43,7 +44,6 @@ impl StepState {
     pub const WORDS: usize = 8;
 }
 
-/// Arithmetic of the inner products of masked layers in inference.
 /// The buffers of a masked layer's score gradient: the layer's input `x`, the gradient `dy`
 /// of its output, its `scores`, and `grad` = dL/ds (written).
 #[derive(Clone, Copy)]
@@ -53,6 +53,41 @@ pub struct ScoreGradIo<'a> {
     pub scores: &'a Tensor,
     pub grad: &'a Tensor,
 }
+
+/// The sizes of a masked layer's activations, for checking the buffers of its score gradient:
+/// `x` input values, `dy` output values and `weights` scores, all f32; `kind` names the layer
+/// in errors ("linear", "conv").
+#[derive(Clone, Copy)]
+pub(crate) struct LayerSizes {
+    pub x: usize,
+    pub dy: usize,
+    pub weights: usize,
+    pub kind: &'static str,
+}
+
+impl LayerSizes {
+    /// Checks the layer's input and output gradient.
+    pub(crate) fn check_activations(&self, x: &Tensor, dy: &Tensor) -> Result<()> {
+        check(x, self.x, DType::F32, &format!("{} input", self.kind))?;
+        check(
+            dy,
+            self.dy,
+            DType::F32,
+            &format!("{} output gradient", self.kind),
+        )
+    }
+}
+
+impl ScoreGradIo<'_> {
+    /// Checks all four buffers against the layer's sizes.
+    pub(crate) fn check(&self, sizes: &LayerSizes) -> Result<()> {
+        sizes.check_activations(self.x, self.dy)?;
+        check(self.scores, sizes.weights, DType::F32, "scores")?;
+        check(self.grad, sizes.weights, DType::F32, "score gradient")
+    }
+}
+
+/// Arithmetic of the inner products of masked layers in inference.
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
@@ -73,6 +108,78 @@ impl Precision {
         }
         Ok(self == Precision::F16)
     }
+}
+
+/// The operands of one masked product (a forward pass or an input gradient): the layer's frozen
+/// weights, where its mask comes from, the tensor it reads and the one it writes, and the
+/// arithmetic of its multiplications.
+#[derive(Clone, Copy)]
+pub struct Product<'a> {
+    pub layer: &'a LayerWeights,
+    pub source: &'a MaskSource<'a>,
+    pub input: &'a Tensor,
+    pub output: &'a Tensor,
+    pub precision: Precision,
+}
+
+impl<'a> Product<'a> {
+    /// A product in f32.
+    pub fn new(
+        layer: &'a LayerWeights,
+        source: &'a MaskSource<'a>,
+        input: &'a Tensor,
+        output: &'a Tensor,
+    ) -> Self {
+        Product {
+            layer,
+            source,
+            input,
+            output,
+            precision: Precision::F32,
+        }
+    }
+
+    /// The same product at `precision`.
+    pub fn at(self, precision: Precision) -> Self {
+        Product { precision, ..self }
+    }
+
+    /// Checks the product against a layer of `weights` weights whose input and output hold
+    /// `[input, output]` f32 values (named `what` in errors), and returns the template flag
+    /// `half`.
+    pub(crate) fn check(
+        &self,
+        gpu: &Gpu,
+        weights: usize,
+        [input, output]: [usize; 2],
+        [input_what, output_what]: [&str; 2],
+    ) -> Result<bool> {
+        let half = self.precision.half(gpu)?;
+        self.source.check(weights)?;
+        check(self.input, input, DType::F32, input_what)?;
+        check(self.output, output, DType::F32, output_what)?;
+        Ok(half)
+    }
+}
+
+/// One launch of a masked product's entry point that reads `source`'s weights: the shader,
+/// its parameters, its input and output buffers by WGSL name, and its workgroup count.
+pub(crate) fn launch_masked<P: bytemuck::Pod>(
+    gpu: &Gpu,
+    source: &MaskSource,
+    key: ShaderKey,
+    entry: &str,
+    params: &P,
+    [(a, ta), (b, tb)]: [(&str, &Tensor); 2],
+    groups: u32,
+) -> Result<Kernel> {
+    let k = gpu
+        .kernel(key, entry)
+        .params(params)
+        .bind(a, ta)
+        .bind(b, tb)
+        .groups(groups);
+    Ok(source.bind(k).build()?)
 }
 
 /// Workgroups needed for `n` items at `per_group` items per workgroup.

@@ -25,7 +25,7 @@ use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::matmul::{self, LinearShape};
 use crate::kernels::norm::{self, NormShape};
 use crate::kernels::weights::cpu::frozen_all;
-use crate::kernels::{data, elementwise as ew, LayerWeights, MaskSource, Precision};
+use crate::kernels::{data, elementwise as ew, LayerWeights, MaskSource, Product};
 use crate::nn::{Layer, Shape};
 
 /// How the readout is fitted.
@@ -257,10 +257,7 @@ pub fn client_statistics(
     let s = matmul::forward(
         gpu,
         &shape(1),
-        &as_weights,
-        &MaskSource::Dense(&ones),
-        &ft,
-        &sums, Precision::F32,
+        &Product::new(&as_weights, &MaskSource::Dense(&ones), &ft, &sums),
     )?;
     gpu.run(&[&t, &s])?;
     let mean: Vec<f64> = gpu
@@ -298,18 +295,12 @@ pub fn client_statistics(
     let g = matmul::forward(
         gpu,
         &shape(d),
-        &as_weights,
-        &MaskSource::Dense(&fc),
-        &fc,
-        &gram, Precision::F32,
+        &Product::new(&as_weights, &MaskSource::Dense(&fc), &fc, &gram),
     )?;
     let c = matmul::forward(
         gpu,
         &shape(classes),
-        &as_weights,
-        &MaskSource::Dense(&yt),
-        &fc,
-        &cross, Precision::F32,
+        &Product::new(&as_weights, &MaskSource::Dense(&yt), &fc, &cross),
     )?;
     gpu.run(&[&centre, &g, &c])?;
     let to64 = |v: Vec<f32>| v.into_iter().map(|x| x as f64).collect();

@@ -193,7 +193,12 @@ impl Architecture {
 
     /// Total number of masked weights.
     pub fn masked_weights(&self) -> Result<usize> {
-        Ok(self.masked_layers()?.iter().map(|l| l.weights).sum())
+        Ok(self.mask_sizes()?.iter().sum())
+    }
+
+    /// The number of weights of each masked layer, in order.
+    pub fn mask_sizes(&self) -> Result<Vec<usize>> {
+        Ok(self.masked_layers()?.iter().map(|l| l.weights).collect())
     }
 
     /// Refuses networks too large to address (see [`MAX_WEIGHTS`]).
@@ -258,7 +263,7 @@ pub const PRESETS: &[&str] = &[
 
 /// The paper's residual block: main `BN, ReLU, up x2, conv3x3, BN, ReLU, conv3x3`, skip
 /// `conv1x1, up x2`.
-fn res_block(cout: usize) -> Layer {
+pub fn res_block(cout: usize) -> Layer {
     Layer::Residual {
         main: vec![
             Layer::BatchNorm,

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use prism::gpu::{Gpu, GpuOptions};
+use prism::model::{MaskKind, Model};
+use prism::nn::Architecture;
 use prism::rng::HostRng;
 
 fn open(portable: bool) -> Arc<Gpu> {
@@ -204,5 +206,23 @@ pub fn tiny_config(clients: usize, rounds: usize, seed: u32) -> prism::TrainConf
         partition: "shards:2".into(),
         seed,
         ..Default::default()
+    }
+}
+
+/// A model of `arch` with masks sampled from random scores (no training needed for sizes).
+pub fn random_model(arch: Architecture, seed: u32) -> Model {
+    let mut rng = HostRng::new(seed, &[]);
+    let scores: Vec<Vec<f32>> = arch
+        .masked_layers()
+        .unwrap()
+        .iter()
+        .map(|l| (0..l.weights).map(|_| rng.normal() as f32).collect())
+        .collect();
+    Model {
+        masks: prism::model::masks_from_scores(&scores, MaskKind::Sample, seed),
+        arch,
+        seed,
+        mask_kind: MaskKind::Sample,
+        dataset: "mnist".into(),
     }
 }

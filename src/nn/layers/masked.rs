@@ -1,6 +1,7 @@
 //! The masked layers: dense (Linear), convolution and transposed convolution. Their weights
 //! are regenerated from the seed, their scores are what training learns.
 
+use crate::kernels::Product;
 use std::rc::Rc;
 
 use super::Kind;
@@ -8,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel, Tensor};
 use crate::kernels::conv::{self, ConvShape, ConvTransposeShape};
 use crate::kernels::matmul::{self, LinearShape};
-use crate::kernels::{LayerWeights, MaskSource, Precision, ScoreGradIo};
+use crate::kernels::{Precision, ScoreGradIo};
 use crate::nn::arch::{weight_count, MaskedLayerInfo, Shape};
 use crate::nn::cpu::Pass;
 use crate::nn::network::Backward;
@@ -68,7 +69,9 @@ impl<T: MaskedKind> Kind for T {
         } else {
             Precision::F32
         };
-        let k = shape.forward_kernel(f.gpu, &lw, &f.source(layer), &x.t, &y.t, precision)?;
+        let source = f.source(layer);
+        let op = Product::new(&lw, &source, &x.t, &y.t).at(precision);
+        let k = shape.forward_kernel(f.gpu, &op)?;
         f.forward.push(k);
         Ok(Box::new(MaskedOp {
             layer,
@@ -201,21 +204,11 @@ impl MaskedKind for Conv {
 }
 
 impl MaskedShape {
-    fn forward_kernel(
-        &self,
-        gpu: &Gpu,
-        lw: &LayerWeights,
-        source: &MaskSource,
-        x: &Tensor,
-        y: &Tensor,
-        precision: Precision,
-    ) -> Result<Kernel> {
+    fn forward_kernel(&self, gpu: &Gpu, op: &Product) -> Result<Kernel> {
         match self {
-            MaskedShape::Linear(s) => matmul::forward(gpu, s, lw, source, x, y, precision),
-            MaskedShape::Conv(s) => conv::forward(gpu, s, lw, source, x, y, precision),
-            MaskedShape::ConvT(s) => {
-                conv::transpose_forward(gpu, s, lw, source, x, y, precision)
-            }
+            MaskedShape::Linear(s) => matmul::forward(gpu, s, op),
+            MaskedShape::Conv(s) => conv::forward(gpu, s, op),
+            MaskedShape::ConvT(s) => conv::transpose_forward(gpu, s, op),
         }
     }
 
@@ -284,68 +277,55 @@ impl Recorded for MaskedOp {
             scores: &l.scores,
             grad: l.grad.as_ref().expect("training layers have gradients"),
         };
-        match &self.shape {
-            MaskedShape::Linear(s) => {
-                // With Adam fused, the score gradient updates the scores and keep thresholds
-                // that grad_input reads, so it comes after it.
-                let fused = match (r.opts.adam, &l.moments, r.step) {
-                    (Some(cfg), Some(moments), Some(step)) if scores_wanted && s.aligned() => {
-                        Some(matmul::grad_score_adam(
-                            r.gpu,
-                            s,
-                            &l.weights,
-                            estimator,
-                            &cfg,
-                            &matmul::AdamState {
-                                x: &x.t,
-                                dy: &dy,
-                                scores: &l.scores,
-                                moments,
-                                keep: &l.keep,
-                                step,
-                            },
-                        )?)
+        // With Adam fused into a linear layer's score gradient, that kernel updates the scores
+        // and keep thresholds that grad_input reads, so it comes after it.
+        let mut fused = None;
+        if scores_wanted {
+            match &self.shape {
+                MaskedShape::Linear(s) => match (r.opts.adam, &l.moments, r.step) {
+                    (Some(cfg), Some(moments), Some(step)) if s.aligned() => {
+                        let state = matmul::AdamState {
+                            x: &x.t,
+                            dy: &dy,
+                            scores: &l.scores,
+                            moments,
+                            keep: &l.keep,
+                            step,
+                        };
+                        let w = &l.weights;
+                        fused = Some(matmul::grad_score_adam(
+                            r.gpu, s, w, estimator, &cfg, &state,
+                        )?);
                     }
-                    _ => None,
-                };
-                if scores_wanted && fused.is_none() {
-                    let k = matmul::grad_score(r.gpu, s, &l.weights, estimator, &score_io())?;
-                    r.program.push(k);
-                }
-                if let Some(dx) = &dx {
-                    let k =
-                        matmul::grad_input(r.gpu, s, &l.weights, &r.source(self.layer), &dy, dx)?;
-                    r.program.push(k);
-                }
-                if let Some(k) = fused {
-                    r.program.push(k);
-                    r.adam_fused.push(self.layer);
-                }
-            }
-            MaskedShape::Conv(s) => {
-                if scores_wanted {
+                    _ => {
+                        let k = matmul::grad_score(r.gpu, s, &l.weights, estimator, &score_io())?;
+                        r.program.push(k);
+                    }
+                },
+                MaskedShape::Conv(s) => {
                     let sg = conv::grad_score(r.gpu, s, &l.weights, estimator, &score_io())?;
                     r.program.push_score_grad(sg);
                 }
-                if let Some(dx) = &dx {
-                    let source = r.source(self.layer);
-                    let k =
-                        conv::grad_input(r.gpu, s, &l.weights, &source, &dy, dx, Precision::F32)?;
-                    r.program.push(k);
-                }
-            }
-            MaskedShape::ConvT(s) => {
-                if scores_wanted {
+                MaskedShape::ConvT(s) => {
                     let io = score_io();
                     let sg = conv::transpose_grad_score(r.gpu, s, &l.weights, estimator, &io)?;
                     r.program.push_score_grad(sg);
                 }
-                if let Some(dx) = &dx {
-                    let source = r.source(self.layer);
-                    let k = conv::transpose_grad_input(r.gpu, s, &l.weights, &source, &dy, dx)?;
-                    r.program.push(k);
-                }
             }
+        }
+        if let Some(dx) = &dx {
+            let source = r.source(self.layer);
+            let op = Product::new(&l.weights, &source, &dy, dx);
+            let k = match &self.shape {
+                MaskedShape::Linear(s) => matmul::grad_input(r.gpu, s, &op)?,
+                MaskedShape::Conv(s) => conv::grad_input(r.gpu, s, &op)?,
+                MaskedShape::ConvT(s) => conv::transpose_grad_input(r.gpu, s, &op)?,
+            };
+            r.program.push(k);
+        }
+        if let Some(k) = fused {
+            r.program.push(k);
+            r.adam_fused.push(self.layer);
         }
         Ok(dx)
     }

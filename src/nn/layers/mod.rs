@@ -10,10 +10,10 @@ mod pool;
 mod structure;
 
 use super::arch::{Layer, MaskedLayerInfo, Shape};
-use pointwise::{Pointwise, Which};
 use super::cpu::Pass;
 use super::record::{Act, ForwardRecorder, Recorded};
 use crate::error::{Error, Result};
+use pointwise::{Pointwise, Which};
 
 /// A layer kind.
 pub(crate) trait Kind {
