@@ -30,37 +30,17 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> scores_out: array<f32>;
 @group(0) @binding(10) var<storage, read_write> prior: array<vec2<f32>>;
 
-fn threshold(s: f32) -> u32 {
-    return min(u32(round(sigmoid(s) * 65536.0)), 65535u);
+// The 16-bit threshold of keep probability q.
+fn quantise(q: f32) -> u32 {
+    return min(u32(round(q * 65536.0)), 65535u);
 }
 
-fn keep_bit(i: u32, key: u32) -> u32 {
-    let t = (keep_in[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
-    return select(0u, 1u, rng_u16(key, i) < t);
-}
-
-// keep[j] <- thresholds of elements 2j and 2j+1.
+// An entry point that writes keep[j], the thresholds of elements 2j and 2j+1, each from
+// `threshold_of(i)`.
+//% macro thresholds_entry(name, threshold_of)
 @compute @workgroup_size(256)
-fn thresholds(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+fn {{ name }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
-    let j = linear_workgroup(wid, nwg) * 256u + li;
-    let i = 2u * j;
-    if (i >= p.n) {
-        return;
-    }
-    var word = threshold(scores[i]);
-    if (i + 1u < p.n) {
-        word |= threshold(scores[i + 1u]) << 16u;
-    }
-    keep[j] = word;
-}
-
-// Differential privacy (PRISM.md section 5, the sound mechanism): theta = sigmoid(s) clipped to
-// [lo, 1 - lo], plus N(0, sigma^2) noise, clamped to [0, 1]; keep <- its thresholds. The
-// noise must be truly Gaussian for the accountant's guarantee, hence Box-Muller.
-@compute @workgroup_size(256)
-fn dp_thresholds(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) li: u32) {
     let j = linear_workgroup(wid, nwg) * 256u + li;
     let i = 2u * j;
     if (i >= p.n) {
@@ -69,18 +49,36 @@ fn dp_thresholds(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     var word = 0u;
     for (var h = 0u; h < 2u; h++) {
         if (i + h < p.n) {
-            let theta = clamp(sigmoid(scores[i + h]), p.lo, 1.0 - p.lo);
-            let noisy = clamp(theta + p.sigma * rng_normal_bm(p.key, i + h), 0.0, 1.0);
-            word |= min(u32(round(noisy * 65536.0)), 65535u) << (16u * h);
+            word |= {{ threshold_of }}(i + h) << (16u * h);
         }
     }
     keep[j] = word;
 }
+//% endmacro
 
-// bits[w] <- one Bernoulli sample of elements 32w .. 32w+31 from the thresholds `keep_in`.
+fn score_threshold(i: u32) -> u32 {
+    return quantise(sigmoid(scores[i]));
+}
+
+// keep <- the thresholds of the scores.
+{{ thresholds_entry("thresholds", "score_threshold") }}
+
+// Differential privacy (PRISM.md section 5, the sound mechanism): theta = sigmoid(s) clipped to
+// [lo, 1 - lo], plus N(0, sigma^2) noise, clamped to [0, 1]; keep <- its thresholds. The
+// noise must be truly Gaussian for the accountant's guarantee, hence Box-Muller.
+fn noisy_threshold(i: u32) -> u32 {
+    let theta = clamp(sigmoid(scores[i]), p.lo, 1.0 - p.lo);
+    let noisy = clamp(theta + p.sigma * rng_normal_bm(p.key, i), 0.0, 1.0);
+    return quantise(noisy);
+}
+
+{{ thresholds_entry("dp_thresholds", "noisy_threshold") }}
+
+// An entry point that writes bits[w], bit b being set where `bit_of(32w + b)` holds.
+//% macro pack_entry(name, bit_of)
 @compute @workgroup_size(256)
-fn sample_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) li: u32) {
+fn {{ name }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
     let w = linear_workgroup(wid, nwg) * 256u + li;
     let i0 = 32u * w;
     if (i0 >= p.n) {
@@ -88,12 +86,22 @@ fn sample_packed(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
     var word = 0u;
     for (var b = 0u; b < 32u; b++) {
-        if (i0 + b < p.n) {
-            word |= keep_bit(i0 + b, p.key) << b;
+        if (i0 + b < p.n && {{ bit_of }}(i0 + b)) {
+            word |= 1u << b;
         }
     }
     bits[w] = word;
 }
+//% endmacro
+
+// Element i of the sample: kept when its 16-bit uniform is below its threshold.
+fn sampled_bit(i: u32) -> bool {
+    let t = (keep_in[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
+    return rng_u16(p.key, i) < t;
+}
+
+// bits[w] <- one Bernoulli sample of elements 32w .. 32w+31 from the thresholds `keep_in`.
+{{ pack_entry("sample_packed", "sampled_bit") }}
 
 // values[i] <- bit i of bits_a, as 0.0 or 1.0.
 @compute @workgroup_size(256)
@@ -106,23 +114,12 @@ fn unpack(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     values[i] = f32((bits_a[i >> 5u] >> (i & 31u)) & 1u);
 }
 
-// bits[w] <- (scores[i] > 0) for i in the word: the thresholded (most likely) mask, p > 0.5.
-@compute @workgroup_size(256)
-fn pack_positive(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) li: u32) {
-    let w = linear_workgroup(wid, nwg) * 256u + li;
-    let i0 = 32u * w;
-    if (i0 >= p.n) {
-        return;
-    }
-    var word = 0u;
-    for (var b = 0u; b < 32u; b++) {
-        if (i0 + b < p.n && scores[i0 + b] > 0.0) {
-            word |= 1u << b;
-        }
-    }
-    bits[w] = word;
+fn positive_score(i: u32) -> bool {
+    return scores[i] > 0.0;
 }
+
+// bits[w] <- (scores[i] > 0) for i in the word: the thresholded (most likely) mask, p > 0.5.
+{{ pack_entry("pack_positive", "positive_score") }}
 
 var<workgroup> partial: atomic<u32>;
 

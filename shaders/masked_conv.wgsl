@@ -84,6 +84,23 @@ fn kpos_next(k: KPos) -> KPos {
     return n;
 }
 
+// The store of a block of rows m = (b, position) by 4 columns c into out[b, c, position] (NCHW),
+// `plane` positions per channel.
+//% macro store_planes(out, plane)
+    let plane = {{ plane }};
+//% for r in range(rows)
+    if (row0 + {{ r }}u < m) {
+        let mm = row0 + {{ r }}u;
+        let base = (mm / plane) * n * plane + mm % plane;
+        for (var q = 0u; q < 4u; q++) {
+            if (col0 + q < n) {
+                {{ out }}[base + (col0 + q) * plane] = acc{{ r }}[q];
+            }
+        }
+    }
+//% endfor
+//% endmacro
+
 // forward: x at output position (row) and K position, zero in the padding.
 // Row info: (offset of image b in x, oy * stride - pad, ox * stride - pad).
 fn fwd_row(m: u32) -> vec3<i32> {
@@ -110,31 +127,19 @@ fn fwd_gather4(ri: vec3<i32>, k0: KPos, k1: KPos, k2: KPos, k3: KPos) -> vec4<f3
 
 @compute @workgroup_size(64)
 fn forward({{ octet.entry_args() }}) {
-    let tile = linear_workgroup(wid, nwg);
-    if (tile >= p.tiles_total) {
-        return;
-    }
+{{ octet.tile_start() }}
 {{ octet.lane_setup() }}
     let m = p.batch * p.oh * p.ow;
     let n = p.cout;
     let k = p.cin * p.kh * p.kw;
-    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
-    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
-    let c0 = min(col0, n - 1u);
-    let c1 = min(col0 + 1u, n - 1u);
-    let c2 = min(col0 + 2u, n - 1u);
-    let c3 = min(col0 + 3u, n - 1u);
+{{ octet.tile_origin() }}
+{{ octet.columns() }}
     let mkey = step_mask_key(p.g);
 {{ octet.row_info("fwd_row(", ")") }}
-//% for r in range(rows)
-    var acc{{ r }} = vec4<f32>(0.0);
-//% endfor
+{{ octet.accumulators() }}
     var kp = KPos(0u, 0u, 0u);
 //% if aligned
-    var sw0 = 0u;
-    var sw1 = 0u;
-    var sw2 = 0u;
-    var sw3 = 0u;
+{{ octet.sign_words() }}
     for (var i = 0u; i < k; i += 4u) {
         let k0 = kp;
         let k1 = kpos_next(k0);
@@ -148,25 +153,13 @@ fn forward({{ octet.entry_args() }}) {
 //% else
     for (var i = 0u; i < k; i++) {
 {{ octet.shared_loads("fwd_gather(ri@j, kp)") }}
-        let wv = vec4<f32>(weff1(p.g, c0 * k + i, mkey), weff1(p.g, c1 * k + i, mkey),
-                           weff1(p.g, c2 * k + i, mkey), weff1(p.g, c3 * k + i, mkey));
+{{ octet.weights1("@c * k + i") }}
 {{ octet.accumulate("fwd_gather(row_info[@r], kp)", "scale") }}
         kp = kpos_next(kp);
     }
 //% endif
     // Store: row m = (b, oy, ox), column co -> y[b, co, oy, ox].
-    let ohw = p.oh * p.ow;
-//% for r in range(rows)
-    if (row0 + {{ r }}u < m) {
-        let mm = row0 + {{ r }}u;
-        let base = (mm / ohw) * n * ohw + mm % ohw;
-        for (var q = 0u; q < 4u; q++) {
-            if (col0 + q < n) {
-                y[base + (col0 + q) * ohw] = acc{{ r }}[q];
-            }
-        }
-    }
-//% endfor
+{{ store_planes("y", "p.oh * p.ow") }}
 }
 
 // grad_input: row m = (b, iy, ix) of dx; K = (co, ky, kx). Row info: (offset of image b in dy,
@@ -206,48 +199,27 @@ fn bwd_gather(ri: vec3<i32>, k: KPos) -> f32 {
 
 @compute @workgroup_size(64)
 fn grad_input({{ octet.entry_args() }}) {
-    let tile = linear_workgroup(wid, nwg);
-    if (tile >= p.tiles_total) {
-        return;
-    }
+{{ octet.tile_start() }}
 {{ octet.lane_setup() }}
     let m = p.batch * p.h * p.w;
     let n = p.cin;
     let khw = p.kh * p.kw;
     let k = p.cout * khw;
-    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
-    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
-    let c0 = min(col0, n - 1u);
-    let c1 = min(col0 + 1u, n - 1u);
-    let c2 = min(col0 + 2u, n - 1u);
-    let c3 = min(col0 + 3u, n - 1u);
+{{ octet.tile_origin() }}
+{{ octet.columns() }}
     let mkey = step_mask_key(p.g);
 {{ octet.row_info("bwd_row(", ")") }}
-//% for r in range(rows)
-    var acc{{ r }} = vec4<f32>(0.0);
-//% endfor
+{{ octet.accumulators() }}
     var kp = KPos(0u, 0u, 0u);
     for (var i = 0u; i < k; i++) {
 {{ octet.shared_loads("bwd_gather(ri@j, kp)") }}
         // Weight [co, ci, ky, kx] for the lane's four ci.
         let wi = kp.c * n * khw + kp.ky * p.kw + kp.kx;
-        let wv = vec4<f32>(weff1(p.g, wi + c0 * khw, mkey), weff1(p.g, wi + c1 * khw, mkey),
-                           weff1(p.g, wi + c2 * khw, mkey), weff1(p.g, wi + c3 * khw, mkey));
+{{ octet.weights1("wi + @c * khw") }}
 {{ octet.accumulate("bwd_gather(row_info[@r], kp)", "scale") }}
         kp = kpos_next(kp);
     }
-    let hw = p.h * p.w;
-//% for r in range(rows)
-    if (row0 + {{ r }}u < m) {
-        let mm = row0 + {{ r }}u;
-        let base = (mm / hw) * n * hw + mm % hw;
-        for (var q = 0u; q < 4u; q++) {
-            if (col0 + q < n) {
-                dx[base + (col0 + q) * hw] = acc{{ r }}[q];
-            }
-        }
-    }
-//% endfor
+{{ store_planes("dx", "p.h * p.w") }}
 }
 
 // grad_input with stride > 1, for any cin: the rows (input positions) ordered by residue class
@@ -276,10 +248,7 @@ fn strided_class_gather(ri: vec3<i32>, t: TapPos) -> f32 {
 
 @compute @workgroup_size(64)
 fn grad_input_strided({{ octet.entry_args() }}) {
-    let tile = linear_workgroup(wid, nwg);
-    if (tile >= p.tiles_total) {
-        return;
-    }
+{{ octet.tile_start() }}
 {{ octet.lane_setup() }}
     let s = p.stride;
     let qh = (p.h + s - 1u) / s;
@@ -300,22 +269,16 @@ fn grad_input_strided({{ octet.entry_args() }}) {
     let ntx = select(0u, (p.kw - kx0 + s - 1u) / s, kx0 < p.kw);
     let k = p.cout * nty * ntx;
     let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
-    let c0 = min(col0, n - 1u);
-    let c1 = min(col0 + 1u, n - 1u);
-    let c2 = min(col0 + 2u, n - 1u);
-    let c3 = min(col0 + 3u, n - 1u);
+{{ octet.columns() }}
     let mkey = step_mask_key(p.g);
 {{ octet.row_info("strided_class_row(", ", per_class, qh, qw, py, px, ky0, kx0)") }}
-//% for r in range(rows)
-    var acc{{ r }} = vec4<f32>(0.0);
-//% endfor
+{{ octet.accumulators() }}
     var tp = TapPos(0u, 0u, 0u);
     for (var i = 0u; i < k; i++) {
 {{ octet.shared_loads("strided_class_gather(ri@j, tp)") }}
         // Weight [co, ci, ky0 + s jy, kx0 + s jx] for the lane's four ci.
         let wi = tp.co * n * khw + (ky0 + s * tp.jy) * p.kw + kx0 + s * tp.jx;
-        let wv = vec4<f32>(weff1(p.g, wi + c0 * khw, mkey), weff1(p.g, wi + c1 * khw, mkey),
-                           weff1(p.g, wi + c2 * khw, mkey), weff1(p.g, wi + c3 * khw, mkey));
+{{ octet.weights1("wi + @c * khw") }}
 {{ octet.accumulate("strided_class_gather(row_info[@r], tp)", "scale") }}
         tp = tap_next(tp, nty, ntx);
     }

@@ -99,15 +99,12 @@ fn grad_score({{ octet.entry_args() }}) {
     let n = p.cin * p.kh * p.kw;
     let ohw = p.oh * p.ow;
     let k_total = p.batch * ohw;
-    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
-    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+{{ octet.tile_origin() }}
     let ci0 = col_info(col0);
     let ci1 = col_info(col0 + 1u);
     let ci2 = col_info(col0 + 2u);
     let ci3 = col_info(col0 + 3u);
-//% for r in range(rows)
-    var acc{{ r }} = vec4<f32>(0.0);
-//% endfor
+{{ octet.accumulators() }}
     let k_begin = split * p.k_chunk;
     let k_end = min(k_total, k_begin + p.k_chunk);
     // (b, oy, ox) of k_begin, then advanced incrementally.

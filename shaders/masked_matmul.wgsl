@@ -96,10 +96,7 @@ fn store_dx(out_index: u32, col0: u32, n: u32, v: vec4<f32>) {
 
 @compute @workgroup_size(64)
 fn forward({{ octet.entry_args() }}) {
-    let tile = linear_workgroup(wid, nwg);
-    if (tile >= p.tiles_total) {
-        return;
-    }
+{{ octet.tile_start() }}
 //% if lower
     // A Gram matrix (x = weights), which is symmetric: only the tiles that reach the lower
     // triangle (first column <= last row) are computed; the others are left as they were.
@@ -111,23 +108,13 @@ fn forward({{ octet.entry_args() }}) {
     let m = p.batch;
     let n = p.outputs;
     let k = p.inputs;
-    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
-    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
-    // Columns past n are computed on clamped indices and never stored.
-    let c0 = min(col0, n - 1u);
-    let c1 = min(col0 + 1u, n - 1u);
-    let c2 = min(col0 + 2u, n - 1u);
-    let c3 = min(col0 + 3u, n - 1u);
+{{ octet.tile_origin() }}
+{{ octet.columns() }}
     let mkey = step_mask_key(p.g);
-//% for r in range(rows)
-    var acc{{ r }} = vec4<f32>(0.0);
-//% endfor
+{{ octet.accumulators() }}
 //% if aligned
     let k4n = k / 4u;
-    var sw0 = 0u;
-    var sw1 = 0u;
-    var sw2 = 0u;
-    var sw3 = 0u;
+{{ octet.sign_words() }}
     for (var k4 = 0u; k4 < k4n; k4++) {
         let i = k4 * 4u;
 {{ octet.shared_loads("x[min(row0 + lane.lane8 + @8ju, m - 1u) * k4n + k4]") }}
@@ -137,8 +124,7 @@ fn forward({{ octet.entry_args() }}) {
 //% else
     for (var i = 0u; i < k; i++) {
 {{ octet.shared_loads("x[min(row0 + lane.lane8 + @8ju, m - 1u) * k + i]") }}
-        let wv = vec4<f32>(weff1(p.g, c0 * k + i, mkey), weff1(p.g, c1 * k + i, mkey),
-                           weff1(p.g, c2 * k + i, mkey), weff1(p.g, c3 * k + i, mkey));
+{{ octet.weights1("@c * k + i") }}
 {{ octet.accumulate("x[min(row0 + @ru, m - 1u) * k + i]", "scale") }}
     }
 //% endif
@@ -151,20 +137,14 @@ fn forward({{ octet.entry_args() }}) {
 
 @compute @workgroup_size(64)
 fn grad_input({{ octet.entry_args() }}) {
-    let tile = linear_workgroup(wid, nwg);
-    if (tile >= p.tiles_total) {
-        return;
-    }
+{{ octet.tile_start() }}
 {{ octet.lane_setup() }}
     let m = p.batch;
     let n = p.inputs;
     let k = p.outputs;
-    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
-    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+{{ octet.tile_origin() }}
     let mkey = step_mask_key(p.g);
-//% for r in range(rows)
-    var acc{{ r }} = vec4<f32>(0.0);
-//% endfor
+{{ octet.accumulators() }}
 //% if aligned
     let k4n = k / 4u;
     // First of this lane's 4 columns, clamped to the last whole group of 4.
@@ -179,14 +159,10 @@ fn grad_input({{ octet.entry_args() }}) {
 {{ octet.accumulate("dy[min(row0 + @ru, m - 1u) * k4n + k4]", "combine") }}
     }
 //% else
-    let c0 = min(col0, n - 1u);
-    let c1 = min(col0 + 1u, n - 1u);
-    let c2 = min(col0 + 2u, n - 1u);
-    let c3 = min(col0 + 3u, n - 1u);
+{{ octet.columns() }}
     for (var o = 0u; o < k; o++) {
 {{ octet.shared_loads("dy[min(row0 + lane.lane8 + @8ju, m - 1u) * k + o]") }}
-        let wv = vec4<f32>(weff1(p.g, o * n + c0, mkey), weff1(p.g, o * n + c1, mkey),
-                           weff1(p.g, o * n + c2, mkey), weff1(p.g, o * n + c3, mkey));
+{{ octet.weights1("o * n + @c") }}
 {{ octet.accumulate("dy[min(row0 + @ru, m - 1u) * k + o]", "scale32") }}
     }
 //% endif
@@ -216,19 +192,13 @@ fn score_factor4(s: vec4<f32>) -> vec4<f32> {
 
 @compute @workgroup_size(64)
 fn grad_score({{ octet.entry_args() }}) {
-    let tile = linear_workgroup(wid, nwg);
-    if (tile >= p.tiles_total) {
-        return;
-    }
+{{ octet.tile_start() }}
 {{ octet.lane_setup() }}
     let m = p.outputs;
     let n = p.inputs;
     let k = p.batch;
-    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
-    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
-//% for r in range(rows)
-    var acc{{ r }} = vec4<f32>(0.0);
-//% endfor
+{{ octet.tile_origin() }}
+{{ octet.accumulators() }}
 //% if aligned
     let m4 = m / 4u;
     let n4 = n / 4u;
@@ -283,10 +253,7 @@ fn grad_score({{ octet.entry_args() }}) {
 //% endfor
     }
 //% else
-    let c0 = min(col0, n - 1u);
-    let c1 = min(col0 + 1u, n - 1u);
-    let c2 = min(col0 + 2u, n - 1u);
-    let c3 = min(col0 + 3u, n - 1u);
+{{ octet.columns() }}
     for (var b = 0u; b < k; b++) {
         let xv = vec4<f32>(x[b * n + c0], x[b * n + c1], x[b * n + c2], x[b * n + c3]);
 //% if row_share != "direct"

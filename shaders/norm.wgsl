@@ -123,56 +123,67 @@ fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
-// One invocation per channel: the `_small` forms for channels of few values.
-@compute @workgroup_size(64)
-fn forward_small(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+// One invocation per unit (a channel, or 4 channels): the `_small` forms for channels of few
+// values, written once for both of them. `suffix` names the form and its arrays, `T` the
+// value type, `wg` the workgroup size; `setup` declares what `units` (the invocations wanted),
+// `count` (values per channel) and `at` (the index of value j of the unit) use; `store_stats`
+// and `load_invstd` move the statistics of the unit.
+//% macro small_forms(suffix, T, wg, unit, setup, units, count, at, store_stats, load_invstd)
+@compute @workgroup_size({{ wg }})
+fn forward_small{{ suffix }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) li: u32) {
-    let c = linear_workgroup(wid, nwg) * 64u + li;
-    if (c >= p.channels) {
+    let {{ unit }} = linear_workgroup(wid, nwg) * {{ wg }}u + li;
+    {{ setup }}
+    if ({{ unit }} >= {{ units }}) {
         return;
     }
-    let count = p.batch * p.size;
-    var s = 0.0;
+    let count = {{ count }};
+    var s = {{ T }}(0.0);
     for (var j = 0u; j < count; j++) {
-        s += x[element(c, j)];
+        s += x{{ suffix }}[{{ at }}];
     }
     let mean = s / f32(count);
-    var q = 0.0;
+    var q = {{ T }}(0.0);
     for (var j = 0u; j < count; j++) {
-        let d = x[element(c, j)] - mean;
+        let d = x{{ suffix }}[{{ at }}] - mean;
         q += d * d;
     }
     let invstd = 1.0 / sqrt(q / f32(count) + p.eps);
-    stats[c] = vec2<f32>(mean, invstd);
+    {{ store_stats }}
     for (var j = 0u; j < count; j++) {
-        let e = element(c, j);
-        y[e] = (x[e] - mean) * invstd;
+        let e = {{ at }};
+        y{{ suffix }}[e] = (x{{ suffix }}[e] - mean) * invstd;
     }
 }
 
-@compute @workgroup_size(64)
-fn backward_small(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+@compute @workgroup_size({{ wg }})
+fn backward_small{{ suffix }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) li: u32) {
-    let c = linear_workgroup(wid, nwg) * 64u + li;
-    if (c >= p.channels) {
+    let {{ unit }} = linear_workgroup(wid, nwg) * {{ wg }}u + li;
+    {{ setup }}
+    if ({{ unit }} >= {{ units }}) {
         return;
     }
-    let count = p.batch * p.size;
-    var sd = 0.0;
-    var sdy = 0.0;
+    let count = {{ count }};
+    var sd = {{ T }}(0.0);
+    var sdy = {{ T }}(0.0);
     for (var j = 0u; j < count; j++) {
-        let e = element(c, j);
-        sd += dy[e];
-        sdy += dy[e] * yn[e];
+        let e = {{ at }};
+        sd += dy{{ suffix }}[e];
+        sdy += dy{{ suffix }}[e] * yn{{ suffix }}[e];
     }
     let mean_dy = sd / f32(count);
     let mean_dyy = sdy / f32(count);
-    let invstd = stats_in[c].y;
+    let invstd = {{ load_invstd }};
     for (var j = 0u; j < count; j++) {
-        let e = element(c, j);
-        dx[e] = invstd * (dy[e] - mean_dy - yn[e] * mean_dyy);
+        let e = {{ at }};
+        dx{{ suffix }}[e] = invstd * (dy{{ suffix }}[e] - mean_dy - yn{{ suffix }}[e] * mean_dyy);
     }
 }
+//% endmacro
+
+{{ small_forms("", "f32", 64, "c", "", "p.channels", "p.batch * p.size", "element(c, j)",
+               "stats[c] = vec2<f32>(mean, invstd);", "stats_in[c].y") }}
 
 // The `_small4` forms: the `_small` ones for dense activations (size 1) with channels a
 // multiple of 4, one invocation per 4 adjacent channels, which lie side by side in memory, so
@@ -185,59 +196,10 @@ fn backward_small(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 @group(0) @binding(12) var<storage, read> yn4: array<vec4<f32>>;
 @group(0) @binding(13) var<storage, read_write> dx4: array<vec4<f32>>;
 
-@compute @workgroup_size(32)
-fn forward_small4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_index) li: u32) {
-    let c4 = linear_workgroup(wid, nwg) * 32u + li;
-    let quads = p.channels / 4u;
-    if (c4 >= quads) {
-        return;
-    }
-    let count = p.batch;
-    var s = vec4<f32>(0.0);
-    for (var j = 0u; j < count; j++) {
-        s += x4[j * quads + c4];
-    }
-    let mean = s / f32(count);
-    var q = vec4<f32>(0.0);
-    for (var j = 0u; j < count; j++) {
-        let d = x4[j * quads + c4] - mean;
-        q += d * d;
-    }
-    let invstd = 1.0 / sqrt(q / f32(count) + p.eps);
-    for (var k = 0u; k < 4u; k++) {
-        stats[4u * c4 + k] = vec2<f32>(mean[k], invstd[k]);
-    }
-    for (var j = 0u; j < count; j++) {
-        y4[j * quads + c4] = (x4[j * quads + c4] - mean) * invstd;
-    }
-}
-
-@compute @workgroup_size(32)
-fn backward_small4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                   @builtin(local_invocation_index) li: u32) {
-    let c4 = linear_workgroup(wid, nwg) * 32u + li;
-    let quads = p.channels / 4u;
-    if (c4 >= quads) {
-        return;
-    }
-    let count = p.batch;
-    var sd = vec4<f32>(0.0);
-    var sdy = vec4<f32>(0.0);
-    for (var j = 0u; j < count; j++) {
-        let d = dy4[j * quads + c4];
-        sd += d;
-        sdy += d * yn4[j * quads + c4];
-    }
-    let mean_dy = sd / f32(count);
-    let mean_dyy = sdy / f32(count);
-    let invstd = vec4<f32>(stats_in[4u * c4].y, stats_in[4u * c4 + 1u].y,
-                           stats_in[4u * c4 + 2u].y, stats_in[4u * c4 + 3u].y);
-    for (var j = 0u; j < count; j++) {
-        let e = j * quads + c4;
-        dx4[e] = invstd * (dy4[e] - mean_dy - yn4[e] * mean_dyy);
-    }
-}
+{{ small_forms("4", "vec4<f32>", 32, "c4", "let quads = p.channels / 4u;", "quads", "p.batch",
+               "j * quads + c4",
+               "for (var k = 0u; k < 4u; k++) { stats[4u * c4 + k] = vec2<f32>(mean[k], invstd[k]); }",
+               "vec4<f32>(stats_in[4u * c4].y, stats_in[4u * c4 + 1u].y, stats_in[4u * c4 + 2u].y, stats_in[4u * c4 + 3u].y)") }}
 
 // Channel of element e of a [batch, channels, size] tensor.
 fn channel_of(e: u32) -> u32 {

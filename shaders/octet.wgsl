@@ -47,6 +47,37 @@ subgroupShuffle({{ v }}, lane.base + {{ r }}u)
 //% endif
 //% endmacro
 
+// The start of a tiled entry point: its tile, or return past the last one.
+//% macro tile_start()
+    let tile = linear_workgroup(wid, nwg);
+    if (tile >= p.tiles_total) {
+        return;
+    }
+//% endmacro
+
+// The first row and column of the lane's block in a grid of tiles_n tiles along N, each of
+// om x on octets.
+//% macro tile_origin()
+    let row0 = (tile / p.tiles_n) * R * p.om + lane.om * R;
+    let col0 = (tile % p.tiles_n) * 32u * p.on + lane.on * 32u + lane.lane8 * 4u;
+//% endmacro
+
+// The lane's four columns c0..c3 of n, clamped: columns past n are computed on clamped indices
+// and never stored.
+//% macro columns()
+    let c0 = min(col0, n - 1u);
+    let c1 = min(col0 + 1u, n - 1u);
+    let c2 = min(col0 + 2u, n - 1u);
+    let c3 = min(col0 + 3u, n - 1u);
+//% endmacro
+
+// One accumulator per row of the lane's block: acc0 .. acc{rows - 1}, 4 columns each.
+//% macro accumulators()
+//% for r in range(rows)
+    var acc{{ r }} = vec4<f32>(0.0);
+//% endfor
+//% endmacro
+
 
 // The inner loops the matmul-like kernels share. Their arguments are WGSL expressions as
 // strings with placeholders: @r a row of the lane's block (0 .. rows - 1), @j and @8j the
@@ -106,6 +137,21 @@ subgroupShuffle({{ v }}, lane.base + {{ r }}u)
 //% endif
         }
 //% endfor
+//% endmacro
+
+// In the unaligned K loop: the effective weights of the lane's four columns at one K step
+// (wv), `index` being the weight index with @c for the column (c0..c3).
+//% macro weights1(index)
+        let wv = vec4<f32>(weff1(p.g, {{ index | replace("@c", "c0") }}, mkey), weff1(p.g, {{ index | replace("@c", "c1") }}, mkey),
+                           weff1(p.g, {{ index | replace("@c", "c2") }}, mkey), weff1(p.g, {{ index | replace("@c", "c3") }}, mkey));
+//% endmacro
+
+// Before the aligned K loop: the sign words that weights4 refreshes.
+//% macro sign_words()
+    var sw0 = 0u;
+    var sw1 = 0u;
+    var sw2 = 0u;
+    var sw3 = 0u;
 //% endmacro
 
 // In the aligned K loop (4 steps at i): the weights of the lane's four columns c0..c3 at

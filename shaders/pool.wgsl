@@ -56,27 +56,30 @@ fn argmax4(base: u32) -> u32 {
     return at;
 }
 
+// A forward entry point: out[o] = `pooled`(b), b the input index of o's window.
+//% macro forward_entry(name, pooled)
 @compute @workgroup_size(256)
-fn max_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) li: u32) {
+fn {{ name }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
     let o = index(wid, nwg, li);
     if (o >= p.n) {
         return;
     }
-    let b = window_origin(o);
-    out[o] = max(max(x[b], x[b + 1u]), max(x[b + p.w], x[b + p.w + 1u]));
+    out[o] = {{ pooled }}(window_origin(o));
+}
+//% endmacro
+
+fn window_max(b: u32) -> f32 {
+    return max(max(x[b], x[b + 1u]), max(x[b + p.w], x[b + p.w + 1u]));
 }
 
-@compute @workgroup_size(256)
-fn avg_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) li: u32) {
-    let o = index(wid, nwg, li);
-    if (o >= p.n) {
-        return;
-    }
-    let b = window_origin(o);
-    out[o] = 0.25 * ((x[b] + x[b + 1u]) + (x[b + p.w] + x[b + p.w + 1u]));
+fn window_mean(b: u32) -> f32 {
+    return 0.25 * ((x[b] + x[b + 1u]) + (x[b + p.w] + x[b + p.w + 1u]));
 }
+
+{{ forward_entry("max_forward", "window_max") }}
+
+{{ forward_entry("avg_forward", "window_mean") }}
 
 // For input element i: (output element of its window, its position in the window), or
 // (n_out, 0) when i lies in a dropped row or column. Here inv_w = 1 / w and inv_h = 1 / h.
@@ -93,9 +96,11 @@ fn window_of(i: u32) -> vec2<u32> {
     return vec2<u32>((plane * p.oh + oy) * p.ow + ox, (iy & 1u) * 2u + (ix & 1u));
 }
 
+// A backward entry point: dx[i] = `share`(i, window_of(i)) for i inside a window, else 0.
+//% macro backward_entry(name, share)
 @compute @workgroup_size(256)
-fn max_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) li: u32) {
+fn {{ name }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
     let i = index(wid, nwg, li);
     if (i >= p.n) {
         return;
@@ -103,26 +108,23 @@ fn max_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let win = window_of(i);
     var g = 0.0;
     if (win.x != 0xffffffffu) {
-        let at = win.y;
-        let base = i - (at / 2u) * p.w - (at & 1u);
-        if (argmax4(base) == at) {
-            g = dy[win.x];
-        }
+        g = {{ share }}(i, win);
     }
     dx[i] = g;
+}
+//% endmacro
+
+// The whole gradient of the window goes to its first largest element.
+fn max_share(i: u32, win: vec2<u32>) -> f32 {
+    let at = win.y;
+    let base = i - (at / 2u) * p.w - (at & 1u);
+    return select(0.0, dy[win.x], argmax4(base) == at);
 }
 
-@compute @workgroup_size(256)
-fn avg_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) li: u32) {
-    let i = index(wid, nwg, li);
-    if (i >= p.n) {
-        return;
-    }
-    let win = window_of(i);
-    var g = 0.0;
-    if (win.x != 0xffffffffu) {
-        g = 0.25 * dy[win.x];
-    }
-    dx[i] = g;
+fn mean_share(i: u32, win: vec2<u32>) -> f32 {
+    return 0.25 * dy[win.x];
 }
+
+{{ backward_entry("max_backward", "max_share") }}
+
+{{ backward_entry("avg_backward", "mean_share") }}
