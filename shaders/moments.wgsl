@@ -21,20 +21,18 @@
 //                 loss[1] = weight * mean of the squared moment differences (the recorded
 //                 loss: it falls as the moments approach the real ones)
 //% include "common.wgsl"
+//% include "adam_update.wgsl"
 
 struct Params {
     n: u32,            // rows of f (the batch)
     d: u32,            // features of this layer
     offset: u32,       // this layer's first feature among all tapped layers
     total_d: u32,      // features of all tapped layers
-    lr: f32,           // trackers' Adam
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    ln_beta1: f32,
-    ln_beta2: f32,
     weight: f32,       // loss weight
     count: u32,        // stats_merge: real samples merged before this batch; stats_finish: all
+    _pad0: u32,
+    _pad1: u32,
+    adam: AdamParams,  // the trackers' Adam
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> f: array<f32>;
@@ -100,15 +98,6 @@ fn stats_finish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     real[i] = vec2<f32>(a.x, a.y / f32(max(p.count, 2u) - 1u));
 }
 
-// 1 - beta^t without cancellation (as in adam.wgsl).
-fn one_minus_pow(ln_beta: f32, t: f32) -> f32 {
-    let x = t * ln_beta;
-    if (x > -0.1) {
-        return -x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))));
-    }
-    return 1.0 - exp(x);
-}
-
 @compute @workgroup_size(256)
 fn step_layer(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
@@ -123,18 +112,19 @@ fn step_layer(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let diff = vec2<f32>(r.x - mu, r.y - var_f);
     // The trackers' Adam step on MSE(v, diff) over all total_d features.
     let t = f32(step.step + 1u);
-    let c1 = one_minus_pow(p.ln_beta1, t);
-    let c2 = one_minus_pow(p.ln_beta2, t);
+    let c = adam_corrections(p.adam, t);
+    let c1 = c.x;
+    let c2 = c.y;
     var v = track[i];
     let g = 2.0 * (v - diff) / f32(p.total_d);
     var o = opt[i];
-    o.x = p.beta1 * o.x + (1.0 - p.beta1) * g.x;
-    o.y = p.beta2 * o.y + (1.0 - p.beta2) * g.x * g.x;
-    o.z = p.beta1 * o.z + (1.0 - p.beta1) * g.y;
-    o.w = p.beta2 * o.w + (1.0 - p.beta2) * g.y * g.y;
+    o.x = p.adam.beta1 * o.x + (1.0 - p.adam.beta1) * g.x;
+    o.y = p.adam.beta2 * o.y + (1.0 - p.adam.beta2) * g.x * g.x;
+    o.z = p.adam.beta1 * o.z + (1.0 - p.adam.beta1) * g.y;
+    o.w = p.adam.beta2 * o.w + (1.0 - p.adam.beta2) * g.y * g.y;
     opt[i] = o;
-    v.x -= p.lr * (o.x / c1) / (sqrt(o.y / c2) + p.eps);
-    v.y -= p.lr * (o.z / c1) / (sqrt(o.w / c2) + p.eps);
+    v.x -= p.adam.lr * (o.x / c1) / (sqrt(o.y / c2) + p.adam.eps);
+    v.y -= p.adam.lr * (o.z / c1) / (sqrt(o.w / c2) + p.adam.eps);
     track[i] = v;
     // The generator's gradient through the updated estimates.
     let gm = -p.weight * v.x / f32(p.n);

@@ -233,10 +233,12 @@ fn grad_score_adam_matches_the_gradient_then_adam() {
                 &matmul::AdamState {
                     x: &tx,
                     dy: &tdy,
-                    scores: &fs,
-                    moments: &fm,
-                    keep: &fk,
-                    step: &tstep,
+                    state: adam::TrainingState {
+                        scores: &fs,
+                        moments: &fm,
+                        keep: &fk,
+                        step: &tstep,
+                    },
                 },
             )
             .unwrap();
@@ -254,14 +256,13 @@ fn grad_score_adam_matches_the_gradient_then_adam() {
                 },
             )
             .unwrap();
-            let io = adam::AdamIo {
-                step: &tstep,
-                grad: &tg,
+            let state = adam::TrainingState {
                 scores: &us,
                 moments: &um,
                 keep: &uk,
+                step: &tstep,
             };
-            let step = adam::step(&gpu, &cfg, &io).unwrap();
+            let step = adam::step(&gpu, &cfg, &tg, &state).unwrap();
             for t in 0..3 {
                 gpu.run(&[&fused, &grad, &step]).unwrap();
                 let what = format!("{s:?} {:?} step {t}", gpu.features().row_share);

@@ -214,47 +214,55 @@ fn vector_maps_match_the_reference_at_every_length() {
     }
 }
 
+type PlaneOp = fn(&Gpu, &ew::Planes, &Tensor, &Tensor) -> prism::Result<prism::gpu::Kernel>;
+
+/// Runs a plane operator on random x and its adjoint on random r (`grow` output values per
+/// input value) and checks <op(x), r> = <x, adjoint(r)>; returns x, r, op(x) and adjoint(r).
+fn run_with_adjoint(
+    gpu: &Gpu,
+    rng: &mut HostRng,
+    s: &ew::Planes,
+    grow: usize,
+    [op, adjoint]: [PlaneOp; 2],
+) -> [Vec<f32>; 4] {
+    let x = uniform(rng, s.count * s.h * s.w);
+    let r = uniform(rng, grow * x.len());
+    let (tx, ty, tr, tdx) = (
+        up(gpu, &x),
+        out(gpu, r.len()),
+        up(gpu, &r),
+        out(gpu, x.len()),
+    );
+    let f = op(gpu, s, &tx, &ty).unwrap();
+    let b = adjoint(gpu, s, &tr, &tdx).unwrap();
+    gpu.run(&[&f, &b]).unwrap();
+    let (y, dx) = (gpu.read_f32(&ty).unwrap(), gpu.read_f32(&tdx).unwrap());
+    let dot = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(u, v)| (*u as f64) * (*v as f64))
+            .sum()
+    };
+    let (lhs, rhs) = (dot(&y, &r), dot(&x, &dx));
+    assert!(
+        (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
+        "adjoint of {s:?}: {lhs} vs {rhs}"
+    );
+    [x, r, y, dx]
+}
+
 #[test]
 fn upsampling_and_its_adjoint() {
     let mut rng = HostRng::new(43, &[]);
     for gpu in devices() {
         // Odd widths take the scalar form, even ones the vector form (14: the default's).
-        for (planes, h, w) in [(1, 1, 1), (3, 4, 5), (64, 8, 8), (37, 14, 14), (1, 1, 2)] {
-            let x = uniform(&mut rng, planes * h * w);
-            let r = uniform(&mut rng, 4 * planes * h * w);
-            let (tx, ty, tr, tdx) = (
-                up(&gpu, &x),
-                out(&gpu, r.len()),
-                up(&gpu, &r),
-                out(&gpu, x.len()),
-            );
-            let f = ew::upsample2x(&gpu, planes, h, w, &tx, &ty).unwrap();
-            let b = ew::upsample2x_adjoint(&gpu, planes, h, w, &tr, &tdx).unwrap();
-            gpu.run(&[&f, &b]).unwrap();
-            assert_eq!(
-                gpu.read_f32(&ty).unwrap(),
-                ew::cpu::upsample2x(planes, h, w, &x)
-            );
-            let dx = gpu.read_f32(&tdx).unwrap();
-            assert_close(
-                "upsample adjoint",
-                &dx,
-                &ew::cpu::upsample2x_adjoint(planes, h, w, &r),
-                1e-6,
-                1e-6,
-            );
-            // <up(x), r> = <x, up^T(r)>: the adjoint is the gradient.
-            let lhs: f64 = ew::cpu::upsample2x(planes, h, w, &x)
-                .iter()
-                .zip(&r)
-                .map(|(a, b)| (*a as f64) * (*b as f64))
-                .sum();
-            let rhs: f64 = x
-                .iter()
-                .zip(&dx)
-                .map(|(a, b)| (*a as f64) * (*b as f64))
-                .sum();
-            assert!((lhs - rhs).abs() < 1e-4);
+        for (count, h, w) in [(1, 1, 1), (3, 4, 5), (64, 8, 8), (37, 14, 14), (1, 1, 2)] {
+            let s = ew::Planes { count, h, w };
+            let ops: [PlaneOp; 2] = [ew::upsample2x, ew::upsample2x_adjoint];
+            let [x, r, y, dx] = run_with_adjoint(&gpu, &mut rng, &s, 4, ops);
+            assert_eq!(y, ew::cpu::upsample2x(count, h, w, &x));
+            let want = ew::cpu::upsample2x_adjoint(count, h, w, &r);
+            assert_close("upsample adjoint", &dx, &want, 1e-6, 1e-6);
         }
     }
 }
@@ -266,7 +274,7 @@ fn smoothing_matches_the_reference_and_is_its_own_adjoint() {
         // 1x1 and one-row planes (only padding around), odd sizes, and the generators' 28x28
         // output planes, 256 of them so that plane boundaries fall inside workgroups.
         // Widths below, at and past the runs of 4 and 32 pixels one invocation computes.
-        for (planes, h, w) in [
+        for (count, h, w) in [
             (1, 1, 1),
             (2, 1, 7),
             (3, 5, 4),
@@ -275,36 +283,16 @@ fn smoothing_matches_the_reference_and_is_its_own_adjoint() {
             (3, 4, 64),
             (256, 28, 28),
         ] {
-            let x = uniform(&mut rng, planes * h * w);
-            let r = uniform(&mut rng, planes * h * w);
-            let (tx, ty, tr, tdx) = (
-                up(&gpu, &x),
-                out(&gpu, x.len()),
-                up(&gpu, &r),
-                out(&gpu, r.len()),
-            );
-            let f = ew::blur3x3(&gpu, planes, h, w, &tx, &ty).unwrap();
-            let b = ew::blur3x3(&gpu, planes, h, w, &tr, &tdx).unwrap();
-            gpu.run(&[&f, &b]).unwrap();
-            let want = ew::cpu::blur3x3(planes, h, w, &x);
-            assert_close("blur", &gpu.read_f32(&ty).unwrap(), &want, 1e-6, 1e-6);
+            let s = ew::Planes { count, h, w };
+            // The same kernel is the backward pass.
+            let ops: [PlaneOp; 2] = [ew::blur3x3, ew::blur3x3];
+            let [x, _, y, _] = run_with_adjoint(&gpu, &mut rng, &s, 1, ops);
+            let want = ew::cpu::blur3x3(count, h, w, &x);
+            assert_close("blur", &y, &want, 1e-6, 1e-6);
             // A 1x1 plane keeps 4/16 of its value: the rest of the stencil falls on padding.
-            if (planes, h, w) == (1, 1, 1) {
+            if (count, h, w) == (1, 1, 1) {
                 assert!((want[0] - 0.25 * x[0]).abs() < 1e-7);
             }
-            // <blur(x), r> = <x, blur(r)>: the same kernel is the backward pass.
-            let dx = gpu.read_f32(&tdx).unwrap();
-            let dot = |a: &[f32], b: &[f32]| -> f64 {
-                a.iter()
-                    .zip(b)
-                    .map(|(u, v)| (*u as f64) * (*v as f64))
-                    .sum()
-            };
-            let (lhs, rhs) = (dot(&want, &r), dot(&x, &dx));
-            assert!(
-                (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
-                "{lhs} vs {rhs}"
-            );
         }
     }
 }
@@ -318,7 +306,12 @@ fn upsampling_past_two_to_the_24_elements_indexes_exactly() {
     let (planes, h, w) = (1, 2_700_001, 3); // 32,400,012 outputs (<= 128 MiB), odd row width
     let x: Vec<f32> = (0..planes * h * w).map(|i| i as f32).collect();
     let (tx, ty) = (up(&gpu, &x), out(&gpu, 4 * x.len()));
-    let f = ew::upsample2x(&gpu, planes, h, w, &tx, &ty).unwrap();
+    let s = ew::Planes {
+        count: planes,
+        h,
+        w,
+    };
+    let f = ew::upsample2x(&gpu, &s, &tx, &ty).unwrap();
     gpu.run(&[&f]).unwrap();
     let got = gpu.read_f32(&ty).unwrap();
     let want = ew::cpu::upsample2x(planes, h, w, &x);

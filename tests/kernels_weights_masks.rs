@@ -300,14 +300,13 @@ fn adam_matches_cpu_and_refreshes_thresholds() {
                 .upload_u32(bytemuck::cast_slice(&[step]), &[8], "step")
                 .unwrap();
             let tg = gpu.tensor(&[n], DType::F32, "grad").unwrap();
-            let io = adam::AdamIo {
-                step: &tst,
-                grad: &tg,
+            let state = adam::TrainingState {
                 scores: &ts,
                 moments: &tm,
                 keep: &tk,
+                step: &tst,
             };
-            let k_step = adam::step(&gpu, &cfg, &io).unwrap();
+            let k_step = adam::step(&gpu, &cfg, &tg, &state).unwrap();
             let k_adv = adam::advance(&gpu, &tst).unwrap();
             for t in 1..=5u32 {
                 let grad = normal(&mut rng, n);

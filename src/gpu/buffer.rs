@@ -89,17 +89,22 @@ impl Tensor {
 }
 
 impl Gpu {
+    /// A buffer of at least `size` bytes for `usage` from the pool (named `what` in errors).
+    pub(crate) fn buffer_from_pool(
+        &self,
+        size: u64,
+        usage: wgpu::BufferUsages,
+        what: &str,
+    ) -> Result<PooledBuffer, GpuError> {
+        let max = self.limits.max_buffer_size;
+        self.pool.take(&self.device, size, usage, max, what)
+    }
+
     /// A tensor with unspecified contents (recycled buffers are not cleared).
     pub fn tensor(&self, shape: &[usize], dtype: DType, what: &str) -> Result<Tensor, GpuError> {
         let n: usize = shape.iter().product();
         let bytes = dtype.bytes(n).max(4);
-        let buf = self.pool.take(
-            &self.device,
-            bytes,
-            STORAGE,
-            self.limits.max_buffer_size,
-            what,
-        )?;
+        let buf = self.buffer_from_pool(bytes, STORAGE, what)?;
         Ok(Tensor {
             buf: Arc::new(buf),
             shape: shape.to_vec(),
@@ -205,13 +210,8 @@ impl Gpu {
         if size == 0 {
             return Ok(Vec::new());
         }
-        let staging = self.pool.take(
-            &self.device,
-            size,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            self.limits.max_buffer_size,
-            "readback staging",
-        )?;
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let staging = self.buffer_from_pool(size, usage, "readback staging")?;
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(t.buffer(), 0, staging.buffer(), 0, size);
         self.queue.submit([enc.finish()]);

@@ -172,13 +172,8 @@ impl<'a> KernelBuilder<'a> {
         let params = match &self.params {
             Some(bytes) => {
                 let size = (bytes.len() as u64).next_multiple_of(16);
-                let buf = gpu.pool.take(
-                    &gpu.device,
-                    size,
-                    wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                    gpu.limits.max_buffer_size,
-                    "kernel parameters",
-                )?;
+                let usage = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
+                let buf = gpu.buffer_from_pool(size, usage, "kernel parameters")?;
                 let mut padded = bytes.clone();
                 padded.resize(size as usize, 0);
                 gpu.queue.write_buffer(buf.buffer(), 0, &padded);

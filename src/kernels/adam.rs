@@ -65,37 +65,32 @@ struct Params {
     adam: AdamParams,
 }
 
-/// Tensors of one Adam step on a layer's scores.
-pub struct AdamIo<'a> {
-    pub step: &'a Tensor,
-    pub grad: &'a Tensor,
+/// A layer's training state, which an Adam step updates: its scores, their Adam moments
+/// ((m, v) interleaved, 2n f32), the keep thresholds written for the next step, and the step
+/// state it is at.
+pub struct TrainingState<'a> {
     pub scores: &'a Tensor,
-    /// (m, v) per score: 2n f32.
     pub moments: &'a Tensor,
-    /// Keep thresholds written for the next step.
     pub keep: &'a Tensor,
+    pub step: &'a Tensor,
 }
 
-/// Checks a layer's training state for `n` scores: the scores, their Adam moments ((m, v)
-/// interleaved), the keep thresholds and the step state.
-pub(crate) fn check_state(
-    n: usize,
-    scores: &Tensor,
-    moments: &Tensor,
-    keep: &Tensor,
-    step: &Tensor,
-) -> Result<()> {
-    check(scores, n, DType::F32, "scores")?;
-    check(moments, 2 * n, DType::F32, "Adam moments")?;
-    check(keep, keep_words(n), DType::U32, "keep thresholds")?;
-    check(step, StepState::WORDS, DType::U32, "step state")
+impl TrainingState<'_> {
+    /// Checks the state's sizes for `n` scores.
+    pub(crate) fn check(&self, n: usize) -> Result<()> {
+        check(self.scores, n, DType::F32, "scores")?;
+        check(self.moments, 2 * n, DType::F32, "Adam moments")?;
+        check(self.keep, keep_words(n), DType::U32, "keep thresholds")?;
+        check(self.step, StepState::WORDS, DType::U32, "step state")
+    }
 }
 
-/// One Adam step (t = step.step + 1) on `n` scores, refreshing the keep thresholds.
-pub fn step(gpu: &Gpu, cfg: &AdamConfig, io: &AdamIo) -> Result<Kernel> {
-    let n = io.scores.len();
-    check(io.grad, n, DType::F32, "gradient")?;
-    check_state(n, io.scores, io.moments, io.keep, io.step)?;
+/// One Adam step (t = step.step + 1) on the state's scores from their gradient `grad`,
+/// refreshing the keep thresholds.
+pub fn step(gpu: &Gpu, cfg: &AdamConfig, grad: &Tensor, state: &TrainingState) -> Result<Kernel> {
+    let n = state.scores.len();
+    check(grad, n, DType::F32, "gradient")?;
+    state.check(n)?;
     let p = Params {
         n: u32_of(n, "scores")?,
         _pad: [0; 3],
@@ -108,11 +103,11 @@ pub fn step(gpu: &Gpu, cfg: &AdamConfig, io: &AdamIo) -> Result<Kernel> {
             "step_scores",
         )
         .params(&p)
-        .bind("step", io.step)
-        .bind_padded("grad", io.grad, 16)
-        .bind_padded("scores", io.scores, 16)
-        .bind_padded("moments", io.moments, 32)
-        .bind_padded("keep", io.keep, 8)
+        .bind("step", state.step)
+        .bind_padded("grad", grad, 16)
+        .bind_padded("scores", state.scores, 16)
+        .bind_padded("moments", state.moments, 32)
+        .bind_padded("keep", state.keep, 8)
         .groups(groups_for(n.div_ceil(4), 256 * quads as usize)?)
         .build()?)
 }

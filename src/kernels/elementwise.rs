@@ -160,6 +160,14 @@ pub fn transpose(gpu: &Gpu, rows: usize, cols: usize, a: &Tensor, out: &Tensor) 
     launch(gpu, "transpose", p, &[("a", a)], out)
 }
 
+/// `count` planes of h x w values, one after another: what upsampling and smoothing work on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Planes {
+    pub count: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
 /// `div_small` in the shaders is exact below 2^31.
 fn check_small(n: usize) -> Result<u32> {
     if n >= 1 << 31 {
@@ -170,15 +178,13 @@ fn check_small(n: usize) -> Result<u32> {
     Ok(n as u32)
 }
 
-/// Nearest 2x upsampling of `planes` images of h x w.
-pub fn upsample2x(
-    gpu: &Gpu,
-    planes: usize,
-    h: usize,
-    w: usize,
-    x: &Tensor,
-    out: &Tensor,
-) -> Result<Kernel> {
+/// Nearest 2x upsampling of the planes.
+pub fn upsample2x(gpu: &Gpu, s: &Planes, x: &Tensor, out: &Tensor) -> Result<Kernel> {
+    let Planes {
+        count: planes,
+        h,
+        w,
+    } = *s;
     check(x, planes * h * w, DType::F32, "upsample input")?;
     check(out, 4 * planes * h * w, DType::F32, "upsample output")?;
     let p = Params {
@@ -196,14 +202,12 @@ pub fn upsample2x(
 }
 
 /// Adjoint of [`upsample2x`]: sums each 2x2 block (h, w: the small size).
-pub fn upsample2x_adjoint(
-    gpu: &Gpu,
-    planes: usize,
-    h: usize,
-    w: usize,
-    dy: &Tensor,
-    dx: &Tensor,
-) -> Result<Kernel> {
+pub fn upsample2x_adjoint(gpu: &Gpu, s: &Planes, dy: &Tensor, dx: &Tensor) -> Result<Kernel> {
+    let Planes {
+        count: planes,
+        h,
+        w,
+    } = *s;
     check(
         dy,
         4 * planes * h * w,
@@ -222,16 +226,14 @@ pub fn upsample2x_adjoint(
     launch(gpu, "upsample2x_adjoint", p, &[("a", dy)], dx)
 }
 
-/// Fixed 3x3 binomial smoothing of `planes` planes of h x w, zero padding. Self-adjoint, so
+/// Fixed 3x3 binomial smoothing of the planes, zero padding. Self-adjoint, so
 /// it is also the backward pass (applied to the output gradient).
-pub fn blur3x3(
-    gpu: &Gpu,
-    planes: usize,
-    h: usize,
-    w: usize,
-    x: &Tensor,
-    out: &Tensor,
-) -> Result<Kernel> {
+pub fn blur3x3(gpu: &Gpu, s: &Planes, x: &Tensor, out: &Tensor) -> Result<Kernel> {
+    let Planes {
+        count: planes,
+        h,
+        w,
+    } = *s;
     check(x, planes * h * w, DType::F32, "blur input")?;
     check(out, planes * h * w, DType::F32, "blur output")?;
     check_small(planes * h * w)?;

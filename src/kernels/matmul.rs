@@ -1,7 +1,7 @@
 //! Masked dense layer (`shaders/masked_matmul.wgsl`): forward, gradient with respect to the
 //! input, and gradient with respect to the scores, with weights regenerated in the kernel.
 
-use super::adam::{AdamConfig, AdamParams};
+use super::adam::{AdamConfig, AdamParams, TrainingState};
 use super::{
     check, launch_masked, u32_of, LayerSizes, LayerWeights, MaskSource, Product, ScoreGradIo,
     Tiling, WeightGen,
@@ -253,7 +253,7 @@ pub fn grad_score_adam(
         )));
     }
     s.sizes().check_activations(x, dy)?;
-    super::adam::check_state(s.weights(), io.scores, io.moments, io.keep, io.step)?;
+    io.state.check(s.weights())?;
     let t = Tiling::choose(s.outputs as u32, s.inputs as u32);
     let p = Params {
         adam: adam.into(),
@@ -267,23 +267,20 @@ pub fn grad_score_adam(
         .params(&p)
         .bind("x", x)
         .bind("dy", dy)
-        .bind("scores", io.scores)
-        .bind("moments", io.moments)
-        .bind("keep_out", io.keep)
-        .bind("adam_step", io.step)
+        .bind("scores", io.state.scores)
+        .bind("moments", io.state.moments)
+        .bind("keep_out", io.state.keep)
+        .bind("adam_step", io.state.step)
         .groups(p.tiles_total)
         .build()?)
 }
 
 /// What [`grad_score_adam`] reads (the layer's input and output gradient) and updates (the
-/// layer's training state), and the step it is at.
+/// layer's training state).
 pub struct AdamState<'a> {
     pub x: &'a Tensor,
     pub dy: &'a Tensor,
-    pub scores: &'a Tensor,
-    pub moments: &'a Tensor,
-    pub keep: &'a Tensor,
-    pub step: &'a Tensor,
+    pub state: TrainingState<'a>,
 }
 
 /// CPU references (f64 accumulation).

@@ -7,8 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
 use crate::gpu::{DType, Gpu, Kernel, Tensor};
 use crate::kernels::matmul::{self, LinearShape};
-use crate::kernels::MaskSource;
-use crate::kernels::Product;
+use crate::kernels::{MaskSource, Product};
 
 /// GMMN's kernel parameters for MNIST in pixel space (pixels in [0, 1]), Li et al. 2015:
 /// yujiali/gmmn's `GaussianKernelMmdLoss` computes exp(-|a - b|^2 / (2 s)), so they are

@@ -2,6 +2,7 @@
 //! code's loss (`shaders/moments.wgsl`, PRISM.md section 3): real statistics streamed over a
 //! client's data, and the per-step tracker update with the generator's feature gradient.
 
+use super::adam::{AdamConfig, AdamParams};
 use super::{check, groups_for, u32_of, StepState};
 use crate::error::{Error, Result};
 use crate::gpu::shader::ShaderKey;
@@ -38,26 +39,23 @@ struct Params {
     d: u32,
     offset: u32,
     total_d: u32,
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    ln_beta1: f32,
-    ln_beta2: f32,
     weight: f32,
     count: u32,
+    _pad: [u32; 2],
+    adam: AdamParams,
 }
 
 impl Params {
     fn with(cfg: &TrackerConfig) -> Params {
-        Params {
+        let adam = AdamConfig {
             lr: cfg.lr,
             beta1: cfg.beta1,
             beta2: cfg.beta2,
             eps: cfg.eps,
-            ln_beta1: (cfg.beta1 as f64).ln() as f32,
-            ln_beta2: (cfg.beta2 as f64).ln() as f32,
+        };
+        Params {
             weight: cfg.weight,
+            adam: (&adam).into(),
             ..Default::default()
         }
     }

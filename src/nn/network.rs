@@ -373,17 +373,13 @@ impl Network {
             let (Some(grad), Some(moments)) = (&l.grad, &l.moments) else {
                 return Err(Error::invalid("Adam needs a training network"));
             };
-            p.push(adam::step(
-                gpu,
-                cfg,
-                &adam::AdamIo {
-                    step,
-                    grad,
-                    scores: &l.scores,
-                    moments,
-                    keep: &l.keep,
-                },
-            )?);
+            let state = adam::TrainingState {
+                scores: &l.scores,
+                moments,
+                keep: &l.keep,
+                step,
+            };
+            p.push(adam::step(gpu, cfg, grad, &state)?);
         }
         Ok(p)
     }

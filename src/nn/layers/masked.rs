@@ -1,7 +1,6 @@
 //! The masked layers: dense (Linear), convolution and transposed convolution. Their weights
 //! are regenerated from the seed, their scores are what training learns.
 
-use crate::kernels::Product;
 use std::rc::Rc;
 
 use super::Kind;
@@ -9,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel, Tensor};
 use crate::kernels::conv::{self, ConvShape, ConvTransposeShape};
 use crate::kernels::matmul::{self, LinearShape};
-use crate::kernels::{Precision, ScoreGradIo};
+use crate::kernels::{adam, Precision, Product, ScoreGradIo};
 use crate::nn::arch::{weight_count, MaskedLayerInfo, Shape};
 use crate::nn::cpu::Pass;
 use crate::nn::network::Backward;
@@ -287,10 +286,12 @@ impl Recorded for MaskedOp {
                         let state = matmul::AdamState {
                             x: &x.t,
                             dy: &dy,
-                            scores: &l.scores,
-                            moments,
-                            keep: &l.keep,
-                            step,
+                            state: adam::TrainingState {
+                                scores: &l.scores,
+                                moments,
+                                keep: &l.keep,
+                                step,
+                            },
                         };
                         let w = &l.weights;
                         fused = Some(matmul::grad_score_adam(

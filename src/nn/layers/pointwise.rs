@@ -24,12 +24,16 @@ pub(super) enum Which {
 impl Which {
     /// The forward kernel on x [batch, s].
     fn forward(self, gpu: &Gpu, batch: usize, s: Shape, x: &Tensor, y: &Tensor) -> Result<Kernel> {
-        let planes = batch * s.c;
+        let planes = ew::Planes {
+            count: batch * s.c,
+            h: s.h,
+            w: s.w,
+        };
         match self {
             Which::Relu => ew::relu(gpu, x, y),
             Which::Tanh => ew::tanh(gpu, x, y),
-            Which::Upsample2x => ew::upsample2x(gpu, planes, s.h, s.w, x, y),
-            Which::Blur => ew::blur3x3(gpu, planes, s.h, s.w, x, y),
+            Which::Upsample2x => ew::upsample2x(gpu, &planes, x, y),
+            Which::Blur => ew::blur3x3(gpu, &planes, x, y),
         }
     }
 
@@ -43,13 +47,17 @@ impl Which {
         dy: &Tensor,
         dx: &Tensor,
     ) -> Result<Kernel> {
-        let planes = batch * s.c;
+        let planes = ew::Planes {
+            count: batch * s.c,
+            h: s.h,
+            w: s.w,
+        };
         match self {
             Which::Relu => ew::relu_backward(gpu, dy, y, dx),
             Which::Tanh => ew::tanh_backward(gpu, dy, y, dx),
-            Which::Upsample2x => ew::upsample2x_adjoint(gpu, planes, s.h, s.w, dy, dx),
+            Which::Upsample2x => ew::upsample2x_adjoint(gpu, &planes, dy, dx),
             // The smoothing is self-adjoint: its gradient is the same stencil.
-            Which::Blur => ew::blur3x3(gpu, planes, s.h, s.w, dy, dx),
+            Which::Blur => ew::blur3x3(gpu, &planes, dy, dx),
         }
     }
 
