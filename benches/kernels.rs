@@ -9,6 +9,9 @@
 //!
 //! `PRISM_BENCH_QUICK=1` runs small sizes only (the smoke test of .ci/run).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -109,12 +112,7 @@ fn bench_matmul(c: &mut Criterion) {
             inputs: n,
             outputs: n,
         };
-        let layer = LayerWeights {
-            seed: 7,
-            layer: 0,
-            init: Init::SignedConstant,
-            fan_in: n as u32,
-        };
+        let layer = common::layer(7, 0, Init::SignedConstant, n as u32);
         let src = sources(&gpu, &layer, s.weights(), &mut rng);
         let x: Vec<f32> = (0..n * n).map(|_| rng.unit_f64() as f32 - 0.5).collect();
         let tx = gpu.upload_f32(&x, &[n, n], "x").unwrap();
@@ -184,12 +182,7 @@ fn bench_training_matmuls(c: &mut Criterion) {
             inputs,
             outputs,
         };
-        let layer = LayerWeights {
-            seed: 7,
-            layer: l as u32,
-            init: Init::SignedConstant,
-            fan_in: inputs as u32,
-        };
+        let layer = common::layer(7, l as u32, Init::SignedConstant, inputs as u32);
         let src = sources(&gpu, &layer, s.weights(), &mut rng);
         let x: Vec<f32> = (0..batch * inputs)
             .map(|_| rng.unit_f64() as f32 - 0.5)
@@ -348,12 +341,7 @@ fn bench_conv(c: &mut Criterion) {
     }
     let mut group = c.benchmark_group("conv");
     for (name, s) in shapes {
-        let layer = LayerWeights {
-            seed: 3,
-            layer: 1,
-            init: Init::SignedConstant,
-            fan_in: (s.cin * s.kh * s.kw) as u32,
-        };
+        let layer = common::layer(3, 1, Init::SignedConstant, (s.cin * s.kh * s.kw) as u32);
         let src = sources(&gpu, &layer, s.weights(), &mut rng);
         let x: Vec<f32> = (0..s.input_len())
             .map(|_| rng.unit_f64() as f32 - 0.5)

@@ -6,7 +6,7 @@ mod common;
 use common::{assert_close, normal, uniform};
 use prism::gpu::{DType, Gpu, GpuOptions};
 use prism::kernels::matmul::{self, LinearShape};
-use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
+use prism::kernels::weights::{cpu as wcpu, Init, MaskSource};
 use prism::kernels::{mask, norm, Product, StepState};
 use prism::rng::HostRng;
 use prism::{Error, GpuError};
@@ -37,12 +37,7 @@ fn core_kernels_run_on_every_adapter() {
             inputs: 36,
             outputs: 20,
         };
-        let layer = LayerWeights {
-            seed: 4,
-            layer: 1,
-            init: Init::SignedConstant,
-            fan_in: 36,
-        };
+        let layer = common::layer(4, 1, Init::SignedConstant, 36);
         let scores = normal(&mut rng, s.weights());
         let keep_cpu = mask::cpu::thresholds(&scores);
         let step = StepState {
@@ -146,12 +141,7 @@ fn bindings_beyond_the_limit_are_refused_before_the_driver() {
         inputs: 512,
         outputs: 8,
     }; // x: 128 KiB
-    let layer = LayerWeights {
-        seed: 1,
-        layer: 0,
-        init: Init::SignedConstant,
-        fan_in: 512,
-    };
+    let layer = common::layer(1, 0, Init::SignedConstant, 512);
     let x = gpu.zeros(&[s.batch * s.inputs], DType::F32, "x").unwrap();
     let y = gpu.zeros(&[s.batch * s.outputs], DType::F32, "y").unwrap();
     match matmul::forward(&gpu, &s, &Product::new(&layer, &MaskSource::Frozen, &x, &y)) {
@@ -201,12 +191,7 @@ fn pipelines_and_buffers_are_reused() {
         inputs: 32,
         outputs: 24,
     };
-    let layer = LayerWeights {
-        seed: 2,
-        layer: 0,
-        init: Init::SignedConstant,
-        fan_in: 32,
-    };
+    let layer = common::layer(2, 0, Init::SignedConstant, 32);
     let build_and_run = || {
         let x = gpu.zeros(&[s.batch * s.inputs], DType::F32, "x").unwrap();
         let y = gpu.tensor(&[s.batch * s.outputs], DType::F32, "y").unwrap();

@@ -4,12 +4,12 @@
 
 mod common;
 
-use common::{assert_close, devices, normal, uniform};
-use prism::gpu::DType;
+use common::{assert_close, check_fd, devices, dot, normal, uniform};
+use prism::gpu::{DType, Gpu, Tensor};
 use prism::kernels::conv::{self, cpu, ConvShape, ConvTransposeShape};
 use prism::kernels::mask;
 use prism::kernels::matmul::{cpu as mcpu, Estimator};
-use prism::kernels::weights::{cpu as wcpu, Init, LayerWeights, MaskSource};
+use prism::kernels::weights::{cpu as wcpu, Init, MaskSource};
 use prism::kernels::{Product, ScoreGradIo, StepState};
 use prism::rng::HostRng;
 
@@ -68,12 +68,7 @@ fn conv_forward_grad_input_grad_score_match_cpu() {
     for gpu in devices() {
         for s in shapes() {
             let n = s.weights();
-            let layer = LayerWeights {
-                seed: 3,
-                layer: 4,
-                init: Init::SignedConstant,
-                fan_in: (s.cin * s.kh * s.kw) as u32,
-            };
+            let layer = common::layer(3, 4, Init::SignedConstant, (s.cin * s.kh * s.kw) as u32);
             let scores = normal(&mut rng, n);
             let keep_cpu = mask::cpu::thresholds(&scores);
             let keep = gpu
@@ -158,12 +153,7 @@ fn conv_score_gradient_splits_long_reductions() {
     let gpu = common::gpu();
     let mut rng = HostRng::new(32, &[]);
     let s = cs(64, 4, 8, 16, 16, 3, 1, 1);
-    let layer = LayerWeights {
-        seed: 1,
-        layer: 0,
-        init: Init::KaimingNormal,
-        fan_in: 36,
-    };
+    let layer = common::layer(1, 0, Init::KaimingNormal, 36);
     let x = uniform(&mut rng, s.input_len());
     let dy = uniform(&mut rng, s.output_len());
     let scores = normal(&mut rng, s.weights());
@@ -238,12 +228,7 @@ fn transposed_conv_matches_cpu_scatter() {
         for s in shapes {
             let n = s.weights();
             // PRISM.md: the reference's "fan_in" of a transposed conv is cout * kh * kw.
-            let layer = LayerWeights {
-                seed: 8,
-                layer: 0,
-                init: Init::SignedConstant,
-                fan_in: (s.cout * s.kh * s.kw) as u32,
-            };
+            let layer = common::layer(8, 0, Init::SignedConstant, (s.cout * s.kh * s.kw) as u32);
             let bits_cpu =
                 mask::cpu::pack(&(0..n).map(|_| rng.unit_f64() < 0.6).collect::<Vec<_>>());
             let bits = gpu
@@ -296,6 +281,23 @@ fn transposed_conv_matches_cpu_scatter() {
     }
 }
 
+/// The frozen weights times the mask's mean sigmoid(s): the relaxed weights whose exact
+/// derivative the straight-through estimator is.
+fn relaxed(frozen: &[f32], scores: &[f32]) -> Vec<f32> {
+    frozen
+        .iter()
+        .zip(scores)
+        .map(|(w, s)| w / (1.0 + (-s).exp()))
+        .collect()
+}
+
+/// The score gradient of a convolution or transposed convolution, read back.
+fn score_gradient(gpu: &Gpu, kernels: conv::ScoreGrad, grad: &Tensor) -> Vec<f32> {
+    let [a, b] = kernels.kernels();
+    gpu.run(&[a, b]).unwrap();
+    gpu.read_f32(grad).unwrap()
+}
+
 /// Central differences of L = sum(r * conv(x)) with respect to x and to the relaxed scores
 /// (mask replaced by sigmoid(s), whose exact derivative the straight-through estimator is),
 /// for a convolution and a transposed convolution.
@@ -306,33 +308,15 @@ fn conv_gradients_finite_differences() {
     let s = cs(2, 2, 3, 4, 4, 3, 2, 1);
     let t = ts(2, 3, 2, 2, 4, 2, 1);
     let n = s.weights();
-    let layer = LayerWeights {
-        seed: 5,
-        layer: 1,
-        init: Init::KaimingNormal,
-        fan_in: 18,
-    };
+    let layer = common::layer(5, 1, Init::KaimingNormal, 18);
     let frozen = wcpu::frozen_all(&layer, n);
     let scores = normal(&mut rng, n);
-    let relaxed = |sc: &[f32]| -> Vec<f32> {
-        frozen
-            .iter()
-            .zip(sc)
-            .map(|(w, s)| w / (1.0 + (-s).exp()))
-            .collect()
-    };
     let h = 1e-2f32;
 
     // Convolution.
     let x = uniform(&mut rng, s.input_len());
     let r = uniform(&mut rng, s.output_len());
-    let loss = |xv: &[f32], sc: &[f32]| -> f64 {
-        cpu::forward(&s, xv, &relaxed(sc))
-            .iter()
-            .zip(&r)
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum()
-    };
+    let loss = |xv: &[f32], sc: &[f32]| dot(&cpu::forward(&s, xv, &relaxed(&frozen, sc)), &r);
     let tx = gpu.upload_f32(&x, &[x.len()], "x").unwrap();
     let tr = gpu.upload_f32(&r, &[r.len()], "r").unwrap();
     let tdx = gpu.tensor(&[x.len()], DType::F32, "dx").unwrap();
@@ -348,100 +332,39 @@ fn conv_gradients_finite_differences() {
         &Product::new(&layer, &MaskSource::Packed(&bits), &tr, &tdx),
     )
     .unwrap();
-    let kg = conv::grad_score(
-        &gpu,
-        &s,
-        &layer,
-        Estimator::StraightThrough,
-        &ScoreGradIo {
-            x: &tx,
-            dy: &tr,
-            scores: &ts_,
-            grad: &tg,
-        },
-    )
-    .unwrap();
-    let [g1, g2] = kg.kernels();
-    gpu.run(&[&kb, g1, g2]).unwrap();
-    let dx = gpu.read_f32(&tdx).unwrap();
+    gpu.run(&[&kb]).unwrap();
     let ones = vec![f32::INFINITY; n];
-    for i in 0..x.len() {
-        let (mut xp, mut xm) = (x.clone(), x.clone());
-        xp[i] += h;
-        xm[i] -= h;
-        let fd = (loss(&xp, &ones) - loss(&xm, &ones)) / (2.0 * h as f64);
-        assert!(
-            (fd - dx[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
-            "conv dx[{i}]: {fd} vs {}",
-            dx[i]
-        );
-    }
-    let gs = gpu.read_f32(&tg).unwrap();
-    for i in 0..n {
-        let (mut sp, mut sm) = (scores.clone(), scores.clone());
-        sp[i] += h;
-        sm[i] -= h;
-        let fd = (loss(&x, &sp) - loss(&x, &sm)) / (2.0 * h as f64);
-        assert!(
-            (fd - gs[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
-            "conv ds[{i}]: {fd} vs {}",
-            gs[i]
-        );
-    }
+    let dx = gpu.read_f32(&tdx).unwrap();
+    check_fd("conv dx", &x, &dx, h, 2e-3, &mut |xv| loss(xv, &ones));
+    let io = ScoreGradIo {
+        x: &tx,
+        dy: &tr,
+        scores: &ts_,
+        grad: &tg,
+    };
+    let kg = conv::grad_score(&gpu, &s, &layer, Estimator::StraightThrough, &io).unwrap();
+    let gs = score_gradient(&gpu, kg, &tg);
+    check_fd("conv ds", &scores, &gs, h, 2e-3, &mut |sc| loss(&x, sc));
 
     // Transposed convolution: score gradient against FD of the CPU scatter.
     let nt = t.weights();
-    let lt = LayerWeights {
-        seed: 6,
-        layer: 2,
-        init: Init::SignedConstant,
-        fan_in: 32,
-    };
+    let lt = common::layer(6, 2, Init::SignedConstant, 32);
     let ft = wcpu::frozen_all(&lt, nt);
     let st = normal(&mut rng, nt);
     let xt = uniform(&mut rng, t.batch * t.cin * t.h * t.w);
     let rt = uniform(&mut rng, t.batch * t.cout * t.oh() * t.ow());
-    let loss_t = |sc: &[f32]| -> f64 {
-        let w: Vec<f32> = ft
-            .iter()
-            .zip(sc)
-            .map(|(w, s)| w / (1.0 + (-s).exp()))
-            .collect();
-        cpu::transpose_forward(&t, &xt, &w)
-            .iter()
-            .zip(&rt)
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum()
-    };
+    let loss_t = |sc: &[f32]| dot(&cpu::transpose_forward(&t, &xt, &relaxed(&ft, sc)), &rt);
     let txt = gpu.upload_f32(&xt, &[xt.len()], "xt").unwrap();
     let trt = gpu.upload_f32(&rt, &[rt.len()], "rt").unwrap();
     let tst = gpu.upload_f32(&st, &[nt], "st").unwrap();
     let tgt = gpu.tensor(&[nt], DType::F32, "gt").unwrap();
-    let kt = conv::transpose_grad_score(
-        &gpu,
-        &t,
-        &lt,
-        Estimator::StraightThrough,
-        &ScoreGradIo {
-            x: &txt,
-            dy: &trt,
-            scores: &tst,
-            grad: &tgt,
-        },
-    )
-    .unwrap();
-    let [a, b] = kt.kernels();
-    gpu.run(&[a, b]).unwrap();
-    let gt = gpu.read_f32(&tgt).unwrap();
-    for i in 0..nt {
-        let (mut sp, mut sm) = (st.clone(), st.clone());
-        sp[i] += h;
-        sm[i] -= h;
-        let fd = (loss_t(&sp) - loss_t(&sm)) / (2.0 * h as f64);
-        assert!(
-            (fd - gt[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
-            "convT ds[{i}]: {fd} vs {}",
-            gt[i]
-        );
-    }
+    let io = ScoreGradIo {
+        x: &txt,
+        dy: &trt,
+        scores: &tst,
+        grad: &tgt,
+    };
+    let kt = conv::transpose_grad_score(&gpu, &t, &lt, Estimator::StraightThrough, &io).unwrap();
+    let gt = score_gradient(&gpu, kt, &tgt);
+    check_fd("convT ds", &st, &gt, h, 2e-3, &mut |sc| loss_t(sc));
 }

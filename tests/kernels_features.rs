@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, devices, uniform};
+use common::{assert_close, check_fd, devices, dot, uniform};
 use prism::gpu::{DType, Gpu, Kernel, Tensor};
 use prism::kernels::moments::{self as mk, LayerIo, TrackerConfig};
 use prism::kernels::norm::{self, NormShape};
@@ -18,33 +18,6 @@ fn up(gpu: &Gpu, v: &[f32]) -> Tensor {
 
 fn out(gpu: &Gpu, n: usize) -> Tensor {
     gpu.tensor(&[n], DType::F32, "out").unwrap()
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(u, v)| *u as f64 * *v as f64).sum()
-}
-
-/// Central differences of `loss` at x against the analytic gradient `grad`, coordinate by
-/// coordinate (all of them: the tests keep x small).
-fn check_fd(
-    what: &str,
-    x: &[f32],
-    grad: &[f32],
-    h: f32,
-    tol: f64,
-    loss: &mut dyn FnMut(&[f32]) -> f64,
-) {
-    for i in 0..x.len() {
-        let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
-        xp[i] += h;
-        xm[i] -= h;
-        let fd = (loss(&xp) - loss(&xm)) / (2.0 * h as f64);
-        assert!(
-            (fd - grad[i] as f64).abs() < tol * (1.0 + fd.abs()),
-            "{what}: d/dx[{i}]: finite difference {fd}, gradient {}",
-            grad[i]
-        );
-    }
 }
 
 #[test]

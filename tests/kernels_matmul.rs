@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, devices, normal, uniform};
+use common::{assert_close, check_fd, devices, dot, normal, uniform};
 use prism::gpu::{DType, Gpu};
 use prism::kernels::mask;
 use prism::kernels::matmul::{self, cpu, Estimator, LinearShape};
@@ -95,6 +95,36 @@ fn for_each_source(gpu: &Gpu, c: &Case, mut f: impl FnMut(&MaskSource, &[f32], &
     f(&MaskSource::Dense(&dense), &frozen, "dense");
 }
 
+type Launch = fn(&Gpu, &LinearShape, &Product) -> prism::Result<prism::gpu::Kernel>;
+type Reference = fn(&LinearShape, &[f32], &[f32]) -> Vec<f32>;
+
+/// Runs a masked product (the forward pass or the input gradient) with each mask source on a
+/// random input of `[batch, widths[0]]` into `[batch, widths[1]]`, and
+/// compares it with its CPU twin.
+fn check_product(
+    gpu: &Gpu,
+    rng: &mut HostRng,
+    c: &Case,
+    widths: [usize; 2],
+    (launch, reference): (Launch, Reference),
+    what: &str,
+) {
+    let s = c.shape;
+    let input = uniform(rng, s.batch * widths[0]);
+    let ti = gpu.upload_f32(&input, &[s.batch, widths[0]], "in").unwrap();
+    let to = gpu
+        .tensor(&[s.batch, widths[1]], DType::F32, "out")
+        .unwrap();
+    for_each_source(gpu, c, |src, weff, name| {
+        let k = launch(gpu, &s, &Product::new(&c.layer, src, &ti, &to)).unwrap();
+        gpu.run(&[&k]).unwrap();
+        let row_share = gpu.features().row_share;
+        let what = format!("{what} {name} {s:?} {:?} {row_share:?}", c.layer.init);
+        let got = gpu.read_f32(&to).unwrap();
+        assert_close(&what, &got, &reference(&s, &input, weff), 1e-5, 1e-4);
+    });
+}
+
 #[test]
 fn forward_matches_cpu() {
     let mut rng = HostRng::new(21, &[]);
@@ -102,26 +132,9 @@ fn forward_matches_cpu() {
         for &sh in SHAPES {
             for init in [Init::SignedConstant, Init::KaimingNormal] {
                 let c = case(&mut rng, sh, init);
-                let s = c.shape;
-                let x = uniform(&mut rng, s.batch * s.inputs);
-                let tx = gpu.upload_f32(&x, &[s.batch, s.inputs], "x").unwrap();
-                let ty = gpu.tensor(&[s.batch, s.outputs], DType::F32, "y").unwrap();
-                for_each_source(&gpu, &c, |src, weff, name| {
-                    let k =
-                        matmul::forward(&gpu, &s, &Product::new(&c.layer, src, &tx, &ty)).unwrap();
-                    gpu.run(&[&k]).unwrap();
-                    let what = format!(
-                        "forward {name} {s:?} {init:?} {:?}",
-                        gpu.features().row_share
-                    );
-                    assert_close(
-                        &what,
-                        &gpu.read_f32(&ty).unwrap(),
-                        &cpu::forward(&s, &x, weff),
-                        1e-5,
-                        1e-4,
-                    );
-                });
+                let widths = [c.shape.inputs, c.shape.outputs];
+                let ops: (Launch, Reference) = (matmul::forward, cpu::forward);
+                check_product(&gpu, &mut rng, &c, widths, ops, "forward");
             }
         }
     }
@@ -133,26 +146,9 @@ fn grad_input_matches_cpu() {
     for gpu in devices() {
         for &sh in SHAPES {
             let c = case(&mut rng, sh, Init::SignedConstant);
-            let s = c.shape;
-            let dy = uniform(&mut rng, s.batch * s.outputs);
-            let tdy = gpu.upload_f32(&dy, &[s.batch, s.outputs], "dy").unwrap();
-            let tdx = gpu.tensor(&[s.batch, s.inputs], DType::F32, "dx").unwrap();
-            for_each_source(&gpu, &c, |src, weff, name| {
-                if name == "dense" {
-                    return;
-                }
-                let k =
-                    matmul::grad_input(&gpu, &s, &Product::new(&c.layer, src, &tdy, &tdx)).unwrap();
-                gpu.run(&[&k]).unwrap();
-                let what = format!("grad_input {name} {s:?} {:?}", gpu.features().row_share);
-                assert_close(
-                    &what,
-                    &gpu.read_f32(&tdx).unwrap(),
-                    &cpu::grad_input(&s, &dy, weff),
-                    1e-5,
-                    1e-4,
-                );
-            });
+            let widths = [c.shape.outputs, c.shape.inputs];
+            let ops: (Launch, Reference) = (matmul::grad_input, cpu::grad_input);
+            check_product(&gpu, &mut rng, &c, widths, ops, "grad_input");
         }
     }
 }
@@ -303,34 +299,17 @@ fn grad_input_finite_differences() {
     let tx = gpu.upload_f32(&x, &[s.batch, s.inputs], "x").unwrap();
     let ty = gpu.tensor(&[s.batch, s.outputs], DType::F32, "y").unwrap();
     let fwd = matmul::forward(&gpu, &s, &Product::new(&c.layer, &src, &tx, &ty)).unwrap();
-    let loss = |xv: &[f32]| -> f64 {
+    let mut loss = |xv: &[f32]| -> f64 {
         gpu.write_f32(&tx, xv).unwrap();
         gpu.run(&[&fwd]).unwrap();
-        gpu.read_f32(&ty)
-            .unwrap()
-            .iter()
-            .zip(&r)
-            .map(|(a, b)| (*a as f64) * (*b as f64))
-            .sum()
+        dot(&gpu.read_f32(&ty).unwrap(), &r)
     };
     let tr = gpu.upload_f32(&r, &[s.batch, s.outputs], "r").unwrap();
     let tdx = gpu.tensor(&[s.batch, s.inputs], DType::F32, "dx").unwrap();
     gpu.run(&[&matmul::grad_input(&gpu, &s, &Product::new(&c.layer, &src, &tr, &tdx)).unwrap()])
         .unwrap();
     let analytic = gpu.read_f32(&tdx).unwrap();
-    let h = 1e-2f32;
-    for i in 0..x.len() {
-        let mut xp = x.clone();
-        xp[i] += h;
-        let mut xm = x.clone();
-        xm[i] -= h;
-        let fd = (loss(&xp) - loss(&xm)) / (2.0 * h as f64);
-        assert!(
-            (fd - analytic[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
-            "dx[{i}]: fd {fd} vs {}",
-            analytic[i]
-        );
-    }
+    check_fd("dx", &x, &analytic, 1e-2, 2e-3, &mut loss);
 }
 
 /// The straight-through score gradient is the exact derivative of the relaxed loss in which
@@ -427,12 +406,7 @@ fn large_grids_fold() {
         inputs: 12,
         outputs: 256 * 8,
     };
-    let layer = LayerWeights {
-        seed: 1,
-        layer: 0,
-        init: Init::SignedConstant,
-        fan_in: 12,
-    };
+    let layer = common::layer(1, 0, Init::SignedConstant, 12);
     let mut rng = HostRng::new(26, &[]);
     let x = uniform(&mut rng, s.batch * s.inputs);
     let tx = gpu.upload_f32(&x, &[s.batch, s.inputs], "x").unwrap();

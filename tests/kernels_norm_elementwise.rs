@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, devices, normal, uniform};
+use common::{assert_close, check_fd, devices, dot, normal, uniform};
 use prism::gpu::{DType, Gpu, Tensor};
 use prism::kernels::elementwise as ew;
 use prism::kernels::norm::{self, NormShape};
@@ -136,30 +136,15 @@ fn backward_kernels_finite_differences() {
     ];
     let h = 1e-3f32;
     for (name, fwd, bwd) in &cases {
-        let loss = |xv: &[f32]| -> f64 {
+        let mut loss = |xv: &[f32]| -> f64 {
             gpu.write_f32(&tx, xv).unwrap();
             gpu.run(&fwd.iter().collect::<Vec<_>>()).unwrap();
-            gpu.read_f32(&ty)
-                .unwrap()
-                .iter()
-                .zip(&r)
-                .map(|(a, b)| *a as f64 * *b as f64)
-                .sum()
+            dot(&gpu.read_f32(&ty).unwrap(), &r)
         };
         loss(&x);
         gpu.run(&[bwd]).unwrap();
         let dx = gpu.read_f32(&tdx).unwrap();
-        for i in 0..n {
-            let (mut xp, mut xm) = (x.clone(), x.clone());
-            xp[i] += h;
-            xm[i] -= h;
-            let fd = (loss(&xp) - loss(&xm)) / (2.0 * h as f64);
-            assert!(
-                (fd - dx[i] as f64).abs() < 5e-3 * (1.0 + fd.abs()),
-                "{name} dx[{i}]: fd {fd} vs {}",
-                dx[i]
-            );
-        }
+        check_fd(&format!("{name} dx"), &x, &dx, h, 5e-3, &mut loss);
     }
 }
 

@@ -57,24 +57,8 @@ fn weight_statistics_match_kaiming() {
         );
     }
     // Different layers and seeds give unrelated weights.
-    let a = wcpu::frozen_all(
-        &LayerWeights {
-            seed: 1,
-            layer: 0,
-            init: Init::SignedConstant,
-            fan_in: 4,
-        },
-        10_000,
-    );
-    let b = wcpu::frozen_all(
-        &LayerWeights {
-            seed: 1,
-            layer: 1,
-            init: Init::SignedConstant,
-            fan_in: 4,
-        },
-        10_000,
-    );
+    let a = wcpu::frozen_all(&common::layer(1, 0, Init::SignedConstant, 4), 10_000);
+    let b = wcpu::frozen_all(&common::layer(1, 1, Init::SignedConstant, 4), 10_000);
     let agree = a.iter().zip(&b).filter(|(x, y)| x == y).count();
     assert!((4_700..5_300).contains(&agree), "{agree}");
 }
@@ -109,12 +93,7 @@ fn thresholds_match_cpu_and_training_masks_are_exact() {
             let st = gpu
                 .upload_u32(bytemuck::cast_slice(&[step]), &[8], "step")
                 .unwrap();
-            let layer = LayerWeights {
-                seed: 77,
-                layer: 1,
-                init: Init::SignedConstant,
-                fan_in: 9,
-            };
+            let layer = common::layer(77, 1, Init::SignedConstant, 9);
             let out = gpu.tensor(&[n], DType::F32, "weff").unwrap();
             let src = MaskSource::Train {
                 keep: &keep,
@@ -157,12 +136,7 @@ fn packed_samples_are_exact_and_have_the_right_rate() {
             .map(|&v| v == 1.0)
             .collect();
         assert_eq!(mask::cpu::pack(&unpacked), got);
-        let layer = LayerWeights {
-            seed: 2,
-            layer: 5,
-            init: Init::SignedConstant,
-            fan_in: 3,
-        };
+        let layer = common::layer(2, 5, Init::SignedConstant, 3);
         let out = gpu.tensor(&[n], DType::F32, "weff").unwrap();
         gpu.run(&[
             &weights::materialize(&gpu, &layer, n, &MaskSource::Packed(&bits), &out).unwrap(),

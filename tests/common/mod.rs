@@ -226,3 +226,46 @@ pub fn random_model(arch: Architecture, seed: u32) -> Model {
         dataset: "mnist".into(),
     }
 }
+
+/// <a, b>, accumulated in f64.
+pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(u, v)| *u as f64 * *v as f64).sum()
+}
+
+/// Central differences of `loss` at x against the analytic gradient `grad`, coordinate by
+/// coordinate (all of them: the tests keep x small).
+pub fn check_fd(
+    what: &str,
+    x: &[f32],
+    grad: &[f32],
+    h: f32,
+    tol: f64,
+    loss: &mut dyn FnMut(&[f32]) -> f64,
+) {
+    for i in 0..x.len() {
+        let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+        xp[i] += h;
+        xm[i] -= h;
+        let fd = (loss(&xp) - loss(&xm)) / (2.0 * h as f64);
+        assert!(
+            (fd - grad[i] as f64).abs() < tol * (1.0 + fd.abs()),
+            "{what}: d/dx[{i}]: finite difference {fd}, gradient {}",
+            grad[i]
+        );
+    }
+}
+
+/// The frozen weights of layer `layer` of a network of seed `seed`: `init` with fan-in `fan_in`.
+pub fn layer(
+    seed: u32,
+    layer: u32,
+    init: prism::kernels::Init,
+    fan_in: u32,
+) -> prism::kernels::LayerWeights {
+    prism::kernels::LayerWeights {
+        seed,
+        layer,
+        init,
+        fan_in,
+    }
+}
