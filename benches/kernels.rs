@@ -11,11 +11,15 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::sync::Mutex;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use prism::gpu::{DType, Gpu, Kernel, Tensor};
 use prism::kernels::conv::{self, ConvShape};
 use prism::kernels::mask;
@@ -23,10 +27,7 @@ use prism::kernels::matmul::{self, LinearShape};
 use prism::kernels::weights::{self, cpu as wcpu, Init, LayerWeights, MaskSource};
 use prism::kernels::{Product, ScoreGradIo, StepState};
 use prism::rng::HostRng;
-
-fn quick() -> bool {
-    std::env::var("PRISM_BENCH_QUICK").is_ok_and(|v| v != "0")
-}
+use support::quick;
 
 fn open_gpu() -> Gpu {
     Gpu::new(Default::default()).unwrap_or_else(|e| panic!("benchmarks need a GPU adapter: {e}"))
@@ -147,16 +148,9 @@ fn bench_matmul(c: &mut Criterion) {
                     assert_near(&format!("matmul {name} {n}"), y[b * n + o], want);
                 }
             }
-            group.bench_with_input(BenchmarkId::new(*name, n), &k, |bch, k| {
-                bch.iter_custom(|iters| {
-                    gpu.time_kernels(&[k], iters as u32).expect("timing failed")
-                });
-            });
-            SUMMARY.lock().unwrap().push((
-                format!("matmul {n}x{n}x{n}"),
-                name.to_string(),
-                gflops(&gpu, &k, flops),
-            ));
+            let id = BenchmarkId::new(*name, n);
+            let row = (format!("matmul {n}x{n}x{n}"), *name);
+            time_and_record(&mut group, &gpu, id, &k, row, flops);
         }
     }
     group.finish();
@@ -265,16 +259,9 @@ fn bench_training_matmuls(c: &mut Criterion) {
                 assert_near(&format!("{variant} {name} {what}[{idx}]"), *g, *w as f64);
             }
             group.throughput(Throughput::Elements(2 * s.macs()));
-            group.bench_with_input(BenchmarkId::new(*variant, &name), k, |bch, k| {
-                bch.iter_custom(|iters| {
-                    gpu.time_kernels(&[k], iters as u32).expect("timing failed")
-                });
-            });
-            SUMMARY.lock().unwrap().push((
-                format!("mlp28-up layer {l}: {name}"),
-                variant.to_string(),
-                gflops(&gpu, k, 2.0 * s.macs() as f64),
-            ));
+            let id = BenchmarkId::new(*variant, &name);
+            let row = (format!("mlp28-up layer {l}: {name}"), *variant);
+            time_and_record(&mut group, &gpu, id, k, row, 2.0 * s.macs() as f64);
         }
     }
     group.finish();
@@ -378,19 +365,32 @@ fn bench_conv(c: &mut Criterion) {
                     want,
                 );
             }
-            group.bench_with_input(BenchmarkId::new(*vname, name), &k, |bch, k| {
-                bch.iter_custom(|iters| {
-                    gpu.time_kernels(&[k], iters as u32).expect("timing failed")
-                });
-            });
-            SUMMARY.lock().unwrap().push((
-                format!("conv {name} batch {batch}"),
-                vname.to_string(),
-                gflops(&gpu, &k, flops),
-            ));
+            let id = BenchmarkId::new(*vname, name);
+            let row = (format!("conv {name} batch {batch}"), *vname);
+            time_and_record(&mut group, &gpu, id, &k, row, flops);
         }
     }
     group.finish();
+}
+
+/// Times `k` in `group` under `id` and adds its GFLOP/s for `flops` per run to the summary as
+/// (`row`, `variant`).
+fn time_and_record(
+    group: &mut BenchmarkGroup<WallTime>,
+    gpu: &Gpu,
+    id: BenchmarkId,
+    k: &Kernel,
+    (row, variant): (String, &str),
+    flops: f64,
+) {
+    group.bench_with_input(id, k, |bch, k| {
+        bch.iter_custom(|iters| gpu.time_kernels(&[k], iters as u32).expect("timing failed"));
+    });
+    let rate = gflops(gpu, k, flops);
+    SUMMARY
+        .lock()
+        .unwrap()
+        .push((row, variant.to_string(), rate));
 }
 
 fn summary(_: &mut Criterion) {
@@ -413,23 +413,9 @@ fn summary(_: &mut Criterion) {
     }
 }
 
-fn config() -> Criterion {
-    if quick() {
-        Criterion::default()
-            .sample_size(10)
-            .measurement_time(Duration::from_millis(300))
-            .warm_up_time(Duration::from_millis(100))
-    } else {
-        Criterion::default()
-            .sample_size(10)
-            .measurement_time(Duration::from_secs(3))
-            .warm_up_time(Duration::from_secs(1))
-    }
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = support::config(Duration::from_secs(3));
     targets = bench_matmul, bench_training_matmuls, bench_conv, summary
 }
 criterion_main!(benches);

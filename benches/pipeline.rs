@@ -10,6 +10,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,10 +23,7 @@ use prism::generate::Generator;
 use prism::gpu::Gpu;
 use prism::nn::Architecture;
 use prism::rng::HostRng;
-
-fn quick() -> bool {
-    std::env::var("PRISM_BENCH_QUICK").is_ok_and(|v| v != "0")
-}
+use support::quick;
 
 /// `list`, less the presets `PRISM_BENCH_PRESETS` (comma-separated) leaves out.
 fn presets(list: &[&'static str]) -> Vec<&'static str> {
@@ -289,23 +287,9 @@ fn bench_round(c: &mut Criterion) {
     }
 }
 
-fn config() -> Criterion {
-    if quick() {
-        Criterion::default()
-            .sample_size(10)
-            .measurement_time(Duration::from_millis(300))
-            .warm_up_time(Duration::from_millis(100))
-    } else {
-        Criterion::default()
-            .sample_size(10)
-            .measurement_time(Duration::from_secs(5))
-            .warm_up_time(Duration::from_secs(1))
-    }
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = support::config(Duration::from_secs(5));
     targets = bench_generation, bench_training, bench_round
 }
 criterion_main!(benches);
