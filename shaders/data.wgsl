@@ -26,6 +26,12 @@ fn pixel(byte: u32) -> f32 {
     return f32(byte) / 127.5 - 1.0;
 }
 
+// Pixel px of image img, from the bytes packed four to a word.
+fn image_pixel(img: u32, px: u32) -> f32 {
+    let byte = img * p.pixels + px;
+    return pixel((images[byte / 4u] >> (8u * (byte % 4u))) & 0xffu);
+}
+
 @compute @workgroup_size(256)
 fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
@@ -33,13 +39,9 @@ fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (e >= p.batch * p.pixels) {
         return;
     }
-    let b = e / p.pixels;
-    let px = e % p.pixels;
+    // Sample b of the batch is image rng_u32(k, b) of the data set.
     let k = rng_key(rng_key(p.key, step.client), step.step);
-    let img = rng_u32(k, b) % p.count;
-    let byte = img * p.pixels + px;
-    let v = (images[byte / 4u] >> (8u * (byte % 4u))) & 0xffu;
-    out[e] = pixel(v);
+    out[e] = image_pixel(rng_u32(k, e / p.pixels) % p.count, e % p.pixels);
 }
 
 // gather for images of a multiple of 4 bytes: each output vector is one word of one image.
@@ -74,7 +76,5 @@ fn load_range(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         out[e] = -1.0;
         return;
     }
-    let byte = img * p.pixels + e % p.pixels;
-    let v = (images[byte / 4u] >> (8u * (byte % 4u))) & 0xffu;
-    out[e] = pixel(v);
+    out[e] = image_pixel(img, e % p.pixels);
 }

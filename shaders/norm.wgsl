@@ -128,16 +128,22 @@ fn backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 // value type, `wg` the workgroup size; `setup` declares what `units` (the invocations wanted),
 // `count` (values per channel) and `at` (the index of value j of the unit) use; `store_stats`
 // and `load_invstd` move the statistics of the unit.
-//% macro small_forms(suffix, T, wg, unit, setup, units, count, at, store_stats, load_invstd)
+//% macro small_entry(name, wg, unit, setup, units, count)
 @compute @workgroup_size({{ wg }})
-fn forward_small{{ suffix }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) li: u32) {
+fn {{ name }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
     let {{ unit }} = linear_workgroup(wid, nwg) * {{ wg }}u + li;
     {{ setup }}
     if ({{ unit }} >= {{ units }}) {
         return;
     }
     let count = {{ count }};
+{{ caller() }}
+}
+//% endmacro
+
+//% macro small_forms(suffix, T, wg, unit, setup, units, count, at, store_stats, load_invstd)
+//% call small_entry("forward_small" ~ suffix, wg, unit, setup, units, count)
     var s = {{ T }}(0.0);
     for (var j = 0u; j < count; j++) {
         s += x{{ suffix }}[{{ at }}];
@@ -154,17 +160,9 @@ fn forward_small{{ suffix }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num
         let e = {{ at }};
         y{{ suffix }}[e] = (x{{ suffix }}[e] - mean) * invstd;
     }
-}
+//% endcall
 
-@compute @workgroup_size({{ wg }})
-fn backward_small{{ suffix }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_index) li: u32) {
-    let {{ unit }} = linear_workgroup(wid, nwg) * {{ wg }}u + li;
-    {{ setup }}
-    if ({{ unit }} >= {{ units }}) {
-        return;
-    }
-    let count = {{ count }};
+//% call small_entry("backward_small" ~ suffix, wg, unit, setup, units, count)
     var sd = {{ T }}(0.0);
     var sdy = {{ T }}(0.0);
     for (var j = 0u; j < count; j++) {
@@ -179,7 +177,7 @@ fn backward_small{{ suffix }}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
         let e = {{ at }};
         dx{{ suffix }}[e] = invstd * (dy{{ suffix }}[e] - mean_dy - yn{{ suffix }}[e] * mean_dyy);
     }
-}
+//% endcall
 //% endmacro
 
 {{ small_forms("", "f32", 64, "c", "", "p.channels", "p.batch * p.size", "element(c, j)",

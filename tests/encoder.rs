@@ -27,12 +27,7 @@ fn vgg_layout_loads_with_batchnorm_folded_and_pools_inferred() {
     let (bytes, tensors) = vgg_file(STAGES, 3, true, 1);
     let e = load(&bytes);
     assert_eq!(e.channels, 3);
-    let conv = |cout| Layer::Conv {
-        cout,
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
+    let conv = |cout| Layer::conv3x3(cout);
     let block = |c| vec![conv(c), Layer::Affine, Layer::Relu];
     let mut want = block(4);
     want.push(Layer::MaxPool2);

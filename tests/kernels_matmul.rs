@@ -98,59 +98,50 @@ fn for_each_source(gpu: &Gpu, c: &Case, mut f: impl FnMut(&MaskSource, &[f32], &
 type Launch = fn(&Gpu, &LinearShape, &Product) -> prism::Result<prism::gpu::Kernel>;
 type Reference = fn(&LinearShape, &[f32], &[f32]) -> Vec<f32>;
 
-/// Runs a masked product (the forward pass or the input gradient) with each mask source on a
-/// random input of `[batch, widths[0]]` into `[batch, widths[1]]`, and
-/// compares it with its CPU twin.
-fn check_product(
-    gpu: &Gpu,
-    rng: &mut HostRng,
-    c: &Case,
-    widths: [usize; 2],
-    (launch, reference): (Launch, Reference),
-    what: &str,
-) {
-    let s = c.shape;
-    let input = uniform(rng, s.batch * widths[0]);
-    let ti = gpu.upload_f32(&input, &[s.batch, widths[0]], "in").unwrap();
-    let to = gpu
-        .tensor(&[s.batch, widths[1]], DType::F32, "out")
-        .unwrap();
-    for_each_source(gpu, c, |src, weff, name| {
-        let k = launch(gpu, &s, &Product::new(&c.layer, src, &ti, &to)).unwrap();
-        gpu.run(&[&k]).unwrap();
-        let row_share = gpu.features().row_share;
-        let what = format!("{what} {name} {s:?} {:?} {row_share:?}", c.layer.init);
-        let got = gpu.read_f32(&to).unwrap();
-        assert_close(&what, &got, &reference(&s, &input, weff), 1e-5, 1e-4);
-    });
-}
-
-#[test]
-fn forward_matches_cpu() {
-    let mut rng = HostRng::new(21, &[]);
+/// Runs a masked product (the forward pass, or with `adjoint` the input gradient) on every
+/// shape, initialisation and mask source, on random inputs of `[batch, inputs]` (adjoint:
+/// `[batch, outputs]`), and compares it with its CPU twin.
+fn check_products(seed: u32, (launch, reference): (Launch, Reference), adjoint: bool, what: &str) {
+    let mut rng = HostRng::new(seed, &[]);
     for gpu in devices() {
         for &sh in SHAPES {
             for init in [Init::SignedConstant, Init::KaimingNormal] {
                 let c = case(&mut rng, sh, init);
-                let widths = [c.shape.inputs, c.shape.outputs];
-                let ops: (Launch, Reference) = (matmul::forward, cpu::forward);
-                check_product(&gpu, &mut rng, &c, widths, ops, "forward");
+                let s = c.shape;
+                let [from, to] = if adjoint {
+                    [s.outputs, s.inputs]
+                } else {
+                    [s.inputs, s.outputs]
+                };
+                let input = uniform(&mut rng, s.batch * from);
+                let ti = gpu.upload_f32(&input, &[s.batch, from], "in").unwrap();
+                let to = gpu.tensor(&[s.batch, to], DType::F32, "out").unwrap();
+                for_each_source(&gpu, &c, |src, weff, name| {
+                    let k = launch(&gpu, &s, &Product::new(&c.layer, src, &ti, &to)).unwrap();
+                    gpu.run(&[&k]).unwrap();
+                    let row_share = gpu.features().row_share;
+                    let what = format!("{what} {name} {s:?} {init:?} {row_share:?}");
+                    let got = gpu.read_f32(&to).unwrap();
+                    assert_close(&what, &got, &reference(&s, &input, weff), 1e-5, 1e-4);
+                });
             }
         }
     }
 }
 
 #[test]
+fn forward_matches_cpu() {
+    check_products(21, (matmul::forward, cpu::forward), false, "forward");
+}
+
+#[test]
 fn grad_input_matches_cpu() {
-    let mut rng = HostRng::new(22, &[]);
-    for gpu in devices() {
-        for &sh in SHAPES {
-            let c = case(&mut rng, sh, Init::SignedConstant);
-            let widths = [c.shape.outputs, c.shape.inputs];
-            let ops: (Launch, Reference) = (matmul::grad_input, cpu::grad_input);
-            check_product(&gpu, &mut rng, &c, widths, ops, "grad_input");
-        }
-    }
+    check_products(
+        22,
+        (matmul::grad_input, cpu::grad_input),
+        true,
+        "grad_input",
+    );
 }
 
 #[test]

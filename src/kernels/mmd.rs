@@ -218,6 +218,8 @@ pub fn loss(
 
 /// CPU references (f64).
 pub mod cpu {
+    use super::LossKind;
+
     /// Squared distance in the scaled space.
     fn dist(a: &[f32], b: &[f32], scale: f64) -> f64 {
         a.iter()
@@ -232,6 +234,22 @@ pub mod cpu {
             .iter()
             .map(|s| (-dd / (2.0 * (*s as f64).powi(2))).exp())
             .sum()
+    }
+
+    /// The loss value the GPU reports (loss\[1\]) for `kind` between x [n, d] and y [m, d]:
+    /// MMD^2, or its square root (floored at 1e-6).
+    pub fn loss(kind: &LossKind, x: &[f32], y: &[f32], d: usize, scale: f64) -> f64 {
+        let LossKind::Mmd {
+            sigmas,
+            unbiased,
+            sqrt,
+        } = kind;
+        let v = mmd2(x, y, d, sigmas, *unbiased, scale);
+        if *sqrt {
+            v.max(1e-12).sqrt()
+        } else {
+            v
+        }
     }
 
     /// MMD^2 between x [n, d] and y [m, d].

@@ -113,6 +113,17 @@ pub const MAX_ACTIVATION: usize = 1 << 26;
 pub const MAX_WEIGHTS: usize = 1 << 31;
 
 impl Layer {
+    /// A 3x3 convolution to `cout` channels that keeps the size (stride 1, padding 1), as most
+    /// of the generators' convolutions are.
+    pub fn conv3x3(cout: usize) -> Layer {
+        Layer::Conv {
+            cout,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        }
+    }
+
     /// Output shape for an input shape, or an error saying why the layer cannot apply.
     pub fn output_shape(&self, s: Shape) -> Result<Shape> {
         let bad = |why: &str| Err(Error::invalid(format!("{self:?} on input {s:?}: {why}")));
@@ -269,20 +280,10 @@ pub fn res_block(cout: usize) -> Layer {
             Layer::BatchNorm,
             Layer::Relu,
             Layer::Upsample2x,
-            Layer::Conv {
-                cout,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
+            Layer::conv3x3(cout),
             Layer::BatchNorm,
             Layer::Relu,
-            Layer::Conv {
-                cout,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
+            Layer::conv3x3(cout),
         ],
         skip: vec![
             Layer::Conv {
@@ -327,12 +328,7 @@ pub fn resnet(name: &str, channels: usize, latent: usize, widths: [usize; 4]) ->
             res_block(widths[3]),
             Layer::BatchNorm,
             Layer::Relu,
-            Layer::Conv {
-                cout: channels,
-                k: 3,
-                stride: 1,
-                pad: 1,
-            },
+            Layer::conv3x3(channels),
             Layer::Tanh,
         ],
         init: Init::SignedConstant,
@@ -352,12 +348,7 @@ pub fn conv28_wide(channels: usize) -> Architecture {
 
 /// Linear to c1 x 7 x 7, then upsample-conv to c2 channels at 14x14 and to `channels` at 28x28.
 fn conv28_sized(name: &str, channels: usize, latent: usize, c1: usize, c2: usize) -> Architecture {
-    let conv3 = |cout| Layer::Conv {
-        cout,
-        k: 3,
-        stride: 1,
-        pad: 1,
-    };
+    let conv3 = |cout| Layer::conv3x3(cout);
     Architecture {
         name: name.into(),
         latent,
