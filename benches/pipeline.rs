@@ -21,7 +21,8 @@ use prism::data::resolve::load_dataset;
 use prism::fl::{TrainConfig, Trainer};
 use prism::generate::Generator;
 use prism::gpu::Gpu;
-use prism::nn::Architecture;
+use prism::model::Model;
+use prism::nn::{Architecture, WeightMode};
 use prism::rng::HostRng;
 use support::quick;
 
@@ -46,10 +47,20 @@ fn data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
 }
 
-/// A fresh adapter per variant, so that the pool's high-water mark is the variant's own.
-fn build(preset: &str, variant: &str, batch: usize) -> (Gpu, Generator) {
+/// A model of `preset` with random masks and population statistics (calibrated at batch 16,
+/// enough for timing and for the non-constant-image check).
+fn model(preset: &str) -> Model {
     let gpu = open_gpu();
-    let m = common::random_model(Architecture::preset(preset, 1).unwrap(), 1);
+    let mut m = common::random_model(Architecture::preset(preset, 1).unwrap(), 1);
+    let g = Generator::new(&gpu, &m.arch, m.seed, 16, WeightMode::Packed).unwrap();
+    g.set_masks(&gpu, &m.masks).unwrap();
+    m.population = Some(g.calibrate(&gpu).unwrap());
+    m
+}
+
+/// A fresh adapter per variant, so that the pool's high-water mark is the variant's own.
+fn build(m: &Model, variant: &str, batch: usize) -> (Gpu, Generator) {
+    let gpu = open_gpu();
     let g = match variant {
         "packed mask" => m.generator(&gpu, batch).unwrap(),
         "packed mask f16" => m.generator_f16(&gpu, batch).unwrap(),
@@ -67,17 +78,28 @@ fn bench_generation(c: &mut Criterion) {
     let mut group = c.benchmark_group("generation");
     let mut report = Vec::new();
     for &preset in &presets {
+        let m = model(preset);
         for batch in [1usize, if quick() { 16 } else { 256 }] {
             group.throughput(Throughput::Elements(batch as u64));
             let reference = {
-                let (gpu, g) = build(preset, "packed mask", batch);
+                let (gpu, g) = build(&m, "packed mask", batch);
                 g.generate(&gpu, batch, 0).unwrap()
             };
+            // BatchNorm in inference form: even a batch of one image is an image, not the
+            // constant a batch's own statistics would make of it.
+            let per = reference.len() / batch;
+            let first = &reference[..per];
+            let spread = first.iter().fold(f32::MIN, |a, &b| a.max(b))
+                - first.iter().fold(f32::MAX, |a, &b| a.min(b));
+            assert!(
+                spread > 0.01,
+                "{preset} at batch {batch}: the first image is constant (spread {spread})"
+            );
             for variant in ["packed mask", "packed mask f16", "dense f32 weights"] {
                 if variant.ends_with("f16") && !open_gpu().features().shader_f16 {
                     continue;
                 }
-                let (gpu, g) = build(preset, variant, batch);
+                let (gpu, g) = build(&m, variant, batch);
                 let imgs = g.generate(&gpu, batch, 0).unwrap();
                 let worst = imgs
                     .iter()
@@ -97,7 +119,8 @@ fn bench_generation(c: &mut Criterion) {
                         b.iter_custom(|iters| {
                             let t = Instant::now();
                             for i in 0..iters {
-                                g.set_batch_index(&gpu, i as u32).unwrap();
+                                g.set_first_image(&gpu, (i as u32).wrapping_mul(batch as u32))
+                                    .unwrap();
                                 gpu.run(&g.batch_kernels()).unwrap();
                             }
                             t.elapsed()
@@ -107,7 +130,7 @@ fn bench_generation(c: &mut Criterion) {
                 let reps = 5;
                 let t = Instant::now();
                 for i in 0..reps {
-                    g.set_batch_index(&gpu, i).unwrap();
+                    g.set_first_image(&gpu, i * batch as u32).unwrap();
                     gpu.run(&g.batch_kernels()).unwrap();
                 }
                 let per = t.elapsed().as_secs_f64() / reps as f64;

@@ -84,13 +84,17 @@ fn main() -> Result<(), prism::Error> {
 
     // The final model: the architecture's seed plus one mask sample of the global scores.
     let scores = server.read_scores(&gpu)?;
-    let model = Model {
+    let mut model = Model {
         masks: masks_from_scores(&scores, MaskKind::Sample, cfg.seed),
         arch,
         seed: cfg.seed,
         mask_kind: MaskKind::Sample,
         dataset: cfg.dataset.clone(),
+        population: None,
     };
+    // BatchNorm's population statistics under the final mask, so that generation from the
+    // file does not depend on the batch size.
+    model.calibrate(&gpu)?;
     std::fs::create_dir_all("runs/by_hand").map_err(|e| prism::Error::io("runs/by_hand", e))?;
     model.save("runs/by_hand/model.prism".as_ref())?;
     let generator = model.generator(&gpu, 64)?;

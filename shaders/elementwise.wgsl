@@ -200,3 +200,16 @@ fn latent(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         out[i] = rng_normal_bm(rng_key(rng_key(p.key, step.client), step.step), i);
     }
 }
+
+// out = standard normal latents, one stream per image: row r (p.w values) is element j of the
+// stream key(key(base, client), step + r), so an image's latent depends on its index alone,
+// not on the batch it is generated in (generation; step holds the batch's first image).
+@compute @workgroup_size(256)
+fn latent_images(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let i = index(wid, nwg, li);
+    if (i < p.n) {
+        let r = i / p.w;
+        out[i] = rng_normal_bm(rng_key(rng_key(p.key, step.client), step.step + r), i - r * p.w);
+    }
+}

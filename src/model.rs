@@ -2,9 +2,11 @@
 //!
 //! Layout (little endian):
 //! ```text
-//! magic "PRISMMDL" | version u16 | reserved u16 | header length u32 | header (JSON) |
+//! magic "PRISMMDL" | version u16 | reserved u16 (0) | header length u32 | header (JSON) |
 //! per masked layer: encoding u8 (0 packed bits, 2 entropy-coded) | weights u32 |
 //!                   payload bytes u32 | payload
+//! version 2: population statistics: present u8 | if 1: BatchNorm layers u32, then per
+//!            layer: channels u32 | mean f32 x channels | variance f32 x channels
 //! crc32 of everything before it
 //! ```
 //! The JSON header holds the architecture (preset name and full layer table), the weight
@@ -22,14 +24,18 @@ use crate::codec::RangeCoder;
 use crate::error::{Error, Result};
 use crate::eval::{EvalSetup, Evaluation};
 use crate::fl::checkpoint::{write_atomic, Checkpoint};
-use crate::generate::Generator;
+use crate::generate::{
+    ChannelStats, Generator, GeneratorOptions, PopulationStats, CALIBRATION_BATCH,
+    EVALUATION_LATENTS,
+};
 use crate::gpu::Gpu;
 use crate::kernels::{mask, Init, LayerWeights};
-use crate::nn::{Architecture, WeightMode};
+use crate::nn::{Architecture, Normalisation, WeightMode};
 use crate::rng;
 
 pub const MAGIC: &[u8; 8] = b"PRISMMDL";
-pub const VERSION: u16 = 1;
+/// The version written; version 1 (no population statistics) still reads.
+pub const VERSION: u16 = 2;
 /// Largest header accepted (a layer table is a few kilobytes).
 const MAX_HEADER: usize = 1 << 20;
 
@@ -62,6 +68,10 @@ pub struct Model {
     pub dataset: String,
     /// Packed masks per masked layer.
     pub masks: Vec<Vec<u32>>,
+    /// Population statistics of the BatchNorm layers under these masks
+    /// ([`Model::calibrate`]); None: not calibrated yet (a version-1 file, or a model made
+    /// on the host), and generation calibrates when it needs them.
+    pub population: Option<PopulationStats>,
 }
 
 /// The key of the final mask sample of a run (also the key of its sample grids).
@@ -105,6 +115,7 @@ pub fn from_checkpoint(path: &Path, kind: MaskKind) -> Result<Model> {
         seed: c.config.seed,
         mask_kind: kind,
         dataset: c.config.dataset,
+        population: None,
     })
 }
 
@@ -147,6 +158,29 @@ impl Model {
                 }
             }
         }
+        match &self.population {
+            None => out.push(0),
+            Some(p) => {
+                let channels = self.arch.batchnorm_channels()?;
+                let fits = p.layers.len() == channels.len()
+                    && p.layers
+                        .iter()
+                        .zip(&channels)
+                        .all(|(l, &c)| l.mean.len() == c && l.var.len() == c);
+                if !fits {
+                    return Err(Error::invalid(
+                        "population statistics do not match the BatchNorm layers",
+                    ));
+                }
+                out.push(1);
+                out.extend_from_slice(&(p.layers.len() as u32).to_le_bytes());
+                for l in &p.layers {
+                    out.extend_from_slice(&(l.mean.len() as u32).to_le_bytes());
+                    out.extend_from_slice(bytemuck::cast_slice::<f32, u8>(&l.mean));
+                    out.extend_from_slice(bytemuck::cast_slice::<f32, u8>(&l.var));
+                }
+            }
+        }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         Ok(out)
@@ -165,12 +199,15 @@ impl Model {
         let mut r = Reader::new(body, what);
         r.take(8)?;
         let version = r.u16()?;
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(bad(format!(
-                "format version {version}; this prism reads version {VERSION}"
+                "format version {version}; this prism reads versions 1 to {VERSION}"
             )));
         }
-        r.u16()?;
+        let reserved = r.u16()?;
+        if reserved != 0 {
+            return Err(bad(format!("reserved field is {reserved}, not 0")));
+        }
         let hlen = r.u32()? as usize;
         if hlen > MAX_HEADER {
             return Err(bad(format!("header length {hlen} is impossible")));
@@ -232,6 +269,10 @@ impl Model {
             }
             masks.push(words);
         }
+        let population = match version {
+            1 => None,
+            _ => read_population(&mut r, &header.architecture, &bad)?,
+        };
         r.finish()?;
         Ok(Model {
             arch: header.architecture,
@@ -239,7 +280,31 @@ impl Model {
             mask_kind: header.mask,
             dataset: header.dataset,
             masks,
+            population,
         })
+    }
+
+    /// Computes and keeps the population statistics of the BatchNorm layers under this
+    /// model's masks ([`Generator::calibrate`]: 16 batches of 256 calibration latents).
+    pub fn calibrate(&mut self, gpu: &Gpu) -> Result<()> {
+        self.population = Some(self.calibrated(gpu)?);
+        Ok(())
+    }
+
+    /// The population statistics: the stored ones, or calibrated now.
+    fn calibrated(&self, gpu: &Gpu) -> Result<PopulationStats> {
+        if let Some(p) = &self.population {
+            return Ok(p.clone());
+        }
+        let g = Generator::new(
+            gpu,
+            &self.arch,
+            self.seed,
+            CALIBRATION_BATCH,
+            WeightMode::Packed,
+        )?;
+        g.set_masks(gpu, &self.masks)?;
+        g.calibrate(gpu)
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -251,31 +316,51 @@ impl Model {
         Model::decode(&bytes, &path.display().to_string(), Some(&RangeCoder))
     }
 
-    /// A packed-mask generator at `batch` with this model's masks.
+    /// A packed-mask generator at `batch` with this model's masks, BatchNorm in inference
+    /// form with the population statistics (calibrated now if the model has none): each
+    /// image depends on its latent alone.
     pub fn generator(&self, gpu: &Gpu, batch: usize) -> Result<Generator> {
-        let g = Generator::new(gpu, &self.arch, self.seed, batch, WeightMode::Packed)?;
+        self.generator_with(gpu, &GeneratorOptions::population(batch))
+    }
+
+    /// A generator with this model's masks, built as `o` says (packed or dense weights, f16,
+    /// population or batch statistics).
+    pub fn generator_with(&self, gpu: &Gpu, o: &GeneratorOptions) -> Result<Generator> {
+        let g = Generator::build(gpu, &self.arch, self.seed, o)?;
         g.set_masks(gpu, &self.masks)?;
+        if o.norm == Normalisation::Population {
+            g.set_population(gpu, &self.calibrated(gpu)?)?;
+        }
         Ok(g)
     }
 
-    /// A packed-mask generator multiplying in f16 (adapters with SHADER_F16).
+    /// As [`Model::generator`], multiplying in f16 (adapters with SHADER_F16).
     pub fn generator_f16(&self, gpu: &Gpu, batch: usize) -> Result<Generator> {
-        let g =
-            Generator::with_precision(gpu, &self.arch, self.seed, batch, WeightMode::Packed, true)?;
-        g.set_masks(gpu, &self.masks)?;
-        Ok(g)
+        let o = GeneratorOptions {
+            half: true,
+            ..GeneratorOptions::population(batch)
+        };
+        self.generator_with(gpu, &o)
     }
 
-    /// The same network with w * m materialised as dense f32 weights (the baseline).
+    /// As [`Model::generator`], with w * m materialised as dense f32 weights (the baseline).
     pub fn dense_generator(&self, gpu: &Gpu, batch: usize) -> Result<Generator> {
-        let g = Generator::new(gpu, &self.arch, self.seed, batch, WeightMode::Dense)?;
-        g.set_masks(gpu, &self.masks)?;
-        Ok(g)
+        let o = GeneratorOptions {
+            mode: WeightMode::Dense,
+            ..GeneratorOptions::population(batch)
+        };
+        self.generator_with(gpu, &o)
     }
 
     /// Generated images against held-out images of the dataset the model was trained on
     /// (`count` per set), with reference rows ([`crate::eval::evaluate`]).
-    pub fn evaluate(&self, gpu: &Gpu, count: usize, data: Option<&Path>) -> Result<Evaluation> {
+    pub fn evaluate(
+        &self,
+        gpu: &Gpu,
+        count: usize,
+        data: Option<&Path>,
+        norm: Normalisation,
+    ) -> Result<Evaluation> {
         let setup = EvalSetup {
             dataset: &self.dataset,
             arch: &self.arch.name,
@@ -285,7 +370,12 @@ impl Model {
             count,
         };
         crate::eval::evaluate(gpu, &setup, &mut |n| {
-            self.generator(gpu, n.min(256))?.generate(gpu, n, 5000)
+            let o = GeneratorOptions {
+                norm,
+                ..GeneratorOptions::population(n.min(256))
+            };
+            self.generator_with(gpu, &o)?
+                .generate(gpu, n, EVALUATION_LATENTS)
         })
     }
 
@@ -348,6 +438,56 @@ impl Model {
             .map_err(|e| Error::invalid(format!("safetensors: {e}")))?;
         write_atomic(path, &out)
     }
+}
+
+/// The population-statistics section of a version-2 file, checked against the layer table.
+fn read_population(
+    r: &mut Reader,
+    arch: &Architecture,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<Option<PopulationStats>> {
+    match r.u8()? {
+        0 => return Ok(None),
+        1 => {}
+        p => return Err(bad(format!("population statistics flag {p}, not 0 or 1"))),
+    }
+    let channels = arch
+        .batchnorm_channels()
+        .map_err(|e| bad(format!("layer table: {e}")))?;
+    let n = r.u32()? as usize;
+    if n != channels.len() {
+        return Err(bad(format!(
+            "statistics of {n} BatchNorm layers; the layer table has {}",
+            channels.len()
+        )));
+    }
+    let mut layers = Vec::with_capacity(n);
+    for (i, &c) in channels.iter().enumerate() {
+        let have = r.u32()? as usize;
+        if have != c {
+            return Err(bad(format!(
+                "BatchNorm layer {i}: statistics of {have} channels; the layer table says {c}"
+            )));
+        }
+        let mut floats = |what: &str| -> Result<Vec<f32>> {
+            let bytes = r.take(4 * c)?;
+            let v: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(bad(format!("BatchNorm layer {i}: {what} not finite")));
+            }
+            Ok(v)
+        };
+        let mean = floats("mean")?;
+        let var = floats("variance")?;
+        if var.iter().any(|&v| v < 0.0) {
+            return Err(bad(format!("BatchNorm layer {i}: negative variance")));
+        }
+        layers.push(ChannelStats { mean, var });
+    }
+    Ok(Some(PopulationStats { layers }))
 }
 
 fn tensor_name(info: &crate::nn::arch::MaskedLayerInfo) -> String {
@@ -418,6 +558,7 @@ mod tests {
             seed: 3,
             mask_kind: MaskKind::Sample,
             dataset: "mnist".into(),
+            population: None,
         }
     }
 

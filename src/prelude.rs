@@ -18,9 +18,9 @@ pub use crate::fl::{
     AggregateReport, ClientState, DpConfig, Failure, FailureReason, FeatureSpace, LocalRun,
     LossChoice, Prism, ServerModel, Strategy, TrainConfig, Trainer,
 };
-pub use crate::generate::Generator;
+pub use crate::generate::{ChannelStats, Generator, GeneratorOptions, PopulationStats};
 pub use crate::gpu::{Gpu, GpuOptions, Tensor};
-pub use crate::io::grid::{write_grid, write_images, Images};
+pub use crate::io::grid::{write_grid, write_images, write_npy, Images};
 pub use crate::model::{from_checkpoint, load_safetensors, masks_from_scores, MaskKind, Model};
-pub use crate::nn::{Architecture, Layer, Shape};
+pub use crate::nn::{Architecture, Layer, Normalisation, Shape, WeightMode};
 pub use crate::rng::HostRng;

@@ -189,6 +189,7 @@ fn valid_model() -> Vec<u8> {
         mask_kind: MaskKind::Sample,
         dataset: "mnist".into(),
         masks,
+        population: None,
     };
     let bytes = m.encode(Some(&RangeCoder)).unwrap();
     assert_eq!(Model::decode(&bytes, "seed", Some(&RangeCoder)).unwrap(), m);

@@ -382,3 +382,46 @@ fn add_scale_and_latents() {
     let z2 = ew::cpu::latent(base, &StepState { step: 10, ..step }, n);
     assert!(z.iter().zip(&z2).filter(|(a, b)| a == b).count() < 5);
 }
+
+#[test]
+fn latents_per_image_depend_on_the_image_index_alone() {
+    let step = |first: u32| StepState {
+        client: u32::MAX,
+        step: first,
+        ..Default::default()
+    };
+    let base = rng::key_path(3, &[rng::stream::LATENT]);
+    // A latent size that is not a multiple of the workgroup or of 4, rows from near the end
+    // of the index range (the index wraps like the shader's u32).
+    let (rows, cols) = (37, 13);
+    for gpu in common::devices() {
+        for first in [0u32, 5, u32::MAX - 3] {
+            let st = step(first);
+            let tstep = gpu
+                .upload_u32(bytemuck::cast_slice(&[st]), &[8], "step")
+                .unwrap();
+            let tz = out(&gpu, rows * cols);
+            let k = ew::latent_images(&gpu, base, &tstep, &tz, cols).unwrap();
+            gpu.run(&[&k]).unwrap();
+            let want = ew::cpu::latent_images(base, &st, rows, cols);
+            assert_close(
+                "latents per image",
+                &gpu.read_f32(&tz).unwrap(),
+                &want,
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+    // Row r of a batch from image 5 is image 5 + r's latent, as a batch of one would draw it.
+    let batch = ew::cpu::latent_images(base, &step(5), 4, cols);
+    for r in 0..4 {
+        let one = ew::cpu::latent_images(base, &step(5 + r as u32), 1, cols);
+        assert_eq!(&batch[r * cols..(r + 1) * cols], &one[..]);
+    }
+    // The first image's latent is the training form's latent of "step" 0 (same stream).
+    assert_eq!(
+        ew::cpu::latent_images(base, &step(0), 1, cols),
+        ew::cpu::latent(base, &step(0), cols)
+    );
+}

@@ -112,15 +112,17 @@ fn a_model_regenerates_its_checkpoints_images_and_its_dense_twin_agrees() {
         loaded.export_safetensors(&st).unwrap();
         let (arch, weights) = model::load_safetensors(&st).unwrap();
         assert_eq!(arch, loaded.arch);
-        let g = prism::generate::Generator::new(
-            &gpu,
-            &arch,
-            loaded.seed,
-            20,
-            prism::nn::WeightMode::Dense,
-        )
-        .unwrap();
+        let o = prism::GeneratorOptions {
+            mode: prism::nn::WeightMode::Dense,
+            ..prism::GeneratorOptions::population(20)
+        };
+        let g = prism::generate::Generator::build(&gpu, &arch, loaded.seed, &o).unwrap();
         g.set_dense_weights(&gpu, &weights).unwrap();
+        // The statistics travel with the model file, not with the safetensors export.
+        let mut calibrated = loaded.clone();
+        calibrated.calibrate(&gpu).unwrap();
+        g.set_population(&gpu, calibrated.population.as_ref().unwrap())
+            .unwrap();
         assert_close(
             "safetensors reload",
             &g.generate(&gpu, 20, 0).unwrap(),
@@ -168,7 +170,9 @@ fn evaluation_rows_rank_real_above_degraded() {
     let gpu = common::gpu();
     let m = common::random_model(Architecture::preset("mlp28-up", 1).unwrap(), 9);
     let data = common::data_dir();
-    let e = m.evaluate(&gpu, 120, Some(&data)).unwrap();
+    let e = m
+        .evaluate(&gpu, 120, Some(&data), prism::Normalisation::Population)
+        .unwrap();
     assert_eq!(e.count, 120);
     assert_eq!(e.shape, [1, 28, 28]);
     for rows in [&e.pixels, &e.features] {

@@ -11,7 +11,8 @@ use prism::kernels::matmul::{cpu as mcpu, Estimator};
 use prism::kernels::weights::cpu as wcpu;
 use prism::kernels::{mask, Init, StepState};
 use prism::nn::{
-    arch, cpu, Architecture, Backward, BuildOptions, Layer, Network, WeightMode, Wiring,
+    arch, cpu, Architecture, Backward, BuildOptions, Layer, Network, Normalisation, WeightMode,
+    Wiring,
 };
 use prism::rng::HostRng;
 
@@ -84,6 +85,7 @@ fn opts(batch: usize, mode: WeightMode, backward: Backward) -> BuildOptions {
         layer_offset: 0,
         half: false,
         adam: None,
+        norm: Normalisation::Batch,
     }
 }
 

@@ -336,15 +336,49 @@ pub(crate) struct SampleArgs {
     /// Also write every image as its own PNG into this folder.
     #[arg(long)]
     pub(crate) folder: Option<PathBuf>,
-    /// Images per generation batch.
+    /// Also write the images' float values (before rounding to pixels) as a NumPy .npy file
+    /// of float32 [n, c, h, w].
+    #[arg(long)]
+    pub(crate) raw: Option<PathBuf>,
+    /// Images per generation batch (speed only: with --norm population an image depends on
+    /// its latent alone).
     #[arg(long, default_value_t = 100)]
     pub(crate) batch: usize,
-    /// Latent stream offset (different offsets, different images).
+    /// Index of the first image's latent: image i uses latent --latents + i, whatever
+    /// --batch (different indices, different images).
     #[arg(long, default_value_t = 0)]
     pub(crate) latents: u32,
     /// Multiply in f16 (adapters with SHADER_F16; sums stay f32).
     #[arg(long)]
     pub(crate) f16: bool,
+    #[command(flatten)]
+    pub(crate) norm: NormArgs,
+}
+
+/// How generation normalises its BatchNorm layers.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct NormArgs {
+    /// BatchNorm statistics: `population` (stored in the model file, calibrated over 16
+    /// batches of 256 generated images; an image depends on its latent alone) or `batch`
+    /// (each generation batch's own, as the reference and the paper's evaluation; images
+    /// then depend on the batch they are generated in).
+    #[arg(long, value_enum, default_value = "population")]
+    pub(crate) norm: NormArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub(crate) enum NormArg {
+    Population,
+    Batch,
+}
+
+impl NormArgs {
+    pub(crate) fn normalisation(&self) -> crate::nn::Normalisation {
+        match self.norm {
+            NormArg::Population => crate::nn::Normalisation::Population,
+            NormArg::Batch => crate::nn::Normalisation::Batch,
+        }
+    }
 }
 
 /// Where a trained generator comes from.
@@ -413,9 +447,12 @@ pub(crate) enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
         #[command(flatten)]
+        norm: NormArgs,
+        #[command(flatten)]
         gpu: GpuArgs,
     },
-    /// Write a model file from a checkpoint (and optionally the dense weights as safetensors).
+    /// Write a model file from a checkpoint, with its BatchNorm population statistics
+    /// calibrated on the GPU (and optionally the dense weights as safetensors).
     Export {
         #[command(flatten)]
         source: Source,
@@ -425,6 +462,8 @@ pub(crate) enum Command {
         /// Also write the materialised dense weights (f32) as safetensors, for other runtimes.
         #[arg(long)]
         safetensors: Option<PathBuf>,
+        #[command(flatten)]
+        gpu: GpuArgs,
     },
     /// Download a dataset (mnist, fashion-mnist, cifar10) and check its checksums.
     Fetch { name: String },

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use crate::data::locate::{self, Named};
 use crate::error::Error;
 use crate::fl::simulation::{self, RunOptions};
+use crate::generate::GeneratorOptions;
 use crate::gpu::{describe_adapter, list_adapters};
 use crate::model;
 use clap::{CommandFactory, FromArgMatches};
@@ -57,7 +58,8 @@ fn train(a: &TrainArgs, gpu_args: &GpuArgs, given: &dyn Fn(&str) -> bool) -> Res
     let s = simulation::run(&gpu, &cfg, &opts)?;
     if s.rounds_done == cfg.rounds {
         let path = a.out.join("model.prism");
-        let m = model::from_checkpoint(&s.checkpoint, model::MaskKind::Sample)?;
+        let mut m = model::from_checkpoint(&s.checkpoint, model::MaskKind::Sample)?;
+        m.calibrate(&gpu)?;
         m.save(&path)?;
         eprintln!(
             "model: {} ({} bytes)",
@@ -108,11 +110,14 @@ fn sample(a: &SampleArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
     let m = a.source.load()?;
     let gpu = gpu_args.open()?;
     let batch = a.batch.clamp(1, count);
-    let g = if a.f16 {
-        m.generator_f16(&gpu, batch)?
-    } else {
-        m.generator(&gpu, batch)?
-    };
+    let g = m.generator_with(
+        &gpu,
+        &GeneratorOptions {
+            half: a.f16,
+            norm: a.norm.normalisation(),
+            ..GeneratorOptions::population(batch)
+        },
+    )?;
     let t = std::time::Instant::now();
     let imgs = g.generate(&gpu, count, a.latents)?;
     let dt = t.elapsed().as_secs_f64();
@@ -127,6 +132,9 @@ fn sample(a: &SampleArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
     if let Some(dir) = &a.folder {
         crate::io::grid::write_images(dir, &batch)?;
     }
+    if let Some(path) = &a.raw {
+        crate::io::grid::write_npy(path, &batch)?;
+    }
     eprintln!(
         "{count} images in {dt:.2} s ({:.1} images/s); grid: {}",
         count as f64 / dt,
@@ -139,11 +147,12 @@ fn eval(
     source: &Source,
     count: usize,
     data: Option<&PathBuf>,
+    norm: &NormArgs,
     gpu_args: &GpuArgs,
 ) -> Result<(), Error> {
     let m = source.load()?;
     let gpu = gpu_args.open()?;
-    let report = m.evaluate(&gpu, count, data.map(|p| p.as_path()))?;
+    let report = m.evaluate(&gpu, count, data.map(|p| p.as_path()), norm.normalisation())?;
     print!("{report}");
     Ok(())
 }
@@ -152,15 +161,19 @@ fn export(
     source: &Source,
     out: Option<&std::path::Path>,
     st: Option<&std::path::Path>,
+    gpu_args: &GpuArgs,
 ) -> Result<(), Error> {
     if out.is_none() && st.is_none() {
         return Err(Error::invalid(
             "give --out FILE.prism and/or --safetensors FILE",
         ));
     }
-    let m = source.load()?;
+    let mut m = source.load()?;
     let f32_bytes = 4 * m.weights();
     if let Some(path) = out {
+        if m.population.is_none() {
+            m.calibrate(&gpu_args.open()?)?;
+        }
         m.save(path)?;
         let size = std::fs::metadata(path)
             .map_err(|e| Error::io(path, e))?
@@ -202,13 +215,15 @@ pub fn main() -> ExitCode {
             source,
             count,
             data,
+            norm,
             gpu,
-        } => eval(source, *count, data.as_ref(), gpu),
+        } => eval(source, *count, data.as_ref(), norm, gpu),
         Command::Export {
             source,
             out,
             safetensors,
-        } => export(source, out.as_deref(), safetensors.as_deref()),
+            gpu,
+        } => export(source, out.as_deref(), safetensors.as_deref(), gpu),
         Command::Fetch { name } => match Named::parse(name) {
             Some(n) => {
                 locate::fetch_into(n).map(|d| eprintln!("{} ready in {}", n.name(), d.display()))

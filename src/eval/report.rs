@@ -17,7 +17,7 @@ use crate::gpu::Gpu;
 use crate::kernels::matmul::Estimator;
 use crate::kernels::mmd::GMMN_MNIST_SIGMAS;
 use crate::loss::{self, median_distance};
-use crate::nn::{Backward, BuildOptions, Network, Shape, WeightMode, Wiring};
+use crate::nn::{Backward, BuildOptions, Network, Normalisation, Shape, WeightMode, Wiring};
 use crate::rng;
 
 /// What to evaluate against.
@@ -212,6 +212,7 @@ fn features(gpu: &Gpu, images: &[f32], n: usize, shape: Shape, seed: u32) -> Res
         layer_offset: loss::RANDOM_ENCODER_LAYER_OFFSET,
         half: false,
         adam: None,
+        norm: Normalisation::Batch,
     };
     let net = Network::build(gpu, &enc, opts, Wiring::image(None, shape))?;
     let per = shape.len();

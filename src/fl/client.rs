@@ -20,7 +20,8 @@ use crate::kernels::{adam, data, elementwise as ew, mask, StepState};
 use crate::loss::readout::{self, ReadoutKind, ReadoutStats};
 use crate::loss::{ClientLoss, Encoder, Objective, ObjectiveSpec, StepIo};
 use crate::nn::{
-    Architecture, Backward, BuildOptions, Network, Program, Shape, WeightMode, Wiring,
+    Architecture, Backward, BuildOptions, Network, Normalisation, Program, Shape, WeightMode,
+    Wiring,
 };
 use crate::rng;
 
@@ -190,6 +191,7 @@ impl Trainer {
             layer_offset: 0,
             half: false,
             adam: Some(adam_cfg),
+            norm: Normalisation::Batch,
         };
         let net = Network::build(gpu, arch, opts, Wiring::training(step.clone()))?;
         let real = Rc::new(gpu.tensor(

@@ -565,8 +565,8 @@ fn heldout_mmd(
     n: usize,
     pixels: usize,
 ) -> Result<f64> {
-    // Latent batches far from the grid's, so the measure does not reuse the grid's latents.
-    let gen = generator.generate(gpu, n, 1000)?;
+    // Latents far from the grid's, so the measure does not reuse the grid's images.
+    let gen = generator.generate(gpu, n, crate::generate::EVALUATION_LATENTS)?;
     let x = gpu.upload_f32(&gen, &[n, pixels], "generated for evaluation")?;
     let y = gpu.upload_f32(heldout, &[n, pixels], "held-out images")?;
     let dx = gpu.tensor(&[n, pixels], DType::F32, "unused gradient")?;

@@ -96,6 +96,31 @@ pub fn write_images(dir: &Path, images: &Images) -> Result<()> {
     Ok(())
 }
 
+/// Writes the images' float values as a NumPy `.npy` file of float32, shape [count, c, h, w]
+/// (what `prism sample --raw` writes: the generator's output before any rounding to pixels).
+pub fn write_npy(path: &Path, images: &Images) -> Result<()> {
+    use npyz::WriterBuilder;
+    let [n, c, h, w] = images.dims();
+    if images.values.len() != n * c * h * w {
+        return Err(Error::invalid("image values do not match their shape"));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tmp = path.with_extension("npy.part");
+    let io = |e: std::io::Error| Error::io(&tmp, e);
+    let file = std::fs::File::create(&tmp).map_err(io)?;
+    let mut out = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&[n as u64, c as u64, h as u64, w as u64])
+        .writer(std::io::BufWriter::new(file))
+        .begin_nd()
+        .map_err(io)?;
+    out.extend(images.values.iter().copied()).map_err(io)?;
+    out.finish().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +147,20 @@ mod tests {
         write_grid(&dir.join("grid.png"), &batch, 2).unwrap();
         let grid = image::open(dir.join("grid.png")).unwrap();
         assert_eq!((grid.width(), grid.height()), (2 * 4 + 2, 3 + 4));
+        // The raw values: a .npy header of float32 [2, 1, 3, 2], then the values as they are.
+        write_npy(&dir.join("raw.npy"), &batch).unwrap();
+        let raw = std::fs::read(dir.join("raw.npy")).unwrap();
+        assert_eq!(&raw[..6], b"\x93NUMPY");
+        let header = String::from_utf8_lossy(&raw[10..raw.len() - 48]).to_string();
+        assert!(
+            header.contains("'<f4'") && header.contains("(2, 1, 3, 2)"),
+            "{header}"
+        );
+        let values: Vec<f32> = raw[raw.len() - 48..]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(values, imgs);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

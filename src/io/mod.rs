@@ -1,3 +1,3 @@
-//! Files: sample grids.
+//! Files: sample grids, single images, raw float images (.npy).
 
 pub mod grid;

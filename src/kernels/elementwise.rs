@@ -272,6 +272,35 @@ pub fn latent(gpu: &Gpu, base_key: u32, step: &Tensor, out: &Tensor) -> Result<K
         .build()?)
 }
 
+/// out [rows, cols] <- standard normal latents, one stream per image: row r is elements
+/// 0..cols of the stream key(key(base, client), step + r), so an image's latent depends on its
+/// index (the step state's `step` plus its row), not on the batch size.
+pub fn latent_images(
+    gpu: &Gpu,
+    base_key: u32,
+    step: &Tensor,
+    out: &Tensor,
+    cols: usize,
+) -> Result<Kernel> {
+    check(step, StepState::WORDS, DType::U32, "step state")?;
+    if out.dtype() != DType::F32 || cols == 0 || out.len() % cols != 0 {
+        return Err(Error::invalid("latents are f32 rows of the latent size"));
+    }
+    let p = Params {
+        n: u32_of(out.len(), "latents")?,
+        w: u32_of(cols, "latent size")?,
+        key: base_key,
+        ..Default::default()
+    };
+    Ok(gpu
+        .kernel(ShaderKey::new("elementwise.wgsl"), "latent_images")
+        .params(&p)
+        .bind("out", out)
+        .bind("step", step)
+        .groups(groups_for(out.len(), 256)?)
+        .build()?)
+}
+
 /// CPU twins.
 pub mod cpu {
     use crate::kernels::StepState;
@@ -342,6 +371,17 @@ pub mod cpu {
     pub fn latent(base_key: u32, step: &StepState, n: usize) -> Vec<f32> {
         let key = rng::key(rng::key(base_key, step.client), step.step);
         (0..n as u32).map(|i| rng::normal_bm(key, i)).collect()
+    }
+
+    /// Latents of `rows` images from image `step.step` on, `cols` values each.
+    pub fn latent_images(base_key: u32, step: &StepState, rows: usize, cols: usize) -> Vec<f32> {
+        let client = rng::key(base_key, step.client);
+        (0..rows as u32)
+            .flat_map(|r| {
+                let key = rng::key(client, step.step.wrapping_add(r));
+                (0..cols as u32).map(move |j| rng::normal_bm(key, j))
+            })
+            .collect()
     }
 }
 

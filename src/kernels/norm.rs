@@ -211,6 +211,19 @@ pub fn backward(
 }
 
 /// CPU twins (f64).
+/// The inference form of BatchNorm with population statistics: (a_c, b_c) pairs for
+/// [`affine`], a_c = 1 / sqrt(var_c + EPS) and b_c = -mean_c a_c, each computed in f64 and
+/// rounded to f32 (docs/MODEL_FORMAT.md states this, so other implementations match).
+pub fn population_coefficients(mean: &[f32], var: &[f32]) -> Vec<f32> {
+    mean.iter()
+        .zip(var)
+        .flat_map(|(&m, &v)| {
+            let a = 1.0 / (v as f64 + EPS as f64).sqrt();
+            [a as f32, (-(m as f64) * a) as f32]
+        })
+        .collect()
+}
+
 pub mod cpu {
     use super::{NormShape, EPS};
 

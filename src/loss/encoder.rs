@@ -20,7 +20,7 @@ use crate::kernels::norm::{fold_batchnorm, EPS};
 use crate::kernels::Init;
 use crate::nn::arch::{shape_through, Architecture, Layer, Shape};
 use crate::nn::cpu;
-use crate::nn::{Backward, BuildOptions, Network, WeightMode, Wiring};
+use crate::nn::{Backward, BuildOptions, Network, Normalisation, WeightMode, Wiring};
 
 /// The encoder a configuration names by a file: a safetensors file. (The built-in learned
 /// encoders, `lda` and `pca`, are fitted by the federation: see `loss::readout`.)
@@ -373,6 +373,7 @@ impl Encoder {
             &cpu::Params {
                 weights: &self.weights,
                 affine: &self.affine,
+                population: None,
             },
         )?;
         Ok(taps.iter().map(|&t| outs[t].0.clone()).collect())
@@ -404,6 +405,7 @@ impl Encoder {
             layer_offset: 0,
             half: false,
             adam: None,
+            norm: Normalisation::Batch,
         };
         let net = Network::build(
             gpu,

@@ -14,7 +14,7 @@ use crate::kernels::elementwise as ew;
 use crate::kernels::matmul::Estimator;
 use crate::kernels::mmd::{self, LossKernels, LossKind};
 use crate::kernels::moments::TrackerConfig;
-use crate::nn::{Backward, BuildOptions, Network, Shape, WeightMode, Wiring};
+use crate::nn::{Backward, BuildOptions, Network, Normalisation, Shape, WeightMode, Wiring};
 
 /// What the loss is made of.
 pub struct ObjectiveSpec<'a> {
@@ -210,6 +210,7 @@ impl Objective {
                 layer_offset: RANDOM_ENCODER_LAYER_OFFSET,
                 half: false,
                 adam: None,
+                norm: Normalisation::Batch,
             };
             let net = Network::build(
                 gpu,

@@ -202,6 +202,28 @@ impl Architecture {
         Ok(v)
     }
 
+    /// The channels of each BatchNorm layer, in the order the forward pass runs them (main
+    /// path before skip path inside a residual block): the layout of population statistics.
+    pub fn batchnorm_channels(&self) -> Result<Vec<usize>> {
+        fn walk(layers: &[Layer], mut s: Shape, out: &mut Vec<usize>) -> Result<()> {
+            for l in layers {
+                match l {
+                    Layer::BatchNorm => out.push(s.c),
+                    Layer::Residual { main, skip } => {
+                        walk(main, s, out)?;
+                        walk(skip, s, out)?;
+                    }
+                    _ => {}
+                }
+                s = l.output_shape(s)?;
+            }
+            Ok(())
+        }
+        let mut v = Vec::new();
+        walk(&self.layers, Shape::flat(self.latent), &mut v)?;
+        Ok(v)
+    }
+
     /// Total number of masked weights.
     pub fn masked_weights(&self) -> Result<usize> {
         Ok(self.mask_sizes()?.iter().sum())

@@ -6,10 +6,13 @@ use super::layers::kind as layer_kind;
 use crate::error::Result;
 
 /// What a CPU pass reads besides its input: each masked layer's effective weights (in
-/// [`Architecture::masked_layers`] order) and each Affine layer's (a_c, b_c) pairs.
+/// [`Architecture::masked_layers`] order), each Affine layer's (a_c, b_c) pairs, and, for
+/// BatchNorm in inference form, each BatchNorm layer's (a_c, b_c) pairs from population
+/// statistics (None: BatchNorm uses the batch's statistics).
 pub struct Params<'a> {
     pub weights: &'a [Vec<f32>],
     pub affine: &'a [Vec<f32>],
+    pub population: Option<&'a [Vec<f32>]>,
 }
 
 /// Position in a [`Params`] while a layer list runs.
@@ -17,6 +20,7 @@ pub struct Params<'a> {
 struct Cursor {
     weight: usize,
     affine: usize,
+    population: usize,
 }
 
 /// One CPU pass through a network: the parameters, where the pass stands in them, and the
@@ -43,6 +47,15 @@ impl<'a> Pass<'a> {
         self.at.affine += 1;
         let params: &'a Params<'a> = self.params;
         &params.affine[i]
+    }
+
+    /// The next BatchNorm layer's inference coefficients, when the pass has them.
+    pub(crate) fn next_population(&mut self) -> Option<&'a [f32]> {
+        let params: &'a Params<'a> = self.params;
+        let coef = params.population?;
+        let i = self.at.population;
+        self.at.population += 1;
+        Some(&coef[i])
     }
 
     /// Adds `g` into masked layer `index`'s dL/dw_eff (backward passes only).
@@ -140,6 +153,26 @@ pub fn forward(
     let params = Params {
         weights: weff,
         affine: &[],
+        population: None,
+    };
+    let mut p = pass(batch, &params, false);
+    let shape = Shape::flat(arch.latent);
+    Ok(run(&mut p, &arch.layers, input.to_vec(), shape, None)?.0)
+}
+
+/// As [`forward`], with BatchNorm in inference form: `population` holds each BatchNorm
+/// layer's (a_c, b_c) pairs ([`crate::kernels::norm::population_coefficients`]).
+pub fn forward_population(
+    arch: &Architecture,
+    batch: usize,
+    input: &[f32],
+    weff: &[Vec<f32>],
+    population: &[Vec<f32>],
+) -> Result<Vec<f32>> {
+    let params = Params {
+        weights: weff,
+        affine: &[],
+        population: Some(population),
     };
     let mut p = pass(batch, &params, false);
     let shape = Shape::flat(arch.latent);
@@ -166,6 +199,7 @@ pub fn backward(
     let params = Params {
         weights: weff,
         affine: &[],
+        population: None,
     };
     let mut p = pass(batch, &params, true);
     let shape = Shape::flat(arch.latent);

@@ -9,4 +9,6 @@ pub mod network;
 mod record;
 
 pub use arch::{Architecture, Layer, Shape, PRESETS};
-pub use network::{Backward, BuildOptions, MaskedLayer, Network, Program, Tap, WeightMode, Wiring};
+pub use network::{
+    Backward, BuildOptions, MaskedLayer, Network, Normalisation, Program, Tap, WeightMode, Wiring,
+};

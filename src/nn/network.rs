@@ -36,6 +36,20 @@ pub enum Backward {
     Scores,
 }
 
+/// How BatchNorm layers normalise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Normalisation {
+    /// With the statistics of the batch being run (training, and the reference's generation,
+    /// which evaluates in training mode): an image then depends on the other images of its
+    /// batch.
+    #[default]
+    Batch,
+    /// Inference form: y = a_c x + b_c with per-channel coefficients from population
+    /// statistics ([`Network::population`], identity until written), so that an image depends
+    /// on its latent alone.
+    Population,
+}
+
 /// Options of [`Network::build`].
 #[derive(Clone, Copy, Debug)]
 pub struct BuildOptions {
@@ -55,6 +69,8 @@ pub struct BuildOptions {
     /// inputs and outputs multiples of 4), so that its gradient never goes to memory;
     /// [`Network::adam_program`] steps the others. None: every layer's gradient is stored.
     pub adam: Option<adam::AdamConfig>,
+    /// How the BatchNorm layers normalise.
+    pub norm: Normalisation,
 }
 
 /// The buffers of one masked layer.
@@ -92,6 +108,12 @@ pub struct Network {
     /// (a_c, b_c) coefficients of each Affine layer in order, [2 channels] each, identity
     /// until an encoder loader writes them.
     pub affine: Vec<Rc<Tensor>>,
+    /// Normalisation::Batch: each BatchNorm layer's (mean, 1 / sqrt(var + eps)) pairs of the
+    /// last batch run, [2 channels] each, in layer order.
+    pub batch_stats: Vec<Rc<Tensor>>,
+    /// Normalisation::Population: each BatchNorm layer's (a_c, b_c) coefficients, [2 channels]
+    /// each, in layer order (identity until written).
+    pub population: Vec<Rc<Tensor>>,
     /// The tapped activations ([`Wiring::taps`]), in tap order.
     pub taps: Vec<Tap>,
     pub forward: Program,
@@ -246,6 +268,8 @@ impl Network {
             forward: Program::default(),
             acts: Vec::new(),
             affine: Vec::new(),
+            batch_stats: Vec::new(),
+            population: Vec::new(),
         };
         let input = match input {
             Some(t) => {
@@ -270,6 +294,8 @@ impl Network {
             forward,
             acts,
             affine,
+            batch_stats,
+            population,
             ..
         } = b;
         let mut net = Network {
@@ -282,6 +308,8 @@ impl Network {
             grad_input: None,
             layers,
             affine,
+            batch_stats,
+            population,
             adam_fused: Vec::new(),
             taps: taps
                 .iter()

@@ -121,6 +121,8 @@ pub(crate) struct ForwardRecorder<'g> {
     pub forward: Program,
     pub acts: Vec<Rc<Tensor>>,
     pub affine: Vec<Rc<Tensor>>,
+    pub batch_stats: Vec<Rc<Tensor>>,
+    pub population: Vec<Rc<Tensor>>,
 }
 
 /// What [`ForwardRecorder::build`] returns: the output, the tape, each layer's output.

@@ -224,6 +224,7 @@ pub fn random_model(arch: Architecture, seed: u32) -> Model {
         seed,
         mask_kind: MaskKind::Sample,
         dataset: "mnist".into(),
+        population: None,
     }
 }
 
