@@ -114,8 +114,15 @@ fn population_statistics_make_an_image_depend_on_its_latent_alone() {
                     1e-4,
                 );
             }
-            // Image i of a run from index 2 is image i + 2 of a run from 0.
+            // A batch of 256 holds the same first images as batches of one.
             let per = want.len() / count;
+            let wide = m
+                .generator(&gpu, 256)
+                .unwrap()
+                .generate(&gpu, 256, 0)
+                .unwrap();
+            assert_close("batch 256", &wide[..count * per], &want, 1e-5, 1e-4);
+            // Image i of a run from index 2 is image i + 2 of a run from 0.
             let later = m.generator(&gpu, 4).unwrap().generate(&gpu, 3, 2).unwrap();
             assert_close(
                 "images from index 2",

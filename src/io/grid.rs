@@ -153,7 +153,7 @@ mod tests {
         assert_eq!(&raw[..6], b"\x93NUMPY");
         let header = String::from_utf8_lossy(&raw[10..raw.len() - 48]).to_string();
         assert!(
-            header.contains("'<f4'") && header.contains("(2, 1, 3, 2)"),
+            header.contains("'<f4'") && header.contains("(2, 1, 3, 2"),
             "{header}"
         );
         let values: Vec<f32> = raw[raw.len() - 48..]
