@@ -215,7 +215,8 @@ pub(crate) struct TrainArgs {
     pub(crate) quiet: bool,
 }
 
-/// The configuration fields that a `prism train` flag sets (flag id, field).
+/// The configuration field that each `prism train` flag sets (flag id, field; `dp.x` is field
+/// x of the `dp` object).
 const FLAG_FIELDS: &[(&str, &str)] = &[
     ("dataset", "dataset"),
     ("arch", "arch"),
@@ -242,21 +243,41 @@ const FLAG_FIELDS: &[(&str, &str)] = &[
     ("beta2", "beta2"),
     ("estimator", "p_scaled_estimator"),
     ("seed", "seed"),
-    ("dp_noise", "dp"),
-    ("dp_clip", "dp"),
-    ("dp_delta", "dp"),
+    ("dp_noise", "dp.noise_multiplier"),
+    ("dp_clip", "dp.clip"),
+    ("dp_delta", "dp.delta"),
     ("drop_rate", "drop_rate"),
     ("adversaries", "adversaries"),
     ("no_entropy_coding", "entropy_coding"),
     ("robust", "robust"),
 ];
 
+fn no_dp() -> Error {
+    Error::invalid(
+        "--dp-clip and --dp-delta set details of differential privacy, which is off: give \
+         --dp-noise too (or a --config file whose dp is set)",
+    )
+}
+
+/// Which `prism train` flags `m` (the train subcommand's matches) got on the command line, not
+/// from their defaults: these override a --config file.
+pub(crate) fn typed_flags(m: &clap::ArgMatches) -> impl Fn(&str) -> bool + '_ {
+    move |id: &str| {
+        m.try_get_raw(id).is_ok_and(|v| v.is_some())
+            && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    }
+}
+
 impl TrainArgs {
     /// The run's configuration: the flags, or the --config file with the flags given on the
     /// command line (`given`) laid over it.
     pub(crate) fn resolve(&self, given: &dyn Fn(&str) -> bool) -> Result<TrainConfig, Error> {
         let flags = self.config();
+        let dp_detail = given("dp_clip") || given("dp_delta");
         let Some(path) = &self.config else {
+            if dp_detail && flags.dp.is_none() {
+                return Err(no_dp());
+            }
             return Ok(flags);
         };
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -265,12 +286,30 @@ impl TrainArgs {
             .map_err(|e| Error::format(&what, format!("not JSON: {e}")))?;
         let flag_values =
             serde_json::to_value(&flags).map_err(|e| Error::invalid(e.to_string()))?;
-        if let Some(obj) = merged.as_object_mut() {
-            for (flag, field) in FLAG_FIELDS {
-                if given(flag) {
-                    obj.insert(field.to_string(), flag_values[field].clone());
+        // The DP flags' own values, whether or not --dp-noise turned DP on.
+        let dp_flags = serde_json::json!({
+            "noise_multiplier": self.dp_noise,
+            "clip": self.dp_clip,
+            "delta": self.dp_delta,
+        });
+        let obj = merged
+            .as_object_mut()
+            .ok_or_else(|| Error::format(&what, "not a JSON object"))?;
+        for (flag, field) in FLAG_FIELDS.iter().filter(|(flag, _)| given(flag)) {
+            let Some((outer, inner)) = field.split_once('.') else {
+                obj.insert(field.to_string(), flag_values[field].clone());
+                continue;
+            };
+            // A DP flag sets its own field of the file's `dp` object; --dp-noise turns DP on
+            // (with the other DP flags' values) where the file has it off.
+            let dp = obj.entry(outer).or_insert(serde_json::Value::Null);
+            if dp.is_null() {
+                if *flag != "dp_noise" {
+                    return Err(no_dp());
                 }
+                *dp = flag_values[outer].clone();
             }
+            dp[inner] = dp_flags[inner].clone();
         }
         TrainConfig::from_json(&serde_json::to_vec(&merged).unwrap_or_default(), &what)
     }
@@ -390,10 +429,10 @@ pub(crate) struct Source {
     /// A training checkpoint (its global scores; the mask is drawn as --mask says).
     #[arg(long)]
     pub(crate) checkpoint: Option<PathBuf>,
-    /// From a checkpoint: draw one mask sample (the paper's final model) or take the most
-    /// likely mask (keep where p > 0.5).
-    #[arg(long, value_enum, default_value = "sample")]
-    pub(crate) mask: MaskArg,
+    /// With --checkpoint: draw one mask sample (the paper's final model, the default) or take
+    /// the most likely mask (keep where p > 0.5). A model file holds its mask already.
+    #[arg(long, value_enum)]
+    pub(crate) mask: Option<MaskArg>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -404,6 +443,12 @@ pub(crate) enum MaskArg {
 
 impl Source {
     pub(crate) fn load(&self) -> Result<Model, Error> {
+        if self.model.is_some() && self.mask.is_some() {
+            return Err(Error::invalid(
+                "--mask chooses how a checkpoint's mask is drawn; a model file (--model) holds \
+                 its mask already",
+            ));
+        }
         match (&self.model, &self.checkpoint) {
             (Some(m), _) => Model::load(m),
             (None, Some(c)) => model::from_checkpoint(c, self.choice()),
@@ -413,8 +458,8 @@ impl Source {
 
     pub(crate) fn choice(&self) -> model::MaskKind {
         match self.mask {
-            MaskArg::Sample => model::MaskKind::Sample,
-            MaskArg::Threshold => model::MaskKind::Threshold,
+            None | Some(MaskArg::Sample) => model::MaskKind::Sample,
+            Some(MaskArg::Threshold) => model::MaskKind::Threshold,
         }
     }
 }
@@ -477,6 +522,7 @@ pub(crate) enum Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, FromArgMatches};
 
     /// `prism train` without flags trains `TrainConfig::default()`: the flags' defaults written
     /// as strings (enums) cannot drift from the library's.
@@ -487,6 +533,422 @@ mod tests {
             panic!("not the train command");
         };
         assert_eq!(args.config(), TrainConfig::default());
+    }
+
+    /// The run's configuration from a command line, as `prism train` resolves it.
+    fn resolved(argv: &[String]) -> Result<TrainConfig, Error> {
+        let matches = Cli::command().try_get_matches_from(argv).expect("parses");
+        let cli = Cli::from_arg_matches(&matches).expect("parses");
+        let Command::Train { args, .. } = cli.command else {
+            panic!("not the train command");
+        };
+        let m = matches.subcommand_matches("train").unwrap();
+        let given = typed_flags(m);
+        args.resolve(&given)
+    }
+
+    /// Every flag with a value and the change it makes to a configuration (None: the flag is
+    /// refused for that configuration).
+    #[allow(clippy::type_complexity)]
+    fn flag_cases() -> Vec<(
+        &'static str,
+        Vec<&'static str>,
+        Box<dyn Fn(&mut TrainConfig) -> bool>,
+    )> {
+        fn dp(c: &mut TrainConfig) -> Option<&mut DpConfig> {
+            c.dp.as_mut()
+        }
+        vec![
+            (
+                "dataset",
+                vec!["--dataset", "fashion-mnist"],
+                Box::new(|c| {
+                    c.dataset = "fashion-mnist".into();
+                    true
+                }),
+            ),
+            (
+                "arch",
+                vec!["--arch", "conv28"],
+                Box::new(|c| {
+                    c.arch = "conv28".into();
+                    true
+                }),
+            ),
+            (
+                "clients",
+                vec!["--clients", "7"],
+                Box::new(|c| {
+                    c.clients = 7;
+                    true
+                }),
+            ),
+            (
+                "rounds",
+                vec!["--rounds", "3"],
+                Box::new(|c| {
+                    c.rounds = 3;
+                    true
+                }),
+            ),
+            (
+                "local_steps",
+                vec!["--local-steps", "9"],
+                Box::new(|c| {
+                    c.local_steps = 9;
+                    true
+                }),
+            ),
+            (
+                "batch",
+                vec!["--batch", "32"],
+                Box::new(|c| {
+                    c.batch = 32;
+                    true
+                }),
+            ),
+            (
+                "real_batch",
+                vec!["--real-batch", "48"],
+                Box::new(|c| {
+                    c.real_batch = 48;
+                    true
+                }),
+            ),
+            (
+                "partition",
+                vec!["--partition", "iid"],
+                Box::new(|c| {
+                    c.partition = "iid".into();
+                    true
+                }),
+            ),
+            (
+                "fraction_fit",
+                vec!["--fraction-fit", "0.5"],
+                Box::new(|c| {
+                    c.fraction_fit = 0.5;
+                    true
+                }),
+            ),
+            (
+                "min_fit_clients",
+                vec!["--min-fit-clients", "2"],
+                Box::new(|c| {
+                    c.min_fit_clients = 2;
+                    true
+                }),
+            ),
+            (
+                "no_mada",
+                vec!["--no-mada"],
+                Box::new(|c| {
+                    c.mada = false;
+                    true
+                }),
+            ),
+            (
+                "persistent_prior",
+                vec!["--persistent-prior"],
+                Box::new(|c| {
+                    c.persistent_prior = true;
+                    true
+                }),
+            ),
+            (
+                "alpha",
+                vec!["--alpha", "0.25"],
+                Box::new(|c| {
+                    c.alpha = 0.25;
+                    true
+                }),
+            ),
+            (
+                "loss",
+                vec!["--loss", "moments"],
+                Box::new(|c| {
+                    c.loss = LossChoice::Moments;
+                    true
+                }),
+            ),
+            (
+                "bandwidths",
+                vec!["--bandwidths", "1,2"],
+                Box::new(|c| {
+                    c.bandwidths = vec![1.0, 2.0];
+                    true
+                }),
+            ),
+            (
+                "features",
+                vec!["--features", "random-conv"],
+                Box::new(|c| {
+                    c.features = FeatureSpace::RandomConv;
+                    true
+                }),
+            ),
+            (
+                "encoder",
+                vec!["--encoder", "lda"],
+                Box::new(|c| {
+                    c.encoder = Some("lda".into());
+                    true
+                }),
+            ),
+            (
+                "encoder_layers",
+                vec!["--encoder-layers", "2,5"],
+                Box::new(|c| {
+                    c.encoder_layers = Some(vec![2, 5]);
+                    true
+                }),
+            ),
+            (
+                "pixel_weight",
+                vec!["--pixel-weight", "0.5"],
+                Box::new(|c| {
+                    c.pixel_weight = 0.5;
+                    true
+                }),
+            ),
+            (
+                "tracker_lr",
+                vec!["--tracker-lr", "0.001"],
+                Box::new(|c| {
+                    c.tracker_lr = 0.001;
+                    true
+                }),
+            ),
+            (
+                "lr",
+                vec!["--lr", "0.05"],
+                Box::new(|c| {
+                    c.lr = 0.05;
+                    true
+                }),
+            ),
+            (
+                "beta1",
+                vec!["--beta1", "0.8"],
+                Box::new(|c| {
+                    c.beta1 = 0.8;
+                    true
+                }),
+            ),
+            (
+                "beta2",
+                vec!["--beta2", "0.99"],
+                Box::new(|c| {
+                    c.beta2 = 0.99;
+                    true
+                }),
+            ),
+            (
+                "estimator",
+                vec!["--estimator", "straight-through"],
+                Box::new(|c| {
+                    c.p_scaled_estimator = false;
+                    true
+                }),
+            ),
+            (
+                "seed",
+                vec!["--seed", "99"],
+                Box::new(|c| {
+                    c.seed = 99;
+                    true
+                }),
+            ),
+            (
+                "dp_noise",
+                vec!["--dp-noise", "0.7"],
+                Box::new(|c| {
+                    match dp(c) {
+                        Some(d) => d.noise_multiplier = 0.7,
+                        // DP turned on: the other DP fields take their flags' defaults.
+                        None => {
+                            c.dp = Some(DpConfig {
+                                clip: 0.1,
+                                noise_multiplier: 0.7,
+                                delta: 1e-5,
+                            })
+                        }
+                    }
+                    true
+                }),
+            ),
+            (
+                "dp_clip",
+                vec!["--dp-clip", "0.2"],
+                Box::new(|c| dp(c).map(|d| d.clip = 0.2).is_some()),
+            ),
+            (
+                "dp_delta",
+                vec!["--dp-delta", "0.001"],
+                Box::new(|c| dp(c).map(|d| d.delta = 0.001).is_some()),
+            ),
+            (
+                "drop_rate",
+                vec!["--drop-rate", "0.3"],
+                Box::new(|c| {
+                    c.drop_rate = 0.3;
+                    true
+                }),
+            ),
+            (
+                "adversaries",
+                vec!["--adversaries", "2"],
+                Box::new(|c| {
+                    c.adversaries = 2;
+                    true
+                }),
+            ),
+            (
+                "no_entropy_coding",
+                vec!["--no-entropy-coding"],
+                Box::new(|c| {
+                    c.entropy_coding = false;
+                    true
+                }),
+            ),
+            (
+                "robust",
+                vec!["--robust"],
+                Box::new(|c| {
+                    c.robust = true;
+                    true
+                }),
+            ),
+        ]
+    }
+
+    /// A random configuration file's contents: every field drawn away from its default (DP
+    /// on or off).
+    fn random_file(rng: &mut crate::rng::HostRng) -> TrainConfig {
+        let mut u = |n: u32| (rng.next_u32() % n) as usize;
+        TrainConfig {
+            dataset: ["mnist", "cifar10"][u(2)].into(),
+            arch: ["mlp28", "resnet32"][u(2)].into(),
+            clients: 2 + u(20),
+            rounds: 1 + u(30),
+            local_steps: 1 + u(100),
+            batch: 8 << u(4),
+            real_batch: 16 << u(3),
+            partition: ["shards:2", "dirichlet:0.5"][u(2)].into(),
+            fraction_fit: 0.25 + 0.25 * u(3) as f64,
+            min_fit_clients: 1 + u(3),
+            mada: u(2) == 0,
+            persistent_prior: u(2) == 0,
+            alpha: 0.1 * u(5) as f64,
+            loss: [LossChoice::Mmd, LossChoice::MmdUnbiased][u(2)],
+            bandwidths: vec![1.0 + u(4) as f32, 10.0],
+            features: [FeatureSpace::Pixels, FeatureSpace::RandomPatches][u(2)],
+            encoder: [None, Some("pca".to_string())][u(2)].clone(),
+            encoder_layers: [None, Some(vec![1 + u(3)])][u(2)].clone(),
+            pixel_weight: 0.1 * u(10) as f32,
+            tracker_lr: 1e-4 * (1 + u(9)) as f32,
+            lr: 0.1 * (1 + u(9)) as f32,
+            beta1: 0.5 + 0.1 * u(4) as f32,
+            beta2: 0.9 + 0.01 * u(9) as f32,
+            p_scaled_estimator: u(2) == 0,
+            seed: 1000 + u(1000) as u32,
+            dp: (u(2) == 0).then(|| DpConfig {
+                clip: 0.05 + 0.05 * u(4) as f32,
+                noise_multiplier: 0.5 + u(10) as f64,
+                delta: 1e-6 * (1 + u(9)) as f64,
+            }),
+            drop_rate: 0.1 * u(5) as f64,
+            adversaries: u(3),
+            entropy_coding: u(2) == 0,
+            robust: u(2) == 0,
+        }
+    }
+
+    /// A flag overrides exactly its own field of a --config file, and the file sets the rest;
+    /// DP's detail flags are refused while DP is off. Every flag, against many random files.
+    #[test]
+    fn a_flag_changes_exactly_its_own_field_of_a_config_file() {
+        let cases = flag_cases();
+        // Every flag that sets a configuration field has its case.
+        let covered: Vec<&str> = cases.iter().map(|c| c.0).collect();
+        for (flag, _) in FLAG_FIELDS {
+            assert!(covered.contains(flag), "no case for --{flag}");
+        }
+        let dir = std::env::temp_dir().join(format!("prism-config-merge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.json");
+        let mut rng = crate::rng::HostRng::new(17, &[]);
+        let valid = |c: &TrainConfig| c.validate().is_ok();
+        let mut round = 0;
+        while round < 40 {
+            let file = random_file(&mut rng);
+            if !valid(&file) {
+                continue; // a file prism would refuse on its own
+            }
+            round += 1;
+            std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+            for (flag, args, change) in &cases {
+                let mut argv = vec!["prism".to_string(), "train".into(), "--config".into()];
+                argv.push(path.display().to_string());
+                argv.extend(args.iter().map(|s| s.to_string()));
+                let mut want = file.clone();
+                let allowed = change(&mut want);
+                match resolved(&argv) {
+                    Ok(got) => {
+                        assert!(allowed, "--{flag} was accepted with DP off (file {round})");
+                        assert_eq!(got, want, "--{flag} over file {round}");
+                    }
+                    // Refused: a DP detail flag with DP off, or a change that makes the
+                    // configuration invalid (such as an lda encoder under DP).
+                    Err(e) if allowed => {
+                        assert!(!valid(&want), "--{flag} over file {round}: {e}");
+                    }
+                    Err(e) => assert!(e.to_string().contains("--dp-noise"), "{e}"),
+                }
+            }
+        }
+        // Without a file, the detail flags alone are refused too; with --dp-noise they apply.
+        let plain = |rest: &[&str]| {
+            let mut argv = vec!["prism".to_string(), "train".into()];
+            argv.extend(rest.iter().map(|s| s.to_string()));
+            resolved(&argv)
+        };
+        assert!(plain(&["--dp-clip", "0.2"]).is_err());
+        let on = plain(&["--dp-noise", "1.5", "--dp-clip", "0.2"]).unwrap();
+        assert_eq!(
+            on.dp,
+            Some(DpConfig {
+                clip: 0.2,
+                noise_multiplier: 1.5,
+                delta: 1e-5
+            })
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_mask_choice_goes_with_a_checkpoint_only() {
+        let load = |rest: &[&str]| {
+            let mut argv = vec!["prism", "sample"];
+            argv.extend(rest);
+            let Command::Sample { args, .. } = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not the sample command");
+            };
+            args.source.load().map(|_| ()).unwrap_err().to_string()
+        };
+        // Refused before any file is read; the files here do not exist.
+        let e = load(&["--model", "/nonexistent/m.prism", "--mask", "threshold"]);
+        assert!(e.contains("--mask"), "{e}");
+        let e = load(&["--checkpoint", "/nonexistent/c.bin", "--mask", "threshold"]);
+        assert!(
+            !e.contains("--mask") && e.contains("/nonexistent/c.bin"),
+            "{e}"
+        );
+        let e = load(&["--model", "/nonexistent/m.prism"]);
+        assert!(
+            !e.contains("--mask") && e.contains("/nonexistent/m.prism"),
+            "{e}"
+        );
     }
 
     #[test]

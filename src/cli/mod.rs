@@ -202,10 +202,9 @@ pub fn main() -> ExitCode {
     };
     // Which flags the user typed (not defaulted): they override a --config file.
     let given = |id: &str| {
-        matches.subcommand_matches("train").is_some_and(|m| {
-            m.try_get_raw(id).is_ok_and(|v| v.is_some())
-                && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
-        })
+        matches
+            .subcommand_matches("train")
+            .is_some_and(|m| typed_flags(m)(id))
     };
     let result = match &cli.command {
         Command::Info { gpu } => info(gpu),
