@@ -263,10 +263,30 @@ pub mod cpu {
 
     /// Packed keep thresholds of all scores.
     pub fn thresholds(scores: &[f32]) -> Vec<u32> {
-        scores
-            .chunks(2)
-            .map(|c| threshold(c[0]) | c.get(1).map_or(0, |&s| threshold(s) << 16))
+        pack_thresholds(&scores.iter().map(|&s| threshold(s)).collect::<Vec<_>>())
+    }
+
+    /// 16-bit thresholds, two to a word (the first in the low half).
+    fn pack_thresholds(t: &[u32]) -> Vec<u32> {
+        t.chunks(2)
+            .map(|c| c[0] | c.get(1).map_or(0, |&h| h << 16))
             .collect()
+    }
+
+    /// The twin of the `dp_thresholds` kernel: thresholds of theta = clamp(clip(sigmoid(s),
+    /// [clip, 1 - clip]) + sigma z_i, [0, 1]) with z_i the Box-Muller normal of (key, i). The
+    /// GPU's log, cos and sin agree to a few ulp, so a threshold may differ by one unit.
+    pub fn dp_thresholds(scores: &[f32], clip: f32, sigma: f32, key: u32) -> Vec<u32> {
+        let t: Vec<u32> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let theta = (1.0 / (1.0 + (-s).exp())).clamp(clip, 1.0 - clip);
+                let noisy = (theta + sigma * rng::normal_bm(key, i as u32)).clamp(0.0, 1.0);
+                ((noisy * 65536.0).round() as u32).min(65535)
+            })
+            .collect();
+        pack_thresholds(&t)
     }
 
     /// One packed Bernoulli sample from thresholds.
