@@ -130,6 +130,31 @@ fn a_round_below_min_fit_clients_keeps_the_previous_scores() {
     assert_ne!(server.read_scores(&gpu).unwrap(), before);
 }
 
+/// MADA's comparison samples are keyed by the run seed (rng.rs): the same uploads over the
+/// same global scores give the same lambda under one seed and another under another seed.
+#[test]
+fn madas_samples_are_keyed_by_the_run_seed() {
+    let gpu = common::gpu();
+    let sizes = [20_000usize, 3000];
+    let mut rng = HostRng::new(4, &[0]);
+    let ups: Vec<Upload> = (0..3).map(|k| upload(&mut rng, &sizes, 0, k)).collect();
+    let lambda = |seed: u32| {
+        let mut server = ServerModel::new(&gpu, &sizes, &[false, false], 4, seed).unwrap();
+        for (t, &n) in server.scores.iter().zip(&sizes) {
+            let same: Vec<f32> = (0..n).map(|i| ((i % 7) as f32 - 3.0) * 0.3).collect();
+            gpu.write_f32(t, &same).unwrap();
+        }
+        let mut strategy = Prism::default();
+        assert!(strategy.mada);
+        let r = strategy
+            .aggregate_fit(&gpu, 0, &mut server, &ups, &[])
+            .unwrap();
+        r.lambda.unwrap()
+    };
+    assert_eq!(lambda(1), lambda(1));
+    assert_ne!(lambda(1), lambda(2));
+}
+
 #[test]
 fn the_outlier_test_rejects_masks_unrelated_to_the_majority() {
     let sizes = [4000usize, 1000];

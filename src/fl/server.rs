@@ -59,6 +59,8 @@ pub struct ServerModel {
     next: Vec<Tensor>,
     count: Tensor,
     capacity: usize,
+    /// The run seed, which keys MADA's comparison samples.
+    seed: u32,
 }
 
 impl ServerModel {
@@ -85,6 +87,7 @@ impl ServerModel {
             next: Vec::new(),
             count: gpu.zeros(&[1], DType::U32, "hamming count")?,
             capacity: capacity.max(1),
+            seed,
         };
         for &n in sizes {
             let s: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
@@ -369,7 +372,7 @@ impl Strategy for Prism {
         let total = model.mask_weights();
         if self.mada && total > 0 {
             gpu.write_u32(&model.count, &[0])?;
-            let key = rng::key_path(0, &[rng::stream::MADA, round]);
+            let key = rng::key_path(model.seed, &[rng::stream::MADA, round]);
             for (l, &n) in model.sizes.iter().enumerate() {
                 if model.score_layers[l] {
                     continue;
