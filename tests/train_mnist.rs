@@ -317,3 +317,47 @@ fn a_run_stepped_round_by_round_matches_the_driver() {
     };
     assert_eq!(scores(&stepped), scores(&driven));
 }
+
+/// A DP run end to end: clients upload masks sampled from noisy clipped probabilities, the
+/// server selects clients by Poisson sampling at fraction_fit (what the accountant assumes),
+/// and each round's reported epsilon is the accountant's for that noise, rate and round count.
+#[test]
+fn a_dp_run_reports_the_accountants_epsilon_for_its_sampling() {
+    use prism::fl::dp::Accountant;
+    use prism::fl::DpConfig;
+    let gpu = common::gpu();
+    let out = common::scratch("test", "dp");
+    let dp = DpConfig {
+        clip: 0.1,
+        noise_multiplier: 1.0,
+        delta: 1e-5,
+    };
+    let cfg = TrainConfig {
+        clients: 6,
+        fraction_fit: 0.5,
+        dp: Some(dp),
+        ..tiny(4)
+    };
+    run(&gpu, &cfg, &options(&out)).unwrap();
+    let lines = common::metrics(&out);
+    assert_eq!(lines.len(), 4);
+    let accountant = Accountant::new(0.5, 1.0, 1e-5);
+    let mut sizes = Vec::new();
+    for (r, l) in lines.iter().enumerate() {
+        let eps = l["epsilon"].as_f64().expect("a DP run reports epsilon");
+        assert!(
+            (eps - accountant.epsilon(r + 1)).abs() < 1e-9,
+            "round {}: {eps}",
+            r + 1
+        );
+        sizes.push(l["selected"].as_u64().unwrap());
+        assert!(l["mmd_heldout"].as_f64().is_some_and(f64::is_finite));
+    }
+    // Poisson selection: the number of clients varies from round to round (a fixed-size
+    // subset would always be 3 of 6).
+    assert!(
+        sizes.iter().any(|&s| s != sizes[0]),
+        "selected clients per round: {sizes:?}"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -234,6 +234,14 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.alpha) {
             return bad(format!("alpha = {} must be in [0, 1]", self.alpha));
         }
+        if self.alpha > 0.0 && self.dp.is_some() {
+            return bad(
+                "PRISM-alpha layers (--alpha) upload raw scores, which the DP mechanism does not \
+                 noise, so the reported epsilon would not hold: --alpha and --dp-noise cannot \
+                 be combined"
+                    .into(),
+            );
+        }
         if self.adversaries > self.clients {
             return bad(format!(
                 "{} adversaries among {} clients",
@@ -264,5 +272,25 @@ impl TrainConfig {
         }
         crate::data::partition::Partition::parse(&self.partition)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alpha_layers_under_dp_are_refused() {
+        let cfg = TrainConfig {
+            alpha: 0.5,
+            dp: Some(DpConfig {
+                clip: 0.1,
+                noise_multiplier: 1.0,
+                delta: 1e-5,
+            }),
+            ..Default::default()
+        };
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("--alpha") && e.contains("--dp-noise"), "{e}");
     }
 }

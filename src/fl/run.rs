@@ -167,6 +167,8 @@ impl<'g> Run<'g> {
             },
             mada: cfg.mada,
             robust: cfg.robust,
+            // The accountant assumes Poisson sampling at rate fraction_fit.
+            poisson: cfg.dp.is_some(),
             ..Default::default()
         };
         let mut clients: Vec<ClientState> = (0..cfg.clients)

@@ -197,6 +197,11 @@ pub struct Prism {
     pub hi: f32,
     /// Reject uploads whose masks are outliers (see `outliers` in this module).
     pub robust: bool,
+    /// Poisson selection: each client trains with probability `fraction_fit`, independently
+    /// (a round may then have fewer than `min_fit_clients`, or none, and keeps the previous
+    /// scores). This is the sampling the DP accountant assumes; DP runs use it. Otherwise a
+    /// fixed-size random subset (Flower's way).
+    pub poisson: bool,
 }
 
 impl Default for Prism {
@@ -209,6 +214,7 @@ impl Default for Prism {
             lo: 0.01,
             hi: 0.99,
             robust: false,
+            poisson: false,
         }
     }
 }
@@ -280,6 +286,11 @@ impl Strategy for Prism {
     }
 
     fn configure_fit(&mut self, _round: u32, available: usize, rng: &mut HostRng) -> Vec<usize> {
+        if self.poisson {
+            return (0..available)
+                .filter(|_| rng.unit_f64() < self.fraction_fit)
+                .collect();
+        }
         let want = ((available as f64 * self.fraction_fit).round() as usize)
             .clamp(self.min_fit_clients.min(available), available);
         let mut all: Vec<usize> = (0..available).collect();
@@ -438,5 +449,46 @@ impl Strategy for Prism {
             kept_previous: false,
             rejected,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Poisson selection takes each client independently at fraction_fit (so a round's size
+    /// varies, and may be 0); the fixed-size form takes round(fraction_fit * clients).
+    #[test]
+    fn poisson_selection_samples_each_client_at_the_rate() {
+        let mut poisson = Prism {
+            fraction_fit: 0.3,
+            poisson: true,
+            ..Default::default()
+        };
+        let mut fixed = Prism {
+            poisson: false,
+            ..poisson.clone()
+        };
+        let mut sizes = Vec::new();
+        let mut total = 0usize;
+        for r in 0..200u32 {
+            let mut rng = HostRng::new(5, &[r]);
+            let chosen = poisson.configure_fit(r, 50, &mut rng);
+            assert!(chosen.windows(2).all(|w| w[0] < w[1]) && chosen.iter().all(|&c| c < 50));
+            sizes.push(chosen.len());
+            total += chosen.len();
+            assert_eq!(fixed.configure_fit(r, 50, &mut rng).len(), 15);
+        }
+        // 10,000 draws at 0.3: 3,000 +- 46 (one standard deviation).
+        assert!((total as f64 - 3000.0).abs() < 200.0, "{total}");
+        assert!(sizes.iter().min() < sizes.iter().max());
+        let mut none = Prism {
+            fraction_fit: 0.001,
+            poisson: true,
+            ..Default::default()
+        };
+        assert!(none
+            .configure_fit(0, 3, &mut HostRng::new(1, &[]))
+            .is_empty());
     }
 }
