@@ -125,6 +125,18 @@ impl Error {
             source,
         }
     }
+
+    /// The `prism` command's exit status for this error: 2 for a usage error (an invalid
+    /// argument or configuration; clap's own parse errors exit 2 too), 3 for a data error (a
+    /// file that is missing, unreadable or malformed, data that cannot be found), 4 for a GPU
+    /// error (no adapter, device lost, out of memory, a shader or driver failure).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Invalid(_) => 2,
+            Error::Format { .. } | Error::DataNotFound(_) | Error::Io { .. } => 3,
+            Error::Gpu(_) => 4,
+        }
+    }
 }
 
 /// Result with the library's error type.

@@ -84,3 +84,30 @@ fn readmes_train_defaults_are_the_clis() {
     }
     assert_eq!(checked, defaults.len());
 }
+
+/// README's exit statuses are the ones the errors map to.
+#[test]
+fn readmes_exit_codes_are_the_errors() {
+    use prism::error::{Error, GpuError};
+    let readme = readme();
+    let line = readme
+        .split("Exit status:")
+        .nth(1)
+        .expect("README documents the exit status");
+    let code_of = |word: &str| -> u8 {
+        let at = line
+            .find(word)
+            .unwrap_or_else(|| panic!("no {word:?} exit status"));
+        let before = &line[..at];
+        let digits = before.rsplit("**").nth(1).unwrap();
+        digits.trim().parse().unwrap()
+    };
+    assert_eq!(code_of("usage error"), Error::invalid("x").exit_code());
+    assert_eq!(code_of("data error"), Error::format("f", "m").exit_code());
+    assert_eq!(
+        code_of("data error"),
+        Error::DataNotFound("d".into()).exit_code()
+    );
+    let gpu: Error = GpuError::Poll("p".into()).into();
+    assert_eq!(code_of("GPU error"), gpu.exit_code());
+}
