@@ -361,3 +361,65 @@ fn a_dp_run_reports_the_accountants_epsilon_for_its_sampling() {
     );
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// Partial participation, FedPM's persistent prior and PRISM-alpha each run end to end and do
+/// what they say: half the clients train a round, the prior accumulates over rounds instead of
+/// resetting, and the alpha layers upload scores (32 bits a weight) instead of masks.
+#[test]
+fn partial_participation_persistent_prior_and_alpha_run_end_to_end() {
+    let gpu = common::gpu();
+    let runs = [
+        (
+            "fraction",
+            TrainConfig {
+                clients: 4,
+                fraction_fit: 0.5,
+                ..tiny(2)
+            },
+        ),
+        (
+            "prior",
+            TrainConfig {
+                persistent_prior: true,
+                ..tiny(2)
+            },
+        ),
+        (
+            "alpha",
+            TrainConfig {
+                alpha: 0.5,
+                ..tiny(2)
+            },
+        ),
+    ];
+    for (name, cfg) in runs {
+        let out = common::scratch("test", name);
+        run(&gpu, &cfg, &options(&out)).unwrap();
+        let lines = common::metrics(&out);
+        assert_eq!(lines.len(), 2, "{name}");
+        for l in &lines {
+            assert!(
+                l["mmd_heldout"].as_f64().is_some_and(f64::is_finite),
+                "{name}"
+            );
+            let selected = l["selected"].as_u64().unwrap();
+            let bits = l["bits_per_weight"].as_f64().unwrap();
+            match name {
+                "fraction" => assert_eq!(selected, 2, "half of 4 clients"),
+                "alpha" => assert!(bits > 8.0, "score layers send f32: {bits} bits a weight"),
+                _ => assert!(bits < 1.1, "{name}: masks at about 1 bit a weight, {bits}"),
+            }
+        }
+        if name == "prior" {
+            // Beta(1, 1) plus each round's smoothed masks: after 2 rounds of 3 clients the
+            // prior's two parameters sum to 2 + 2 x 3 everywhere.
+            let c = Checkpoint::load(&out.join("checkpoint.bin")).unwrap();
+            for p in &c.priors {
+                for ab in p.chunks(2) {
+                    assert!((ab[0] + ab[1] - 8.0).abs() < 1e-3, "prior {ab:?}");
+                }
+            }
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
