@@ -128,18 +128,16 @@ fn sample_writes_a_grid_and_single_images_and_refuses_bad_files() {
 fn eval_prints_its_table_and_refuses_bad_files() {
     let f = files("eval");
     let data = common::data_dir();
-    let (out, _) = expect(
-        0,
-        &[
-            "eval",
-            "--model",
-            s(&f.model),
-            "-n",
-            "60",
-            "--data",
-            s(&data),
-        ],
-    );
+    let base = [
+        "eval",
+        "--model",
+        s(&f.model),
+        "-n",
+        "60",
+        "--data",
+        s(&data),
+    ];
+    let (out, _) = expect(0, &base);
     assert!(
         out.starts_with("60 generated vs 60 held-out mnist images"),
         "{out}"
@@ -148,20 +146,7 @@ fn eval_prints_its_table_and_refuses_bad_files() {
         out.lines().filter(|l| l.starts_with("generated ")).count(),
         2
     );
-    let (out_batch, _) = expect(
-        0,
-        &[
-            "eval",
-            "--model",
-            s(&f.model),
-            "-n",
-            "60",
-            "--data",
-            s(&data),
-            "--norm",
-            "batch",
-        ],
-    );
+    let (out_batch, _) = expect(0, &[&base[..], &["--norm", "batch"]].concat());
     assert!(out_batch.contains("generated "));
     expect(3, &["eval", "--model", s(&f.damaged), "--data", s(&data)]);
     // A data folder without the data: refused, never replaced by another folder.

@@ -115,16 +115,21 @@ fn thresholds_match_cpu_and_training_masks_are_exact() {
 fn dp_thresholds_match_cpu_and_have_the_mechanisms_distribution() {
     let (clip, sigma, key) = (0.1f32, 0.05f32, rng::key_path(3, &[rng::stream::DP, 1, 2]));
     for gpu in devices() {
-        let mut rng = HostRng::new(6, &[2]);
-        for &n in SIZES {
-            let scores: Vec<f32> = normal(&mut rng, n).iter().map(|x| x * 4.0).collect();
-            let s = gpu.upload_f32(&scores, &[n], "scores").unwrap();
+        // The kernel's packed noisy thresholds of `scores` at noise `sigma`.
+        let noisy = |scores: &[f32], sigma: f32| {
+            let n = scores.len();
+            let s = gpu.upload_f32(scores, &[n], "scores").unwrap();
             let keep = gpu
                 .tensor(&[mask::keep_words(n)], DType::U32, "keep")
                 .unwrap();
             gpu.run(&[&mask::dp_thresholds(&gpu, &s, clip, sigma, key, &keep).unwrap()])
                 .unwrap();
-            let got = gpu.read_u32(&keep).unwrap();
+            gpu.read_u32(&keep).unwrap()
+        };
+        let mut rng = HostRng::new(6, &[2]);
+        for &n in SIZES {
+            let scores: Vec<f32> = normal(&mut rng, n).iter().map(|x| x * 4.0).collect();
+            let got = noisy(&scores, sigma);
             let want = mask::cpu::dp_thresholds(&scores, clip, sigma, key);
             for i in 0..n {
                 let (g, w) = (wcpu::threshold_of(&got, i), wcpu::threshold_of(&want, i));
@@ -134,18 +139,12 @@ fn dp_thresholds_match_cpu_and_have_the_mechanisms_distribution() {
         // The distribution: one score per clip regime, 200,000 draws each.
         let n = 200_000;
         for (score, theta) in [(0.0f32, 0.5f32), (-9.0, clip), (9.0, 1.0 - clip)] {
-            let s = gpu.upload_f32(&vec![score; n], &[n], "scores").unwrap();
-            let keep = gpu
-                .tensor(&[mask::keep_words(n)], DType::U32, "keep")
-                .unwrap();
-            gpu.run(&[&mask::dp_thresholds(&gpu, &s, clip, sigma, key, &keep).unwrap()])
-                .unwrap();
-            let got = gpu.read_u32(&keep).unwrap();
-            let noisy: Vec<f64> = (0..n)
+            let got = noisy(&vec![score; n], sigma);
+            let values: Vec<f64> = (0..n)
                 .map(|i| wcpu::threshold_of(&got, i) as f64 / 65536.0)
                 .collect();
-            let mean = noisy.iter().sum::<f64>() / n as f64;
-            let var = noisy.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+            let mean = values.iter().sum::<f64>() / n as f64;
+            let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
             // theta is at least 0.1 from either end and sigma 0.05: clamping touches 2.3% of
             // the draws at most, so mean and spread are the noise's (quantisation adds 1/65536).
             assert!(
@@ -157,17 +156,11 @@ fn dp_thresholds_match_cpu_and_have_the_mechanisms_distribution() {
                 (sd - sigma as f64).abs() < 0.002,
                 "score {score}: noise sd {sd}, sigma {sigma}"
             );
-            assert!(noisy.iter().all(|v| (0.0..=65535.0 / 65536.0).contains(v)));
+            assert!(values.iter().all(|v| (0.0..=65535.0 / 65536.0).contains(v)));
         }
         // Large noise: clamped to [0, 1], so both ends are hit and nothing falls outside.
         let big = 2.0f32;
-        let s = gpu.upload_f32(&vec![0.0; n], &[n], "scores").unwrap();
-        let keep = gpu
-            .tensor(&[mask::keep_words(n)], DType::U32, "keep")
-            .unwrap();
-        gpu.run(&[&mask::dp_thresholds(&gpu, &s, clip, big, key, &keep).unwrap()])
-            .unwrap();
-        let got = gpu.read_u32(&keep).unwrap();
+        let got = noisy(&vec![0.0; n], big);
         let zeros = (0..n).filter(|&i| wcpu::threshold_of(&got, i) == 0).count();
         let ones = (0..n)
             .filter(|&i| wcpu::threshold_of(&got, i) == 65535)
