@@ -310,7 +310,7 @@ impl Generator {
     }
 
     /// Population statistics of this generator's BatchNorm layers under its masks:
-    /// [`CALIBRATION_BATCHES`] batches of its batch size from the calibration latents, run
+    /// `CALIBRATION_BATCHES` (16) batches of its batch size from the calibration latents, run
     /// with batch statistics; each layer's mean is the mean of the batch means and its
     /// variance the mean of the batch variances plus the variance of the batch means (the
     /// variance over all the calibration images at the layer, as the batches see it).

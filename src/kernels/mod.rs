@@ -1,7 +1,7 @@
 //! Kernel launchers, one module per shader file, each with the CPU reference it is tested
 //! against (`cpu` submodules).
 //!
-//! A launcher checks shapes, picks the shader variant and returns a [`Kernel`](crate::gpu::Kernel): built once,
+//! A launcher checks shapes, picks the shader variant and returns a [`Kernel`]: built once,
 //! recorded as often as needed.
 
 pub mod adam;

@@ -45,7 +45,7 @@ pub enum Normalisation {
     #[default]
     Batch,
     /// Inference form: y = a_c x + b_c with per-channel coefficients from population
-    /// statistics ([`Network::population`], identity until written), so that an image depends
+    /// statistics (the network's `population` coefficients, identity until written), so that an image depends
     /// on its latent alone.
     Population,
 }
