@@ -177,7 +177,7 @@ fn bench_training(c: &mut Criterion) {
             ..Default::default()
         };
         let (ds, arch) =
-            load_dataset("mnist", Some(&data_dir()), false, Split::Train, preset).unwrap();
+            load_dataset("mnist", Some(&data_dir()), false, Split::Train, preset, 1).unwrap();
         let ds = ds.take(2000);
         let trainer = Trainer::new(&gpu, &cfg, &arch, &ds, &[(0..2000).collect()]).unwrap();
         let server = prism::fl::ServerModel::new(
@@ -232,7 +232,7 @@ fn bench_round(c: &mut Criterion) {
         ..defaults
     };
     let (ds, arch) =
-        load_dataset("mnist", Some(&data_dir()), false, Split::Train, &preset).unwrap();
+        load_dataset("mnist", Some(&data_dir()), false, Split::Train, &preset, 1).unwrap();
     let parts = prism::data::partition::Partition::parse(&cfg.partition)
         .unwrap()
         .split(&ds.labels, clients, &mut HostRng::new(1, &[]))

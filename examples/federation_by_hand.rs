@@ -27,6 +27,7 @@ fn main() -> Result<(), prism::Error> {
         false,
         Split::Train,
         &cfg.arch,
+        cfg.seed,
     )?;
     let shards = Partition::parse(&cfg.partition)?;
     let parts = shards.split(

@@ -423,3 +423,69 @@ fn partial_participation_persistent_prior_and_alpha_run_end_to_end() {
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
+
+/// A folder of images with class sub-folders: a held-out tenth chosen by the seed that
+/// training never sees, class labels that make label shards work, and `prism eval` on it.
+#[test]
+fn a_folder_dataset_has_a_held_out_split_classes_and_evaluation() {
+    use prism::data::locate::Split;
+    use prism::data::resolve::{folder_heldout, load_images};
+    use prism::nn::Shape;
+    let gpu = common::gpu();
+    let dir = common::scratch("test", "folder-data");
+    // 3 classes of 20 images, each image a distinct pattern.
+    for c in 0..3u32 {
+        let class = dir.join(format!("class{c}"));
+        std::fs::create_dir_all(&class).unwrap();
+        for i in 0..20u32 {
+            let img = image::RgbImage::from_fn(28, 28, |x, y| {
+                let v = ((x * (c + 1) + y * 3 + i * 11) % 256) as u8;
+                image::Rgb([v, (c * 100) as u8, 255 - v])
+            });
+            img.save(class.join(format!("{i:02}.png"))).unwrap();
+        }
+    }
+    let name = dir.to_str().unwrap().to_string();
+    let shape = Shape { c: 3, h: 28, w: 28 };
+    let load = |split, seed| load_images(&name, None, false, split, shape, seed).unwrap();
+    let (train, test) = (load(Split::Train, 5), load(Split::Test, 5));
+    assert_eq!((train.len(), test.len()), (54, 6), "a tenth held out");
+    let held = folder_heldout(60, 5);
+    assert_eq!(held.len(), 6);
+    // Disjoint: no held-out image is among the training images.
+    for t in 0..test.len() {
+        assert!(
+            (0..train.len()).all(|i| train.image(i) != test.image(t)),
+            "held-out image {t} is in the training split"
+        );
+    }
+    // Another seed holds out other images; the same seed the same ones.
+    assert_ne!(folder_heldout(60, 6), held);
+    assert_eq!(folder_heldout(60, 5), held);
+    // Classes from the sub-folders.
+    let mut classes = train.labels.clone();
+    classes.sort_unstable();
+    classes.dedup();
+    assert_eq!(classes, vec![0, 1, 2]);
+
+    // A federation on the folder with label shards, then evaluation on its held-out split.
+    let out = common::scratch("test", "folder-run");
+    let cfg = TrainConfig {
+        dataset: name.clone(),
+        partition: "shards:1".into(),
+        ..tiny(1)
+    };
+    run(&gpu, &cfg, &options(&out)).unwrap();
+    let lines = common::metrics(&out);
+    assert!(lines[0]["mmd_heldout"].as_f64().is_some_and(f64::is_finite));
+    let m = prism::model::from_checkpoint(&out.join("checkpoint.bin"), prism::MaskKind::Sample)
+        .unwrap();
+    assert_eq!(m.dataset, name);
+    let e = m
+        .evaluate(&gpu, 3, None, prism::Normalisation::Population)
+        .unwrap();
+    assert_eq!(e.count, 3, "3 of the 6 held-out images against 3 others");
+    assert!(e.generated().mmd2.is_finite());
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -50,7 +50,7 @@ fn main() -> Result<(), prism::Error> {
         local_steps: 1,
         ..defaults
     };
-    let (ds, a) = load_dataset("mnist", None, false, Split::Train, &arch)?;
+    let (ds, a) = load_dataset("mnist", None, false, Split::Train, &arch, 1)?;
     let ds = ds.take(1000);
     let trainer = Trainer::new(&gpu, &cfg, &a, &ds, &[(0..1000).collect()])?;
     let ks = trainer.step_kernels(0);

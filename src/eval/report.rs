@@ -11,7 +11,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::Metrics;
-use crate::data::locate::{self as loc, Named, Split};
+use crate::data::locate::Split;
+use crate::data::resolve::load_images;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::matmul::Estimator;
@@ -111,16 +112,17 @@ pub fn evaluate(
     setup: &EvalSetup,
     generate: &mut dyn FnMut(usize) -> Result<Vec<f32>>,
 ) -> Result<Evaluation> {
-    let named = Named::parse(setup.dataset).ok_or_else(|| {
-        Error::invalid(format!(
-            "evaluation needs a named dataset, not {:?}",
-            setup.dataset
-        ))
-    })?;
     let out = setup.shape;
-    let test = loc::load(named, setup.data, Split::Test, false)?
-        .with_channels(out.c)?
-        .resized(out.h, out.w)?;
+    // A named dataset's test split, or a folder's held-out images (chosen by the seed, as
+    // training chose them).
+    let test = load_images(
+        setup.dataset,
+        setup.data,
+        false,
+        Split::Test,
+        out,
+        setup.seed,
+    )?;
     let n = setup.count.min(test.len() / 2).max(2);
     let d = out.len();
     let real_a: Vec<f32> = (0..n).flat_map(|i| test.image_f32(i)).collect();

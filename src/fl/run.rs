@@ -16,7 +16,7 @@ use super::message::{self, MaskCoder, Payload, Upload};
 use super::records::{RoundMetrics, RoundTiming, RunOptions, RunSummary};
 use super::server::{AggregateReport, Failure, FailureReason, Prism, ServerModel, Strategy};
 use crate::codec::RangeCoder;
-use crate::data::locate::{Named, Split};
+use crate::data::locate::Split;
 use crate::data::partition::Partition;
 use crate::data::resolve::load_dataset;
 use crate::error::{Error, Result};
@@ -113,20 +113,18 @@ impl<'g> Run<'g> {
             opts.fetch,
             Split::Train,
             &cfg.arch,
+            cfg.seed,
         )?;
-        let heldout = match Named::parse(&cfg.dataset) {
-            Some(_) => {
-                load_dataset(
-                    &cfg.dataset,
-                    opts.data.as_deref(),
-                    false,
-                    Split::Test,
-                    &cfg.arch,
-                )?
-                .0
-            }
-            None => train.take(1000),
-        };
+        // The test split, or a folder's held-out images: never trained on.
+        let heldout = load_dataset(
+            &cfg.dataset,
+            opts.data.as_deref(),
+            false,
+            Split::Test,
+            &cfg.arch,
+            cfg.seed,
+        )?
+        .0;
         let partition = Partition::parse(&cfg.partition)?;
         let parts = partition.split(
             &train.labels,
