@@ -106,8 +106,11 @@ pub fn normal_bm(key: u32, i: u32) -> f32 {
     }
 }
 
-/// A small deterministic generator for host-side choices (client selection, partitions),
-/// built on the same hash so that a run is a function of its seed alone.
+/// A small deterministic generator for host-side choices (client selection, partitions,
+/// initial scores), built on the same hash so that a run is a function of its seed alone. It
+/// is a `rand` generator (`rand::Rng` over the counter stream); its integers, floats,
+/// normals, gamma draws and shuffles come from `rand` and `rand_distr`, which need no
+/// bit-exactness with a shader.
 #[derive(Clone, Debug)]
 pub struct HostRng {
     key: u32,
@@ -125,59 +128,60 @@ impl HostRng {
         }
     }
 
-    /// Next 32 random bits.
+    /// Next 32 random bits of the counter stream.
     pub fn next_u32(&mut self) -> u32 {
         let v = u32_at(self.key, self.ctr);
         self.ctr = self.ctr.wrapping_add(1);
         v
     }
 
-    /// Uniform integer in `0..n` (Lemire's multiply-shift; n > 0).
+    /// Uniform integer in `0..n` (n > 0).
     pub fn below(&mut self, n: u32) -> u32 {
-        ((self.next_u32() as u64 * n as u64) >> 32) as u32
+        rand::RngExt::random_range(self, 0..n)
     }
 
-    /// Uniform in [0, 1) with 53 random bits.
+    /// Uniform in [0, 1).
     pub fn unit_f64(&mut self) -> f64 {
-        let hi = (self.next_u32() >> 5) as u64;
-        let lo = (self.next_u32() >> 6) as u64;
-        ((hi << 26) | lo) as f64 / (1u64 << 53) as f64
+        rand::RngExt::random(self)
     }
 
-    /// Standard normal (Box-Muller in f64).
+    /// Standard normal.
     pub fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.unit_f64();
-        let u2 = self.unit_f64();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        rand_distr::Distribution::sample(&rand_distr::StandardNormal, self)
     }
 
-    /// Gamma(shape, 1) by Marsaglia and Tsang (shape > 0).
+    /// Gamma(shape, 1) (shape > 0; other shapes give NaN).
     pub fn gamma(&mut self, shape: f64) -> f64 {
-        if shape < 1.0 {
-            let u = self.unit_f64().max(f64::MIN_POSITIVE);
-            return self.gamma(shape + 1.0) * u.powf(1.0 / shape);
-        }
-        let d = shape - 1.0 / 3.0;
-        let c = 1.0 / (9.0 * d).sqrt();
-        loop {
-            let x = self.normal();
-            let v = (1.0 + c * x).powi(3);
-            if v <= 0.0 {
-                continue;
-            }
-            let u = self.unit_f64();
-            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
-                return d * v;
-            }
+        match rand_distr::Gamma::new(shape, 1.0) {
+            Ok(g) => rand_distr::Distribution::sample(&g, self),
+            Err(_) => f64::NAN,
         }
     }
 
-    /// Fisher-Yates shuffle.
+    /// Uniform random permutation.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i as u32 + 1) as usize;
-            items.swap(i, j);
+        rand::seq::SliceRandom::shuffle(items, self)
+    }
+}
+
+impl rand::TryRng for HostRng {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(HostRng::next_u32(self))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let lo = HostRng::next_u32(self) as u64;
+        Ok(((HostRng::next_u32(self) as u64) << 32) | lo)
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        for chunk in dst.chunks_mut(4) {
+            let v = HostRng::next_u32(self).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
         }
+        Ok(())
     }
 }
 
