@@ -149,6 +149,9 @@ fn eval_prints_its_table_and_refuses_bad_files() {
     let (out_batch, _) = expect(0, &[&base[..], &["--norm", "batch"]].concat());
     assert!(out_batch.contains("generated "));
     expect(3, &["eval", "--model", s(&f.damaged), "--data", s(&data)]);
+    let (_, err) = expect(3, &["eval", "--model", s(&f.dir.join("missing.prism"))]);
+    assert!(err.contains("missing.prism"), "{err}");
+    expect(3, &["eval", "--model", s(&f.png), "--data", s(&data)]);
     // A data folder without the data: refused, never replaced by another folder.
     let (_, err) = expect(3, &["eval", "--model", s(&f.model), "--data", s(&f.dir)]);
     assert!(err.contains(s(&f.dir)), "{err}");
