@@ -469,19 +469,8 @@ fn read_population(
                 "BatchNorm layer {i}: statistics of {have} channels; the layer table says {c}"
             )));
         }
-        let mut floats = |what: &str| -> Result<Vec<f32>> {
-            let bytes = r.take(4 * c)?;
-            let v: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(bad(format!("BatchNorm layer {i}: {what} not finite")));
-            }
-            Ok(v)
-        };
-        let mean = floats("mean")?;
-        let var = floats("variance")?;
+        let mean = r.finite_f32s(c, &format!("BatchNorm layer {i}: means"))?;
+        let var = r.finite_f32s(c, &format!("BatchNorm layer {i}: variances"))?;
         if var.iter().any(|&v| v < 0.0) {
             return Err(bad(format!("BatchNorm layer {i}: negative variance")));
         }

@@ -229,7 +229,8 @@ fn the_test_vector_decodes_to_its_weights_and_images() {
 /// Writes the test vector (run by hand when the format changes on purpose:
 /// `cargo test --test model_decoder -- --ignored write_test_vector`).
 #[test]
-#[ignore]
+#[ignore = "writes the committed test vector; run by hand only when the format changes on \
+            purpose (the_test_vector_decodes_to_its_weights_and_images checks it in CI)"]
 fn write_test_vector() {
     let d = vector_dir();
     std::fs::create_dir_all(&d).unwrap();

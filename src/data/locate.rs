@@ -293,7 +293,12 @@ fn run(cmd: &mut Command) -> std::result::Result<(), String> {
 /// The largest download accepted (CIFAR-10's archive is 170 MB).
 const MAX_DOWNLOAD: u64 = 256 << 20;
 
-/// GETs `url` into memory (HTTP or HTTPS, at most MAX_DOWNLOAD bytes).
+/// GETs `url` into memory (HTTP or HTTPS, at most MAX_DOWNLOAD bytes); a failure is added
+/// to `failures` (the next route may still work) and gives None.
+fn download(url: &str, failures: &mut Vec<String>) -> Option<Vec<u8>> {
+    http_get(url).map_err(|e| failures.push(e)).ok()
+}
+
 fn http_get(url: &str) -> std::result::Result<Vec<u8>, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(std::time::Duration::from_secs(20)))
@@ -386,12 +391,8 @@ fn fetch_http_files(
 ) -> Result<bool> {
     for (stem, md5) in files {
         let url = format!("{base}{stem}.gz");
-        let raw = match http_get(&url) {
-            Ok(b) => b,
-            Err(e) => {
-                failures.push(e);
-                return Ok(false);
-            }
+        let Some(raw) = download(&url, failures) else {
+            return Ok(false);
         };
         let data = gunzip(&raw).map_err(|e| Error::format(&url, e.to_string()))?;
         verify_and_store(dest, stem, md5, &data, base)?;
@@ -401,12 +402,8 @@ fn fetch_http_files(
 
 /// CIFAR-10's binary archive, unpacked into `dest` by the tar crate (no `tar` program).
 fn fetch_cifar(dest: &Path, url: &str, failures: &mut Vec<String>) -> Result<bool> {
-    let bytes = match http_get(url) {
-        Ok(b) => b,
-        Err(e) => {
-            failures.push(e);
-            return Ok(false);
-        }
+    let Some(bytes) = download(url, failures) else {
+        return Ok(false);
     };
     tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]))
         .unpack(dest)

@@ -263,8 +263,13 @@ pub fn latent(gpu: &Gpu, base_key: u32, step: &Tensor, out: &Tensor) -> Result<K
         key: base_key,
         ..Default::default()
     };
+    latent_kernel(gpu, "latent", p, step, out)
+}
+
+/// A latent entry point writing `out` from the step state (one invocation per value).
+fn latent_kernel(gpu: &Gpu, entry: &str, p: Params, step: &Tensor, out: &Tensor) -> Result<Kernel> {
     Ok(gpu
-        .kernel(ShaderKey::new("elementwise.wgsl"), "latent")
+        .kernel(ShaderKey::new("elementwise.wgsl"), entry)
         .params(&p)
         .bind("out", out)
         .bind("step", step)
@@ -292,13 +297,7 @@ pub fn latent_images(
         key: base_key,
         ..Default::default()
     };
-    Ok(gpu
-        .kernel(ShaderKey::new("elementwise.wgsl"), "latent_images")
-        .params(&p)
-        .bind("out", out)
-        .bind("step", step)
-        .groups(groups_for(out.len(), 256)?)
-        .build()?)
+    latent_kernel(gpu, "latent_images", p, step, out)
 }
 
 /// CPU twins.

@@ -257,7 +257,15 @@ pub mod cpu {
 
     /// Keep threshold of one score: round(sigmoid(s) * 65536) capped at 65535.
     pub fn threshold(s: f32) -> u32 {
-        let p = 1.0 / (1.0 + (-s).exp());
+        quantise(sigmoid(s))
+    }
+
+    fn sigmoid(s: f32) -> f32 {
+        1.0 / (1.0 + (-s).exp())
+    }
+
+    /// A probability as a 16-bit threshold (mask.wgsl's `quantise`).
+    fn quantise(p: f32) -> u32 {
         ((p * 65536.0).round() as u32).min(65535)
     }
 
@@ -281,9 +289,8 @@ pub mod cpu {
             .iter()
             .enumerate()
             .map(|(i, &s)| {
-                let theta = (1.0 / (1.0 + (-s).exp())).clamp(clip, 1.0 - clip);
-                let noisy = (theta + sigma * rng::normal_bm(key, i as u32)).clamp(0.0, 1.0);
-                ((noisy * 65536.0).round() as u32).min(65535)
+                let theta = sigmoid(s).clamp(clip, 1.0 - clip);
+                quantise((theta + sigma * rng::normal_bm(key, i as u32)).clamp(0.0, 1.0))
             })
             .collect();
         pack_thresholds(&t)

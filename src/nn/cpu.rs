@@ -150,14 +150,7 @@ pub fn forward(
     input: &[f32],
     weff: &[Vec<f32>],
 ) -> Result<Vec<f32>> {
-    let params = Params {
-        weights: weff,
-        affine: &[],
-        population: None,
-    };
-    let mut p = pass(batch, &params, false);
-    let shape = Shape::flat(arch.latent);
-    Ok(run(&mut p, &arch.layers, input.to_vec(), shape, None)?.0)
+    generator_forward(arch, batch, input, weff, None)
 }
 
 /// As [`forward`], with BatchNorm in inference form: `population` holds each BatchNorm
@@ -169,10 +162,21 @@ pub fn forward_population(
     weff: &[Vec<f32>],
     population: &[Vec<f32>],
 ) -> Result<Vec<f32>> {
+    generator_forward(arch, batch, input, weff, Some(population))
+}
+
+/// A generator's forward pass from latents, BatchNorm as `population` says.
+fn generator_forward(
+    arch: &Architecture,
+    batch: usize,
+    input: &[f32],
+    weff: &[Vec<f32>],
+    population: Option<&[Vec<f32>]>,
+) -> Result<Vec<f32>> {
     let params = Params {
         weights: weff,
         affine: &[],
-        population: Some(population),
+        population,
     };
     let mut p = pass(batch, &params, false);
     let shape = Shape::flat(arch.latent);
