@@ -159,7 +159,7 @@ fn bench_matmul(c: &mut Criterion) {
 /// The masked matmuls of one training step of the default network (`mlp28-up` at batch 128:
 /// forward and input gradient on the step's sampled mask, the score gradient through the
 /// p-scaled estimator), each checked at sample points against the CPU reference, beside the
-/// dense f32 forward of the same shape.
+/// dense f32 forward and the packed-mask forward (a model file's mask) of the same shape.
 fn bench_training_matmuls(c: &mut Criterion) {
     let gpu = open_gpu();
     let mut rng = HostRng::new(3, &[]);
@@ -206,6 +206,15 @@ fn bench_training_matmuls(c: &mut Criterion) {
                 .unwrap(),
             ),
             (
+                "packed forward",
+                matmul::forward(
+                    &gpu,
+                    &s,
+                    &Product::new(&layer, &MaskSource::Packed(&src.bits), &tx, &ty),
+                )
+                .unwrap(),
+            ),
+            (
                 "forward",
                 matmul::forward(&gpu, &s, &Product::new(&layer, &train, &tx, &ty)).unwrap(),
             ),
@@ -238,6 +247,9 @@ fn bench_training_matmuls(c: &mut Criterion) {
             let (what, got, want) = match *variant {
                 "dense f32" => ("y", gpu.read_f32(&ty).unwrap(), {
                     matmul::cpu::forward(&s, &x, &src.weff_dense)
+                }),
+                "packed forward" => ("y", gpu.read_f32(&ty).unwrap(), {
+                    matmul::cpu::forward(&s, &x, &src.weff_packed)
                 }),
                 "forward" => ("y", gpu.read_f32(&ty).unwrap(), {
                     matmul::cpu::forward(&s, &x, &src.weff_train)

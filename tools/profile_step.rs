@@ -55,10 +55,12 @@ fn main() -> Result<(), prism::Error> {
     let trainer = Trainer::new(&gpu, &cfg, &a, &ds, &[(0..1000).collect()])?;
     let ks = trainer.step_kernels(0);
     gpu.run(&ks)?; // compile everything first
+    // Each row names its place in the step (#dispatch), so that a layer's kernels can be told
+    // apart from another layer's with the same shader.
     let mut rows: Vec<(String, f64)> = Vec::new();
-    for k in &ks {
+    for (i, k) in ks.iter().enumerate() {
         let t = gpu.time_kernels(&[k], 5)?.as_secs_f64() / 5.0;
-        rows.push((k.label().to_string(), t * 1e3));
+        rows.push((format!("#{i:<3} {}", k.label()), t * 1e3));
     }
     let total: f64 = rows.iter().map(|r| r.1).sum();
     let whole = gpu.time_kernels(&ks, 5)?.as_secs_f64() / 5.0 * 1e3;
