@@ -109,6 +109,41 @@ pub fn u32s(b: &[u8]) -> Vec<u32> {
         .collect()
 }
 
+/// Reads a file of a binary format whole, after refusing it by its size (more than `max`
+/// bytes, the most its format can hold, or more than this process may still allocate) and by
+/// its first bytes (`magic`), so that a huge or foreign file is never read into memory.
+/// `kind` names the format in errors ("prism model file").
+pub fn read_file(path: &std::path::Path, magic: &[u8], max: u64, kind: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
+    crate::limits::check_file_size(path, max, kind)?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = Vec::with_capacity(magic.len());
+    f.by_ref()
+        .take(magic.len() as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| Error::io(path, e))?;
+    let what = path.display().to_string();
+    if head.len() < magic.len() {
+        return Err(Error::format(&what, format!("too short to be a {kind}")));
+    }
+    if head != magic {
+        return Err(Error::format(&what, format!("not a {kind} (wrong magic)")));
+    }
+    crate::limits::check_host(
+        len,
+        &format!("reading {what}"),
+        "free memory or move the file",
+    )?;
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(len as usize)
+        .map_err(|_| Error::invalid(format!("{what}: no memory for {len} bytes")))?;
+    bytes.extend_from_slice(&head);
+    f.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
 /// Splits off a trailing CRC-32 and checks it against the rest.
 pub fn split_crc<'a>(bytes: &'a [u8], what: &str) -> Result<&'a [u8]> {
     if bytes.len() < 4 {

@@ -89,6 +89,10 @@ pub mod kernels;
 #[cfg(not(feature = "internals"))]
 pub(crate) mod kernels;
 #[cfg(feature = "internals")]
+pub mod limits;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod limits;
+#[cfg(feature = "internals")]
 pub mod loss;
 #[cfg(not(feature = "internals"))]
 pub(crate) mod loss;

@@ -38,6 +38,13 @@ pub const MAGIC: &[u8; 8] = b"PRISMMDL";
 pub const VERSION: u16 = 2;
 /// Largest header accepted (a layer table is a few kilobytes).
 const MAX_HEADER: usize = 1 << 20;
+/// Largest model file the format allows: the header, every layer's mask packed (the coded
+/// form is never larger) with its 9-byte prefix, and BatchNorm statistics for the largest
+/// layer table; larger files are refused by their size before they are read.
+const MAX_FILE: u64 = (20 + MAX_HEADER + crate::nn::arch::MAX_WEIGHTS / 8) as u64
+    + crate::limits::MAX_LAYERS as u64 * (9 + 4 + 8 * crate::nn::arch::MAX_DIM as u64)
+    + 5
+    + 4;
 
 /// How the final mask was drawn from the trained probabilities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +224,10 @@ impl Model {
         if header.init != header.architecture.init {
             return Err(bad("init scheme disagrees with the layer table".into()));
         }
+        header
+            .architecture
+            .validate()
+            .map_err(|e| bad(format!("layer table: {e}")))?;
         let sizes: Vec<usize> = header
             .architecture
             .masked_layers()
@@ -224,10 +235,6 @@ impl Model {
             .iter()
             .map(|l| l.weights)
             .collect();
-        header
-            .architecture
-            .validate()
-            .map_err(|e| bad(format!("layer table: {e}")))?;
         if sizes != header.layers {
             return Err(bad("layer sizes disagree with the layer table".into()));
         }
@@ -312,7 +319,7 @@ impl Model {
     }
 
     pub fn load(path: &Path) -> Result<Model> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::bytes::read_file(path, MAGIC, MAX_FILE, "prism model file")?;
         Model::decode(&bytes, &path.display().to_string(), Some(&RangeCoder))
     }
 

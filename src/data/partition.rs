@@ -36,7 +36,15 @@ impl Partition {
         match kind {
             "iid" => Ok(Partition::Iid),
             "shards" | "non-iid" => Ok(Partition::Shards {
-                shards_per_client: num(arg, 4.0)? as usize,
+                shards_per_client: match arg {
+                    None => 4,
+                    Some(a) => a.parse::<usize>().ok().filter(|&v| v > 0).ok_or_else(|| {
+                        Error::invalid(format!(
+                            "bad partition parameter {a:?}: shards:N takes a whole number of \
+                             shards per client, at least 1"
+                        ))
+                    })?,
+                },
             }),
             "dirichlet" => Ok(Partition::Dirichlet {
                 alpha: num(arg, 0.005)?,
@@ -73,19 +81,25 @@ impl Partition {
                     .collect())
             }
             Partition::Shards { shards_per_client } => {
-                let shards = shards_per_client.max(1) * clients;
-                if n < shards {
-                    return Err(Error::invalid(format!(
-                        "{n} samples cannot make {shards} shards"
-                    )));
-                }
+                let shards_per_client = shards_per_client.max(1);
+                // Checked: both factors are user input (`shards:N`, `--clients`).
+                let shards = shards_per_client
+                    .checked_mul(clients)
+                    .filter(|&s| s <= n)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{n} samples cannot make {shards_per_client} shards for each of \
+                             {clients} clients; use fewer shards a client (shards:N) or fewer \
+                             clients"
+                        ))
+                    })?;
                 let mut idx: Vec<usize> = (0..n).collect();
                 idx.sort_by_key(|&i| labels[i]); // stable: ties keep index order
                 let mut order: Vec<usize> = (0..shards).collect();
                 rng.shuffle(&mut order);
                 Ok((0..clients)
                     .map(|c| {
-                        order[c * shards_per_client.max(1)..(c + 1) * shards_per_client.max(1)]
+                        order[c * shards_per_client..(c + 1) * shards_per_client]
                             .iter()
                             .flat_map(|&s| {
                                 idx[s * n / shards..(s + 1) * n / shards].iter().copied()
@@ -95,7 +109,7 @@ impl Partition {
                     .collect())
             }
             Partition::Dirichlet { alpha, min_size } => {
-                if min_size * clients > n {
+                if min_size.checked_mul(clients).is_none_or(|need| need > n) {
                     return Err(Error::invalid(format!(
                         "{n} samples cannot give {clients} clients {min_size} each"
                     )));
@@ -155,6 +169,45 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&s| s), "every sample is given to someone");
+    }
+
+    #[test]
+    fn hostile_partition_parameters_are_refused_by_name() {
+        // Issue 18: shards:2^63 wrapped `shards_per_client * clients` and panicked; shards:2.5
+        // silently became 2.
+        for bad in [
+            "shards:2.5",
+            "shards:0",
+            "shards:-1",
+            "shards:x",
+            "shards:1e3",
+        ] {
+            let e = Partition::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("whole number"), "{bad}: {e}");
+        }
+        let l = labels();
+        for (per, clients) in [
+            (9_223_372_036_854_775_808usize, 2usize),
+            (usize::MAX, 2),
+            (2, usize::MAX / 2 + 1),
+            (3000, 3),
+        ] {
+            let e = Partition::Shards {
+                shards_per_client: per,
+            }
+            .split(&l, clients.min(6000), &mut HostRng::new(1, &[]))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(&format!("{per} shards for each of")), "{e}");
+        }
+        let e = Partition::Dirichlet {
+            alpha: 1.0,
+            min_size: usize::MAX / 2,
+        }
+        .split(&l, 3, &mut HostRng::new(1, &[]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot give 3 clients"), "{e}");
     }
 
     #[test]

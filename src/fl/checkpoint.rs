@@ -107,6 +107,15 @@ impl Checkpoint {
             serde_json::from_slice(r.take(n)?).map_err(|e| bad(format!("configuration: {e}")))?;
         config.validate()?;
         let rounds_done = r.u32()?;
+        if rounds_done as usize > config.rounds {
+            return Err(bad(format!(
+                "{rounds_done} rounds done, but the run has only {}",
+                config.rounds
+            )));
+        }
+        // The steps a client may still take: its counter must not wrap before the run ends
+        // (the mask, latent and data streams and Adam's t all count with it).
+        let steps_left = (config.rounds - rounds_done as usize) as u64 * config.local_steps as u64;
         let layers = r.u32()? as usize;
         let mut scores = Vec::new();
         let mut priors = Vec::new();
@@ -130,7 +139,15 @@ impl Checkpoint {
         let mut client_moments = Vec::new();
         let mut client_loss = Vec::new();
         for k in 0..clients {
-            client_steps.push(r.u32()?);
+            let step = r.u32()?;
+            if step as u64 + steps_left > u32::MAX as u64 {
+                return Err(bad(format!(
+                    "client {k}: step counter {step} would pass {} in the {steps_left} steps \
+                     left",
+                    u32::MAX
+                )));
+            }
+            client_steps.push(step);
             let mut ms = Vec::new();
             for &w in &sizes {
                 ms.push(r.finite_f32s(2 * w, &format!("client {k}: Adam moments"))?);
@@ -165,11 +182,21 @@ impl Checkpoint {
     /// Writes atomically: temporary file, fsync, rename, fsync of the folder.
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.encode()?;
+        // Loading's checks before the rename, so that a checkpoint that would not load (NaN
+        // moments, a counter about to wrap) never replaces a good one.
+        Checkpoint::decode(&bytes, &path.display().to_string()).map_err(|e| {
+            Error::invalid(format!(
+                "not writing a checkpoint that could not be resumed ({e}); {} is unchanged",
+                path.display()
+            ))
+        })?;
         write_atomic(path, &bytes)
     }
 
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        // No size bound of the format's own (it grows with clients x weights): the magic and
+        // the memory this process may take are checked before the file is read.
+        let bytes = crate::bytes::read_file(path, MAGIC, u64::MAX, "prism checkpoint")?;
         Checkpoint::decode(&bytes, &path.display().to_string())
     }
 }
@@ -186,12 +213,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    })();
+    if written.is_err() {
+        // No temporary file left behind by a failed write or rename.
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    written?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -238,6 +270,55 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("checksum"));
+    }
+
+    #[test]
+    fn a_checkpoint_that_could_not_be_resumed_is_neither_read_nor_written() {
+        // Issue 18: a step counter near u32::MAX wrapped, Adam's moments became NaN, and the
+        // run wrote that checkpoint over the good one; rounds_done > rounds was accepted.
+        let dir = std::env::temp_dir().join(format!("prism-ckpt-bad-{}", std::process::id()));
+        let p = dir.join("checkpoint.bin");
+        let good = sample();
+        good.save(&p).unwrap();
+        let mut wraps = sample();
+        wraps.client_steps[1] = u32::MAX - 10;
+        let e = wraps.save(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("client 1: step counter 4294967285 would pass"),
+            "{e}"
+        );
+        assert!(e.contains("is unchanged"), "{e}");
+        let mut nan = sample();
+        nan.client_moments[0][1][0] = f32::NAN;
+        let e = nan.save(&p).unwrap_err().to_string();
+        assert!(e.contains("client 0: Adam moments"), "{e}");
+        let mut ahead = sample();
+        ahead.rounds_done = ahead.config.rounds as u32 + 1;
+        let e = Checkpoint::decode(&ahead.encode().unwrap(), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rounds done, but the run has only"), "{e}");
+        assert_eq!(
+            Checkpoint::load(&p).unwrap(),
+            good,
+            "the good one is still there"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // A failed rename (onto a folder) leaves no temporary file either.
+        let folder = dir.join("taken");
+        std::fs::create_dir_all(folder.join("inside")).unwrap();
+        assert!(write_atomic(&folder, b"x").is_err());
+        assert!(!std::fs::read_dir(&dir).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".tmp")));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

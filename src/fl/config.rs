@@ -170,6 +170,15 @@ impl TrainConfig {
         if self.rounds > 1_000_000 || self.local_steps > 1_000_000 {
             return bad("rounds and local steps must be at most 1000000".into());
         }
+        if self.rounds as u64 * self.local_steps as u64 > u32::MAX as u64 {
+            return bad(format!(
+                "rounds x local steps = {} x {} is more steps than a client's 32-bit step \
+                 counter holds ({}); use fewer rounds or local steps",
+                self.rounds,
+                self.local_steps,
+                u32::MAX
+            ));
+        }
         if self.min_fit_clients > self.clients {
             return bad(format!(
                 "min_fit_clients = {} is more than the {} clients",

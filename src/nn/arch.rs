@@ -248,6 +248,22 @@ impl Architecture {
     /// Checks the architecture: shapes compose, at least one masked layer, image output, and no
     /// layer with loaded parameters (a generator is a seed and a mask).
     pub fn validate(&self) -> Result<Shape> {
+        fn count(layers: &[Layer]) -> usize {
+            layers
+                .iter()
+                .map(|l| match l {
+                    Layer::Residual { main, skip } => 1 + count(main) + count(skip),
+                    _ => 1,
+                })
+                .sum()
+        }
+        let layers = count(&self.layers);
+        if layers > crate::limits::MAX_LAYERS {
+            return Err(Error::invalid(format!(
+                "{layers} layers; at most {} are supported",
+                crate::limits::MAX_LAYERS
+            )));
+        }
         if self.latent == 0 {
             return Err(Error::invalid("latent size must be positive"));
         }
