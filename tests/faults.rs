@@ -317,8 +317,15 @@ fn robust_aggregation_bounds_what_one_all_ones_client_does() {
     );
 }
 
-/// Runs `prism train` on the tiny configuration in `out`; `resume` continues a checkpoint.
+/// Runs `prism train` on the tiny configuration in `out`: `--resume` when the folder has a
+/// checkpoint, otherwise `--overwrite` (a run killed before its first checkpoint leaves files
+/// that a plain start refuses to replace).
 fn train_command(out: &Path) -> Command {
+    let continue_or_replace = if out.join("checkpoint.bin").exists() {
+        "--resume"
+    } else {
+        "--overwrite"
+    };
     let mut c = Command::new(env!("CARGO_BIN_EXE_prism"));
     c.args([
         "train",
@@ -346,7 +353,7 @@ fn train_command(out: &Path) -> Command {
         "0",
         "--eval-every",
         "0",
-        "--resume",
+        continue_or_replace,
     ])
     .arg("--data")
     .arg(common::data_dir())

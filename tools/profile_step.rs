@@ -55,8 +55,8 @@ fn main() -> Result<(), prism::Error> {
     let trainer = Trainer::new(&gpu, &cfg, &a, &ds, &[(0..1000).collect()])?;
     let ks = trainer.step_kernels(0);
     gpu.run(&ks)?; // compile everything first
-    // Each row names its place in the step (#dispatch), so that a layer's kernels can be told
-    // apart from another layer's with the same shader.
+                   // Each row names its place in the step (#dispatch), so that a layer's kernels can be told
+                   // apart from another layer's with the same shader.
     let mut rows: Vec<(String, f64)> = Vec::new();
     for (i, k) in ks.iter().enumerate() {
         let t = gpu.time_kernels(&[k], 5)?.as_secs_f64() / 5.0;

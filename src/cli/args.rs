@@ -204,9 +204,13 @@ pub(crate) struct TrainArgs {
     /// Save a checkpoint every N rounds (and after the last).
     #[arg(long, default_value_t = RunOptions::new("").checkpoint_every)]
     pub(crate) checkpoint_every: usize,
-    /// Continue from the output folder's checkpoint.
-    #[arg(long)]
+    /// Continue from the output folder's checkpoint (an error when it has none).
+    #[arg(long, conflicts_with = "overwrite")]
     pub(crate) resume: bool,
+    /// Replace the run in the output folder (without it, or --resume, a folder that holds a
+    /// run is refused).
+    #[arg(long)]
+    pub(crate) overwrite: bool,
     /// Stop after this many rounds in this process (continue later with --resume).
     #[arg(long)]
     pub(crate) stop_after: Option<usize>,

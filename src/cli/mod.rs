@@ -45,11 +45,17 @@ fn info(gpu_args: &GpuArgs) -> Result<(), Error> {
 fn train(a: &TrainArgs, gpu_args: &GpuArgs, given: &dyn Fn(&str) -> bool) -> Result<(), Error> {
     let cfg = a.resolve(given)?;
     cfg.validate()?;
+    if a.stop_after == Some(0) {
+        return Err(Error::invalid(
+            "--stop-after 0 would stop before the first round: give 1 or more",
+        ));
+    }
     let gpu = gpu_args.open()?;
     let mut opts = RunOptions::new(&a.out);
     opts.data = a.data.clone();
     opts.fetch = !a.no_fetch;
     opts.resume = a.resume;
+    opts.overwrite = a.overwrite;
     opts.progress = !a.quiet;
     opts.sample_every = a.sample_every;
     opts.eval_every = a.eval_every;
@@ -67,18 +73,27 @@ fn train(a: &TrainArgs, gpu_args: &GpuArgs, given: &dyn Fn(&str) -> bool) -> Res
             std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0)
         );
     }
+    // Only files that exist are named (a run stopped before its first grid or checkpoint
+    // has none).
+    let written = |label: &str, p: &std::path::Path| {
+        if p.exists() {
+            format!("; {label}: {}", p.display())
+        } else {
+            String::new()
+        }
+    };
     eprintln!(
-        "{} of {} rounds in {:.1} s; samples: {}; checkpoint: {}",
+        "{} of {} rounds in {:.1} s{}{}",
         s.rounds_done,
         cfg.rounds,
         s.wall_s,
-        s.grid.display(),
-        s.checkpoint.display()
+        written("samples", &s.grid),
+        written("checkpoint", &s.checkpoint)
     );
     if let Some(m) = &s.last {
         eprintln!(
-            "last round: loss {:.4}, held-out MMD^2 {}, {:.3} bits per weight uploaded",
-            m.loss_last,
+            "last round: loss {}, held-out MMD^2 {}, {:.3} bits per weight uploaded",
+            m.loss_last.map_or("-".into(), |v| format!("{v:.4}")),
             m.mmd_heldout.map_or("-".into(), |v| format!("{v:.4}")),
             m.bits_per_weight
         );

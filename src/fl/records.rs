@@ -20,8 +20,11 @@ pub struct RunOptions {
     pub eval_every: usize,
     /// Save a checkpoint every this many rounds (and after the last).
     pub checkpoint_every: usize,
-    /// Continue from the folder's checkpoint.
+    /// Continue from the folder's checkpoint (an error when there is none).
     pub resume: bool,
+    /// Replace the run in the folder (its files are removed first); without it, and without
+    /// `resume`, a folder that holds a run is refused.
+    pub overwrite: bool,
     /// Show a progress bar.
     pub progress: bool,
     /// Stop after this many rounds in this process (the run can be resumed).
@@ -38,6 +41,7 @@ impl RunOptions {
             eval_every: 4,
             checkpoint_every: 1,
             resume: false,
+            overwrite: false,
             progress: false,
             stop_after: None,
         }
@@ -56,10 +60,11 @@ impl Default for RunOptions {
 #[derive(Clone, Debug, Serialize)]
 pub struct RoundMetrics {
     pub round: u32,
-    /// Mean over participating clients of their mean local loss.
-    pub loss: f64,
-    /// Mean over participating clients of their last local loss.
-    pub loss_last: f64,
+    /// Mean over participating clients of their mean local loss (None, `null` in the log,
+    /// when no client trained this round).
+    pub loss: Option<f64>,
+    /// Mean over participating clients of their last local loss (None likewise).
+    pub loss_last: Option<f64>,
     pub lambda: Option<f64>,
     pub selected: usize,
     pub valid_uploads: usize,

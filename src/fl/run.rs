@@ -78,34 +78,111 @@ pub struct Fit {
     started: Instant,
 }
 
+/// The mean of some values, None for none (an empty sum is -0.0, which is not a loss).
+fn mean_of(v: impl ExactSizeIterator<Item = f64>) -> Option<f64> {
+    let n = v.len();
+    (n > 0).then(|| v.sum::<f64>() / n as f64)
+}
+
+/// The files a run writes into its folder (sample grids per round go to `samples/`).
+const RUN_FILES: &[&str] = &[
+    "checkpoint.bin",
+    "metrics.jsonl",
+    "config.json",
+    "model.prism",
+    "samples.png",
+    "encoder.json",
+];
+
+/// Makes `out` ready for a new run: refuses a folder that holds a run unless `overwrite`, in
+/// which case the run's own files (and nothing else) are removed first, so that no file of the
+/// old run (a round's grid) stays beside the new one's.
+fn claim_folder(out: &std::path::Path, overwrite: bool) -> Result<()> {
+    let present: Vec<&str> = RUN_FILES
+        .iter()
+        .copied()
+        .filter(|f| out.join(f).exists())
+        .collect();
+    if present.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(Error::invalid(format!(
+            "{} holds a run ({}); give --resume to continue it, --overwrite to replace it, or \
+             another --out folder",
+            out.display(),
+            present.join(", ")
+        )));
+    }
+    for f in present {
+        let p = out.join(f);
+        std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+    }
+    let grids = out.join("samples");
+    if let Ok(entries) = std::fs::read_dir(&grids) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("round-") && name.ends_with(".png") {
+                std::fs::remove_file(e.path()).map_err(|err| Error::io(&e.path(), err))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fields in which two configurations differ, as `name: old -> new` (the round count may
+/// differ: a resumed run may be extended).
+fn config_differences(old: &TrainConfig, new: &TrainConfig) -> Vec<String> {
+    let as_map = |c: &TrainConfig| match serde_json::to_value(c) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    let (a, b) = (as_map(old), as_map(new));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| k.as_str() != "rounds")
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&serde_json::Value>| v.map_or("-".into(), |v| v.to_string());
+            format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k)))
+        })
+        .collect()
+}
+
 impl<'g> Run<'g> {
     /// Validates the configuration, loads the data, builds the trainer, server and clients,
     /// and resumes from the output folder's checkpoint when `opts.resume` and there is one.
     pub fn start(gpu: &'g Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<Run<'g>> {
         cfg.validate()?;
-        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
         let checkpoint_path = opts.out.join("checkpoint.bin");
-        let resumed = if opts.resume && checkpoint_path.exists() {
+        let resumed = if opts.resume {
+            if !checkpoint_path.exists() {
+                return Err(Error::invalid(format!(
+                    "--resume: {} holds no checkpoint to resume (checkpoint.bin); start the run \
+                     without --resume",
+                    opts.out.display()
+                )));
+            }
             Some(Checkpoint::load(&checkpoint_path)?)
         } else {
+            claim_folder(&opts.out, opts.overwrite)?;
             None
         };
+        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
         if let Some(c) = &resumed {
-            let mut a = c.config.clone();
-            let mut b = cfg.clone();
-            a.rounds = 0;
-            b.rounds = 0;
-            if a != b {
+            let differ = config_differences(&c.config, cfg);
+            if !differ.is_empty() {
                 return Err(Error::invalid(format!(
-                "{} was written by a run with another configuration; use a new --out folder or the same flags",
-                checkpoint_path.display()
-            )));
+                    "{} was written by a run with another configuration ({}); use a new --out \
+                     folder or the same flags",
+                    checkpoint_path.display(),
+                    differ.join("; ")
+                )));
             }
         }
-        write_atomic(
-            &opts.out.join("config.json"),
-            &serde_json::to_vec_pretty(cfg).map_err(|e| Error::invalid(e.to_string()))?,
-        )?;
 
         let (train, arch) = load_dataset(
             &cfg.dataset,
@@ -210,6 +287,12 @@ impl<'g> Run<'g> {
             history = c.metrics;
             start_round = c.rounds_done as usize;
         }
+        // Written once the run is set up, so that a configuration that fails on the data (a
+        // partition that does not fit) leaves no run behind in the folder.
+        write_atomic(
+            &opts.out.join("config.json"),
+            &serde_json::to_vec_pretty(cfg).map_err(|e| Error::invalid(e.to_string()))?,
+        )?;
         // The metrics log restarts from the checkpoint's history, so it never holds rounds that a
         // resumed run repeats.
         let metrics_path = opts.out.join("metrics.jsonl");
@@ -453,8 +536,8 @@ impl<'g> Run<'g> {
         let losses = &fit.losses;
         RoundMetrics {
             round: self.done as u32,
-            loss: losses.iter().map(|l| l.0).sum::<f64>() / losses.len().max(1) as f64,
-            loss_last: losses.iter().map(|l| l.1).sum::<f64>() / losses.len().max(1) as f64,
+            loss: mean_of(losses.iter().map(|l| l.0)),
+            loss_last: mean_of(losses.iter().map(|l| l.1)),
             lambda: report.lambda,
             selected: fit.selected.len(),
             valid_uploads: fit.results.len(),

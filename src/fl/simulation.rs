@@ -33,7 +33,8 @@ pub fn run(gpu: &Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary
             let lam = m
                 .lambda
                 .map_or(String::new(), |l| format!(" lambda {l:.3}"));
-            pb.set_message(format!("loss {:.4}{lam}{eps}", m.loss_last));
+            let loss = m.loss_last.map_or("-".into(), |l| format!("{l:.4}"));
+            pb.set_message(format!("loss {loss}{lam}{eps}"));
             pb.set_position(run.rounds_done() as u64);
         }
     }
