@@ -284,29 +284,48 @@ impl Generator {
     /// `first + count - 1` of the latent stream, whatever the batch size (a partial last
     /// batch runs at full size and its extra images are dropped).
     pub fn generate(&self, gpu: &Gpu, count: usize, first: u32) -> Result<Vec<f32>> {
-        let per = self.image.len();
-        let last = (first as u64) + (count as u64);
-        let total = count
-            .checked_mul(per)
-            .filter(|_| last <= u32::MAX as u64 + 1)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "images {first} to {first} + {count} are past the latent stream's 2^32"
-                ))
-            })?;
+        let total = crate::limits::product(
+            &[(count, "images"), (self.image.len(), "values an image")],
+            "generation",
+        )?;
         let mut out = Vec::new();
         out.try_reserve_exact(total)
             .map_err(|_| Error::invalid(format!("{count} images do not fit in memory")))?;
+        self.generate_each(gpu, count, first, &mut |imgs| {
+            out.extend_from_slice(imgs);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// As [`Generator::generate`], but hands the images to `each` a batch at a time (values
+    /// [k, c, h, w], k up to the batch size) instead of keeping them: memory stays one batch
+    /// whatever `count`.
+    pub fn generate_each(
+        &self,
+        gpu: &Gpu,
+        count: usize,
+        first: u32,
+        each: &mut dyn FnMut(&[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let per = self.image.len();
+        if first as u64 + count as u64 > u32::MAX as u64 + 1 {
+            return Err(Error::invalid(format!(
+                "images {first} to {first} + {count} are past the latent stream's 2^32"
+            )));
+        }
+        let mut left = count;
         let mut at = first;
-        while out.len() < total {
+        while left > 0 {
             self.set_first_image(gpu, at)?;
             gpu.run(&self.batch_kernels())?;
             let imgs = gpu.read_f32(&self.net.output)?;
-            let need = (total - out.len()).min(imgs.len());
-            out.extend_from_slice(&imgs[..need]);
+            let k = left.min(imgs.len() / per);
+            each(&imgs[..k * per])?;
+            left -= k;
             at = at.wrapping_add(self.batch as u32);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Population statistics of this generator's BatchNorm layers under its masks:

@@ -37,9 +37,29 @@ pub(crate) struct GpuArgs {
 }
 
 impl GpuArgs {
+    /// The --backend list, each name checked: wgpu reads an unknown name as no backend at
+    /// all, which would end in "no adapter" and advice to install drivers.
+    pub(crate) fn backends(&self) -> Result<Option<wgpu::Backends>, Error> {
+        let Some(list) = self.backend.as_deref() else {
+            return Ok(None);
+        };
+        let mut all = wgpu::Backends::empty();
+        for name in list.split(',').map(str::trim) {
+            let b = wgpu::Backends::from_comma_list(name);
+            if b.is_empty() {
+                return Err(Error::invalid(format!(
+                    "--backend: unknown backend {name:?}; use vulkan, gl, metal or dx12 (a comma \
+                     list for several)"
+                )));
+            }
+            all |= b;
+        }
+        Ok(Some(all))
+    }
+
     pub(crate) fn open(&self) -> Result<Gpu, Error> {
         let gpu = Gpu::new(GpuOptions {
-            backends: self.backend.as_deref().map(wgpu::Backends::from_comma_list),
+            backends: self.backends()?,
             adapter_name: self.adapter.clone(),
             portable: self.portable,
             ..Default::default()
@@ -284,6 +304,8 @@ impl TrainArgs {
             }
             return Ok(flags);
         };
+        // A configuration is a few hundred bytes; a megabyte is not one.
+        crate::limits::check_file_size(path, 1 << 20, "configuration file")?;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let what = path.display().to_string();
         let mut merged: serde_json::Value = serde_json::from_slice(&bytes)

@@ -18,12 +18,7 @@ use args::*;
 
 fn info(gpu_args: &GpuArgs) -> Result<(), Error> {
     println!("adapters wgpu can see:");
-    let all = list_adapters(
-        gpu_args
-            .backend
-            .as_deref()
-            .map(wgpu::Backends::from_comma_list),
-    );
+    let all = list_adapters(gpu_args.backends()?);
     if all.is_empty() {
         println!("  (none)");
     }
@@ -118,13 +113,47 @@ fn train(a: &TrainArgs, gpu_args: &GpuArgs, given: &dyn Fn(&str) -> bool) -> Res
 }
 
 fn sample(a: &SampleArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
+    use crate::io::grid;
+    use crate::limits::{MAX_GRID_IMAGES, MAX_IMAGES};
     let (count, out) = (a.count, &a.out);
-    if count == 0 {
-        return Err(Error::invalid("--count must be positive"));
+    if count == 0 || count > MAX_IMAGES {
+        return Err(Error::invalid(format!(
+            "--count {count}: give 1 to {MAX_IMAGES} images (latent indices are 32-bit)"
+        )));
+    }
+    // Folders and .npy files stream; the grid is held in memory, so it has a limit.
+    let streams = a.folder.is_some() || a.raw.is_some();
+    if count > MAX_GRID_IMAGES && !streams {
+        return Err(Error::invalid(format!(
+            "{count} images would make a grid larger than its limit of {MAX_GRID_IMAGES}; \
+             write them with --folder DIR or --raw FILE.npy (which stream; the grid then shows \
+             the first {MAX_GRID_IMAGES})"
+        )));
     }
     let m = a.source.load()?;
-    let gpu = gpu_args.open()?;
+    let shape = m.arch.output()?;
+    let drawable = grid::check_drawable(shape);
+    if drawable.is_err() && (a.raw.is_none() || a.folder.is_some()) {
+        return drawable;
+    }
+    let in_grid = if drawable.is_ok() {
+        count.min(MAX_GRID_IMAGES)
+    } else {
+        0
+    };
     let batch = a.batch.clamp(1, count);
+    let per = shape.len();
+    crate::limits::check_host(
+        ((in_grid + 2 * batch) * per * 4) as u64,
+        &format!("a grid of {in_grid} images and batches of {batch}"),
+        "use fewer images (-n) or a smaller --batch",
+    )?;
+    if a.f16 && gpu_args.portable {
+        return Err(Error::invalid(
+            "--f16 needs the SHADER_F16 kernels, which --portable turns off: drop one of them",
+        ));
+    }
+    let gpu = gpu_args.open()?;
     let g = m.generator_with(
         &gpu,
         &GeneratorOptions {
@@ -133,27 +162,59 @@ fn sample(a: &SampleArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
             ..GeneratorOptions::population(batch)
         },
     )?;
-    let t = std::time::Instant::now();
-    let imgs = g.generate(&gpu, count, a.latents)?;
-    let dt = t.elapsed().as_secs_f64();
-    let s = g.image;
-    let cols = (count as f64).sqrt().ceil() as usize;
-    let batch = crate::io::grid::Images {
-        values: &imgs,
-        count,
-        shape: s,
+    let mut npy = match &a.raw {
+        Some(path) => Some(grid::NpyStream::create(path, count, shape)?),
+        None => None,
     };
-    crate::io::grid::write_grid(out, &batch, cols)?;
     if let Some(dir) = &a.folder {
-        crate::io::grid::write_images(dir, &batch)?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    if let Some(path) = &a.raw {
-        crate::io::grid::write_npy(path, &batch)?;
+    let mut shown: Vec<f32> = Vec::with_capacity(in_grid * per);
+    let mut done = 0usize;
+    let progress = if count >= 10_000 {
+        indicatif::ProgressBar::new(count as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let t = std::time::Instant::now();
+    g.generate_each(&gpu, count, a.latents, &mut |imgs| {
+        if let Some(s) = npy.as_mut() {
+            s.push(imgs)?;
+        }
+        if let Some(dir) = &a.folder {
+            for (i, img) in imgs.chunks_exact(per).enumerate() {
+                grid::write_image_at(dir, img, shape, done + i)?;
+            }
+        }
+        let room = (in_grid * per).saturating_sub(shown.len());
+        shown.extend_from_slice(&imgs[..room.min(imgs.len())]);
+        done += imgs.len() / per;
+        progress.inc((imgs.len() / per) as u64);
+        Ok(())
+    })?;
+    progress.finish_and_clear();
+    let dt = t.elapsed().as_secs_f64();
+    if let Some(s) = npy {
+        s.finish()?;
     }
+    let note = if in_grid == 0 {
+        "no grid (not an image a PNG can show)".to_string()
+    } else {
+        let images = grid::Images {
+            values: &shown,
+            count: in_grid,
+            shape,
+        };
+        grid::write_grid(out, &images, (in_grid as f64).sqrt().ceil() as usize)?;
+        if in_grid < count {
+            format!("grid of the first {in_grid}: {}", out.display())
+        } else {
+            format!("grid: {}", out.display())
+        }
+    };
     eprintln!(
-        "{count} images in {dt:.2} s ({:.1} images/s); grid: {}",
-        count as f64 / dt,
-        out.display()
+        "{count} images in {dt:.2} s ({:.1} images/s); {note}",
+        count as f64 / dt
     );
     Ok(())
 }

@@ -123,7 +123,18 @@ pub fn evaluate(
         out,
         setup.seed,
     )?;
-    let n = setup.count.min(test.len() / 2).max(2);
+    // Two disjoint real sets of n (the real-vs-real baseline) come from the held-out images,
+    // so n is bounded by half of them; a count outside is refused, not clamped.
+    let most = test.len() / 2;
+    if setup.count < 2 || setup.count > most {
+        return Err(Error::invalid(format!(
+            "-n {}: evaluation takes 2 to {most} images here (two disjoint real sets of n from \
+             the {} held-out images)",
+            setup.count,
+            test.len()
+        )));
+    }
+    let n = setup.count;
     let d = out.len();
     let real_a: Vec<f32> = (0..n).flat_map(|i| test.image_f32(i)).collect();
     let real_b: Vec<f32> = (n..2 * n).flat_map(|i| test.image_f32(i)).collect();

@@ -35,7 +35,8 @@ fn write_tiled(
     cols: usize,
     pad: usize,
 ) -> Result<()> {
-    if n == 0 || (c != 1 && c != 3) || images.len() != n * c * h * w {
+    check_drawable(Shape { c, h, w })?;
+    if n == 0 || images.len() != n * c * h * w {
         return Err(Error::invalid(format!(
             "cannot draw {n} images of {c}x{h}x{w} from {} values",
             images.len()
@@ -66,7 +67,7 @@ fn write_tiled(
     } else {
         image::ExtendedColorType::Rgb8
     };
-    image::save_buffer_with_format(
+    let written = image::save_buffer_with_format(
         &tmp,
         &pixels,
         gw as u32,
@@ -74,24 +75,45 @@ fn write_tiled(
         colour,
         image::ImageFormat::Png,
     )
-    .map_err(|e| Error::io(&tmp, std::io::Error::other(e)))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    .map_err(|e| Error::io(&tmp, std::io::Error::other(e)))
+    .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp); // no .part left behind
+    }
+    written
+}
+
+/// Refuses, before anything is generated, images that a PNG cannot show: one channel (grey)
+/// or three (RGB), a picture at least 1 x 1.
+pub fn check_drawable(s: Shape) -> Result<()> {
+    if (s.c != 1 && s.c != 3) || s.h == 0 || s.w == 0 {
+        return Err(Error::invalid(format!(
+            "the model's images are {}x{}x{} (channels x height x width); PNG files show 1 \
+             channel (grey) or 3 (RGB): use --raw FILE.npy for the values",
+            s.c, s.h, s.w
+        )));
+    }
+    Ok(())
+}
+
+/// Writes image `index` as `dir/NNNNN.png` (at least five digits), exactly h x w pixels.
+pub fn write_image_at(dir: &Path, values: &[f32], shape: Shape, index: usize) -> Result<()> {
+    write_tiled(
+        &dir.join(format!("{index:05}.png")),
+        values,
+        [1, shape.c, shape.h, shape.w],
+        1,
+        0,
+    )
 }
 
 /// Writes one image per file into a folder: 00000.png, 00001.png, ..., each exactly h x w
 /// pixels (no border), so the files can be fed to other tools as they are.
 pub fn write_images(dir: &Path, images: &Images) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let [n, c, h, w] = images.dims();
-    let (images, per) = (images.values, c * h * w);
-    for i in 0..n {
-        write_tiled(
-            &dir.join(format!("{i:05}.png")),
-            &images[i * per..(i + 1) * per],
-            [1, c, h, w],
-            1,
-            0,
-        )?;
+    let per = images.shape.len();
+    for i in 0..images.count {
+        write_image_at(dir, &images.values[i * per..(i + 1) * per], images.shape, i)?;
     }
     Ok(())
 }
@@ -99,26 +121,98 @@ pub fn write_images(dir: &Path, images: &Images) -> Result<()> {
 /// Writes the images' float values as a NumPy `.npy` file of float32, shape [count, c, h, w]
 /// (what `prism sample --raw` writes: the generator's output before any rounding to pixels).
 pub fn write_npy(path: &Path, images: &Images) -> Result<()> {
-    use npyz::WriterBuilder;
-    let [n, c, h, w] = images.dims();
-    if images.values.len() != n * c * h * w {
-        return Err(Error::invalid("image values do not match their shape"));
+    let mut out = NpyStream::create(path, images.count, images.shape)?;
+    out.push(images.values)?;
+    out.finish()
+}
+
+/// A `.npy` file of float32 [count, c, h, w] written a batch at a time (`prism sample --raw`
+/// streams): into `FILE.npy.part`, renamed when all `count` images are in; dropped unfinished,
+/// the part file is removed.
+pub struct NpyStream {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    values_left: u64,
+    out: Option<npyz::NpyWriter<f32, std::io::BufWriter<std::fs::File>>>,
+}
+
+impl NpyStream {
+    pub fn create(path: &Path, count: usize, shape: Shape) -> Result<NpyStream> {
+        use npyz::WriterBuilder;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let tmp = path.with_extension("npy.part");
+        let io = |e: std::io::Error| Error::io(&tmp, e);
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let dims = [count as u64, shape.c as u64, shape.h as u64, shape.w as u64];
+        let values_left = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::invalid(format!("{count} images of {shape:?}: too many")))?;
+        let out = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&dims)
+            .writer(std::io::BufWriter::new(file))
+            .begin_nd();
+        let mut s = NpyStream {
+            path: path.to_path_buf(),
+            tmp: tmp.clone(),
+            values_left,
+            out: None,
+        };
+        s.out = Some(out.map_err(|e| Error::io(&tmp, e))?);
+        Ok(s)
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+
+    /// Appends images' values ([k, c, h, w]).
+    pub fn push(&mut self, values: &[f32]) -> Result<()> {
+        if values.len() as u64 > self.values_left {
+            return Err(Error::invalid(
+                "more image values than the .npy file's shape",
+            ));
+        }
+        self.values_left -= values.len() as u64;
+        let out = self
+            .out
+            .as_mut()
+            .expect("an unfinished stream has its writer");
+        out.extend(values.iter().copied())
+            .map_err(|e| Error::io(&self.tmp, e))
     }
-    let tmp = path.with_extension("npy.part");
-    let io = |e: std::io::Error| Error::io(&tmp, e);
-    let file = std::fs::File::create(&tmp).map_err(io)?;
-    let mut out = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(&[n as u64, c as u64, h as u64, w as u64])
-        .writer(std::io::BufWriter::new(file))
-        .begin_nd()
-        .map_err(io)?;
-    out.extend(images.values.iter().copied()).map_err(io)?;
-    out.finish().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+
+    /// Closes the file and gives it its name; every image must have been pushed.
+    pub fn finish(mut self) -> Result<()> {
+        if self.values_left != 0 {
+            return Err(Error::invalid(format!(
+                "{} image values missing from {}",
+                self.values_left,
+                self.path.display()
+            )));
+        }
+        let out = self
+            .out
+            .take()
+            .expect("an unfinished stream has its writer");
+        let done = out
+            .finish()
+            .map_err(|e| Error::io(&self.tmp, e))
+            .and_then(|()| {
+                std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
+            });
+        if done.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        done
+    }
+}
+
+impl Drop for NpyStream {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 #[cfg(test)]
