@@ -333,6 +333,24 @@ impl Model {
     /// A generator with this model's masks, built as `o` says (packed or dense weights, f16,
     /// population or batch statistics).
     pub fn generator_with(&self, gpu: &Gpu, o: &GeneratorOptions) -> Result<Generator> {
+        // Each masked layer's per-weight values live in one buffer of 4 bytes a weight: a
+        // model whose layer exceeds the adapter's largest binding is refused by name here,
+        // rather than by the first buffer that fails to allocate.
+        let most = gpu
+            .limits()
+            .max_storage_buffer_binding_size
+            .min(gpu.limits().max_buffer_size);
+        for l in self.arch.masked_layers()? {
+            let bytes = 4 * l.weights as u64;
+            if bytes > most {
+                return Err(Error::invalid(format!(
+                    "masked layer {} of this model has {} weights ({} bytes at 4 a weight); this \
+                     adapter binds at most {most} bytes at once, so the model is too large to \
+                     run on it",
+                    l.index, l.weights, bytes
+                )));
+            }
+        }
         let g = Generator::build(gpu, &self.arch, self.seed, o)?;
         g.set_masks(gpu, &self.masks)?;
         if o.norm == Normalisation::Population {
@@ -418,21 +436,37 @@ impl Model {
     /// runtimes can load the generator.
     pub fn export_safetensors(&self, path: &Path) -> Result<()> {
         let infos = self.arch.masked_layers()?;
-        let weights = self.dense_weights()?;
-        let bytes: Vec<Vec<u8>> = weights
+        // Layers are inflated one at a time as the file is written (LazyLayer), so memory is
+        // bounded by the largest layer's f32 bytes, checked first.
+        let largest = infos.iter().map(|l| l.weights).max().unwrap_or(0) as u64;
+        crate::limits::check_host(
+            4 * largest,
+            &format!("exporting a layer of {largest} weights as f32"),
+            "this model is too large to export on this machine",
+        )?;
+        let views: Vec<(String, LazyLayer)> = infos
             .iter()
-            .map(|w| bytemuck::cast_slice::<f32, u8>(w).to_vec())
+            .zip(&self.masks)
+            .map(|(info, bits)| {
+                let shape = match info.kind {
+                    "linear" => info.dims[..2].to_vec(),
+                    _ => info.dims.to_vec(),
+                };
+                let weights = LayerWeights {
+                    seed: self.seed,
+                    layer: info.index,
+                    init: self.arch.init,
+                    fan_in: info.fan_in,
+                };
+                let layer = LazyLayer {
+                    weights,
+                    count: info.weights,
+                    bits,
+                    shape,
+                };
+                (tensor_name(info), layer)
+            })
             .collect();
-        let mut views = Vec::new();
-        for (info, b) in infos.iter().zip(&bytes) {
-            let shape: Vec<usize> = match info.kind {
-                "linear" => info.dims[..2].to_vec(),
-                _ => info.dims.to_vec(),
-            };
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, b)
-                .map_err(|e| Error::invalid(format!("safetensors: {e}")))?;
-            views.push((tensor_name(info), view));
-        }
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "prism".to_string());
         meta.insert(
@@ -441,9 +475,14 @@ impl Model {
         );
         meta.insert("seed".to_string(), self.seed.to_string());
         meta.insert("mask".to_string(), format!("{:?}", self.mask_kind));
-        let out = safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| Error::invalid(format!("safetensors: {e}")))?;
-        write_atomic(path, &out)
+        let tmp = path.with_extension("safetensors.part");
+        let written = safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
+            .map_err(|e| Error::invalid(format!("safetensors: {e}")))
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 }
 
@@ -484,6 +523,46 @@ fn read_population(
         layers.push(ChannelStats { mean, var });
     }
     Ok(Some(PopulationStats { layers }))
+}
+
+/// One masked layer's dense f32 weights for the safetensors writer, computed only when the
+/// writer asks for its bytes (one layer in memory at a time).
+struct LazyLayer<'a> {
+    weights: LayerWeights,
+    count: usize,
+    bits: &'a [u32],
+    shape: Vec<usize>,
+}
+
+impl safetensors::View for LazyLayer<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        // Straight into bytes (4 a weight, nothing else held), as weights::cpu::effective
+        // computes them for a packed mask.
+        let g = self.weights.gen();
+        let mut out = Vec::with_capacity(4 * self.count);
+        for i in 0..self.count {
+            let kept = (self.bits[i >> 5] >> (i & 31)) & 1 == 1;
+            let w = if kept {
+                crate::kernels::weights::cpu::frozen(&g, i as u32)
+            } else {
+                0.0
+            };
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    fn data_len(&self) -> usize {
+        4 * self.count
+    }
 }
 
 fn tensor_name(info: &crate::nn::arch::MaskedLayerInfo) -> String {

@@ -78,6 +78,38 @@ pub struct Fit {
     started: Instant,
 }
 
+/// Refuses, before any client is allocated, a federation whose clients' state does not fit:
+/// each client keeps Adam's two moments of every weight (8 bytes a weight) on the adapter, and
+/// a checkpoint gathers them all on the host twice (the values, then the encoded file). On a
+/// CPU adapter (lavapipe) the adapter's memory is the host's too.
+fn check_client_memory(gpu: &Gpu, cfg: &TrainConfig, weights: usize) -> Result<()> {
+    let per_client = 8 * weights as u64;
+    let copies = if gpu.info().device_type == wgpu::DeviceType::Cpu {
+        3
+    } else {
+        2
+    };
+    let need = per_client
+        .saturating_mul(cfg.clients as u64)
+        .saturating_mul(copies);
+    let Some(left) = crate::limits::host_memory() else {
+        return Ok(());
+    };
+    if need > left {
+        let most = left / (per_client * copies).max(1);
+        return Err(Error::invalid(format!(
+            "{} clients of {weights} weights need {} for their Adam state ({} a client, {copies} \
+             copies), and this process may take {} (the least of available memory, ulimit -v \
+             and its cgroup's limit): at most {most} clients fit",
+            cfg.clients,
+            crate::limits::human_bytes(need),
+            crate::limits::human_bytes(per_client),
+            crate::limits::human_bytes(left)
+        )));
+    }
+    Ok(())
+}
+
 /// The mean of some values, None for none (an empty sum is -0.0, which is not a loss).
 fn mean_of(v: impl ExactSizeIterator<Item = f64>) -> Option<f64> {
     let n = v.len();
@@ -208,6 +240,7 @@ impl<'g> Run<'g> {
             cfg.clients,
             &mut HostRng::new(cfg.seed, &[0x5041_5254]),
         )?;
+        check_client_memory(gpu, cfg, arch.masked_weights()?)?;
         let trainer = Trainer::new(gpu, cfg, &arch, &train, &parts)?;
         if let Some(p) = &trainer.encoder_phase {
             // The encoder the federation learned first: what it cost, beside the rounds' metrics.
