@@ -132,7 +132,7 @@ pub fn check_file_size(path: &std::path::Path, max: u64, what: &str) -> Result<(
         .len();
     if len > max {
         return Err(Error::format(
-            &path.display().to_string(),
+            path.display().to_string(),
             format!(
                 "{} is larger than any {what} can be ({} at most); not reading it",
                 human_bytes(len),

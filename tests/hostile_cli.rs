@@ -443,3 +443,50 @@ fn runs_are_protected_and_client_counts_bounded() {
     assert!(err.contains(s(&empty)), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// No product of user-given sizes wraps: partitions, configurations and layer tables built
+    /// from any values (up to usize::MAX) give a result or an error, never a panic, and an
+    /// accepted configuration's counters fit their types.
+    #[test]
+    fn user_sizes_never_wrap(
+        per in proptest::prelude::any::<usize>(),
+        clients in proptest::prelude::any::<usize>(),
+        rounds in proptest::prelude::any::<usize>(),
+        steps in proptest::prelude::any::<usize>(),
+        batch in proptest::prelude::any::<usize>(),
+        width in proptest::prelude::any::<usize>(),
+        latent in proptest::prelude::any::<usize>(),
+    ) {
+        let labels: Vec<u8> = (0..600).map(|i| (i % 10) as u8).collect();
+        let mut rng = prism::rng::HostRng::new(1, &[]);
+        let shards = prism::data::partition::Partition::Shards { shards_per_client: per };
+        if let Ok(parts) = shards.split(&labels, clients.clamp(1, 600), &mut rng) {
+            proptest::prop_assert!(parts.iter().map(Vec::len).sum::<usize>() == 600);
+        }
+        let cfg = prism::TrainConfig {
+            clients,
+            rounds,
+            local_steps: steps,
+            batch,
+            min_fit_clients: 0,
+            ..Default::default()
+        };
+        if cfg.validate().is_ok() {
+            proptest::prop_assert!((rounds as u64) * (steps as u64) <= u32::MAX as u64);
+        }
+        let arch = Architecture {
+            name: "any".into(),
+            latent,
+            layers: vec![Layer::Linear { outputs: width }, Layer::Tanh],
+            init: Init::SignedConstant,
+        };
+        if let Ok(layers) = arch.masked_layers() {
+            proptest::prop_assert!(layers[0].weights as u128 == latent as u128 * width as u128);
+        }
+        let _ = arch.validate();
+        let _ = prism::limits::product(&[(per, "a"), (clients, "b"), (width, "c")], "x");
+    }
+}

@@ -263,8 +263,15 @@ fn verify_and_store(
         ));
     }
     let tmp = dest.join(format!(".{stem}.part"));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, dest.join(stem)).map_err(|e| Error::io(dest.join(stem), e))
+    let written = std::fs::write(&tmp, bytes)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| {
+            std::fs::rename(&tmp, dest.join(stem)).map_err(|e| Error::io(dest.join(stem), e))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp); // no .part left behind
+    }
+    written
 }
 
 fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {

@@ -156,7 +156,7 @@ fn claim_folder(out: &std::path::Path, overwrite: bool) -> Result<()> {
             let name = e.file_name();
             let name = name.to_string_lossy();
             if name.starts_with("round-") && name.ends_with(".png") {
-                std::fs::remove_file(e.path()).map_err(|err| Error::io(&e.path(), err))?;
+                std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
             }
         }
     }
