@@ -157,9 +157,10 @@ fn bench_matmul(c: &mut Criterion) {
 }
 
 /// The masked matmuls of one training step of the default network (`mlp28-up` at batch 128:
-/// forward and input gradient on the step's sampled mask, the score gradient through the
-/// p-scaled estimator), each checked at sample points against the CPU reference, beside the
-/// dense f32 forward and the packed-mask forward (a model file's mask) of the same shape.
+/// forward and input gradient on the step's sampled mask, read packed as a step does, the
+/// score gradient through the p-scaled estimator), each checked against the CPU reference,
+/// beside the dense f32 forward and the packed-mask forward (a model file's mask) of the same
+/// shape, and the sampling of the step's mask on its own.
 fn bench_training_matmuls(c: &mut Criterion) {
     let gpu = open_gpu();
     let mut rng = HostRng::new(3, &[]);
@@ -191,10 +192,35 @@ fn bench_training_matmuls(c: &mut Criterion) {
         let ty = gpu.tensor(&[batch, outputs], DType::F32, "y").unwrap();
         let tdx = gpu.tensor(&[batch, inputs], DType::F32, "dx").unwrap();
         let tgrad = gpu.tensor(&[s.weights()], DType::F32, "grad").unwrap();
-        let train = MaskSource::Train {
-            keep: &src.keep,
-            step: &src.step,
-        };
+        // What a training step runs: the step's mask sampled once into packed bits
+        // (mask::sample_step, checked bit for bit against the CPU twin, timed on its own
+        // below), then the matmuls reading it packed.
+        let n = s.weights();
+        let step_bits = gpu
+            .tensor(&[mask::packed_words(n)], DType::U32, "step mask")
+            .unwrap();
+        let mask_key = layer.gen().mask_key;
+        let sample =
+            mask::sample_step(&gpu, n, &src.keep, mask_key, &src.step, &step_bits).unwrap();
+        gpu.run(&[&sample]).unwrap();
+        let step_state: StepState = bytemuck::cast_slice(&gpu.read_u32(&src.step).unwrap())[0];
+        assert_eq!(
+            gpu.read_u32(&step_bits).unwrap(),
+            mask::cpu::sample_packed(
+                n,
+                &gpu.read_u32(&src.keep).unwrap(),
+                wcpu::step_mask_key(&layer.gen(), &step_state)
+            ),
+            "step mask of layer {l}: not timing a wrong kernel"
+        );
+        group.bench_with_input(
+            BenchmarkId::new("step mask", format!("{batch}x{outputs}x{inputs}")),
+            &sample,
+            |bch, k| {
+                bch.iter_custom(|iters| gpu.time_kernels(&[k], iters as u32).expect("timing"));
+            },
+        );
+        let train = MaskSource::Packed(&step_bits);
         let kernels = [
             (
                 "dense f32",

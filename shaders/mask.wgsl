@@ -29,6 +29,7 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> values: array<f32>;
 @group(0) @binding(9) var<storage, read_write> scores_out: array<f32>;
 @group(0) @binding(10) var<storage, read_write> prior: array<vec2<f32>>;
+@group(0) @binding(11) var<storage, read> step: StepState;
 
 // The 16-bit threshold of keep probability q.
 fn quantise(q: f32) -> u32 {
@@ -102,6 +103,37 @@ fn sampled_bit(i: u32) -> bool {
 
 // bits[w] <- one Bernoulli sample of elements 32w .. 32w+31 from the thresholds `keep_in`.
 {{ pack_entry("sample_packed", "sampled_bit") }}
+
+// bits[w] <- a training step's mask of elements 32w .. 32w+31: the sample the "train" weight
+// source draws (weights.wgsl, stream key(key(mask_key, client), step) with `p.key` the layer's
+// mask key), taken once per layer and step so that the step's forward and input-gradient
+// matmuls read one bit a weight instead of hashing in every tile. One hash gives the uniforms
+// of two elements, whose thresholds share a word.
+@compute @workgroup_size(256)
+fn sample_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) li: u32) {
+    let w = linear_workgroup(wid, nwg) * 256u + li;
+    let i0 = 32u * w;
+    if (i0 >= p.n) {
+        return;
+    }
+    let key = rng_key(rng_key(p.key, step.client), step.step);
+    var word = 0u;
+    for (var b = 0u; b < 32u; b += 2u) {
+        let i = i0 + b;
+        if (i < p.n) {
+            let h = rng_u32(key, i >> 1u);
+            let t = keep_in[i >> 1u];
+            if ((h & 0xffffu) < (t & 0xffffu)) {
+                word |= 1u << b;
+            }
+            if (i + 1u < p.n && (h >> 16u) < (t >> 16u)) {
+                word |= 2u << b;
+            }
+        }
+    }
+    bits[w] = word;
+}
 
 // values[i] <- bit i of bits_a, as 0.0 or 1.0.
 @compute @workgroup_size(256)

@@ -63,6 +63,9 @@ fn weight_statistics_match_kaiming() {
     assert!((4_700..5_300).contains(&agree), "{agree}");
 }
 
+/// Thresholds against the CPU twin, and the training mask from them exact: drawn in-kernel
+/// (the "train" source) and sampled once per step into packed bits (`mask::sample_step`, what
+/// training networks read), on both adapter forms and sizes off the 32-bit word.
 #[test]
 fn thresholds_match_cpu_and_training_masks_are_exact() {
     let mut rng = HostRng::new(5, &[1]);
@@ -103,6 +106,30 @@ fn thresholds_match_cpu_and_training_masks_are_exact() {
                 .unwrap();
             let want = wcpu::effective(&layer, n, &wcpu::Source::Train { keep: &got, step });
             assert_eq!(gpu.read_f32(&out).unwrap(), want, "train mask n={n}");
+            // The step's mask sampled once into packed bits (what training networks read)
+            // is the same mask: bit for bit against the CPU twin, and as a weight source.
+            let bits = gpu
+                .tensor(&[mask::packed_words(n)], DType::U32, "step mask")
+                .unwrap();
+            let mask_key = layer.gen().mask_key;
+            gpu.run(&[&mask::sample_step(&gpu, n, &keep, mask_key, &st, &bits).unwrap()])
+                .unwrap();
+            let step_bits = gpu.read_u32(&bits).unwrap();
+            let key = wcpu::step_mask_key(&layer.gen(), &step);
+            assert_eq!(
+                step_bits,
+                mask::cpu::sample_packed(n, &got, key),
+                "step mask n={n}"
+            );
+            gpu.run(&[
+                &weights::materialize(&gpu, &layer, n, &MaskSource::Packed(&bits), &out).unwrap(),
+            ])
+            .unwrap();
+            assert_eq!(
+                gpu.read_f32(&out).unwrap(),
+                want,
+                "step mask as weights n={n}"
+            );
         }
     }
 }

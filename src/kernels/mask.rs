@@ -75,6 +75,34 @@ pub fn sample_packed(
         .build()?)
 }
 
+/// `bits` <- the training mask of the step in `step` ([`StepState`](super::StepState): client
+/// and step counter) for a layer with mask stream `mask_key`: the same bits as the "train"
+/// weight source draws in the matmul kernels, sampled once so that they can read them packed.
+pub fn sample_step(
+    gpu: &Gpu,
+    n: usize,
+    keep: &Tensor,
+    mask_key: u32,
+    step: &Tensor,
+    bits: &Tensor,
+) -> Result<Kernel> {
+    check(keep, keep_words(n), DType::U32, "keep thresholds")?;
+    check(bits, packed_words(n), DType::U32, "packed mask")?;
+    let p = Params {
+        n: u32_of(n, "weights")?,
+        key: mask_key,
+        ..Default::default()
+    };
+    Ok(gpu
+        .kernel(shader(), "sample_step")
+        .params(&p)
+        .bind("keep_in", keep)
+        .bind("step", step)
+        .bind("bits", bits)
+        .groups(groups_for(packed_words(n), 256)?)
+        .build()?)
+}
+
 /// `keep` <- thresholds of theta = clamp(clip(sigmoid(scores), [clip, 1 - clip]) + N(0,
 /// sigma^2), [0, 1]): the differentially private probabilities a client samples its upload from.
 pub fn dp_thresholds(

@@ -87,6 +87,9 @@ pub struct MaskedLayer {
     pub moments: Option<Tensor>,
     /// Packed mask (generation, uploads).
     pub bits: Tensor,
+    /// WeightMode::Train: the current step's mask, packed (sampled at the start of the
+    /// layer's forward pass by `mask::sample_step`, read by its matmuls or convolutions).
+    pub step_bits: Option<Tensor>,
     /// Materialised weights (dense mode).
     pub dense: Option<Tensor>,
 }
@@ -200,6 +203,12 @@ impl MaskedLayer {
             grad: training(n, "score gradient")?,
             moments: training(2 * n, "Adam moments")?,
             bits: gpu.zeros(&[mask::packed_words(n)], DType::U32, "packed mask")?,
+            step_bits: match opts.mode {
+                WeightMode::Train => {
+                    Some(gpu.zeros(&[mask::packed_words(n)], DType::U32, "step mask")?)
+                }
+                _ => None,
+            },
             dense,
         })
     }

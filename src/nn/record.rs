@@ -88,17 +88,18 @@ impl Recorded for OneKernelOp {
 }
 
 /// A masked layer's weights as the network's weight mode reads them: the one mapping from
-/// [`WeightMode`] to [`MaskSource`], used by forward and backward kernels alike.
-pub(crate) fn mask_source<'a>(
-    mode: WeightMode,
-    layer: &'a MaskedLayer,
-    step: Option<&'a Tensor>,
-) -> MaskSource<'a> {
+/// [`WeightMode`] to [`MaskSource`], used by forward and backward kernels alike. A training
+/// network's matmuls read the step's mask packed (`step_bits`, sampled once per step by
+/// [`step_mask_kernel`]): the same bits as the "train" source draws in-kernel, at one load
+/// per 32 weights instead of two hashes and two threshold loads per four in every tile.
+pub(crate) fn mask_source(mode: WeightMode, layer: &MaskedLayer) -> MaskSource<'_> {
     match mode {
-        WeightMode::Train => MaskSource::Train {
-            keep: &layer.keep,
-            step: step.expect("training networks have a step buffer"),
-        },
+        WeightMode::Train => MaskSource::Packed(
+            layer
+                .step_bits
+                .as_ref()
+                .expect("training networks have a step mask"),
+        ),
         WeightMode::Packed => MaskSource::Packed(&layer.bits),
         WeightMode::Dense => MaskSource::Dense(
             layer
@@ -108,6 +109,28 @@ pub(crate) fn mask_source<'a>(
         ),
         WeightMode::Frozen => MaskSource::Frozen,
     }
+}
+
+/// The kernel that samples a training layer's mask of the current step into its `step_bits`
+/// (None for other weight modes); recorded before the layer's first matmul of the step.
+pub(crate) fn step_mask_kernel(
+    gpu: &Gpu,
+    mode: WeightMode,
+    layer: &MaskedLayer,
+    step: Option<&Tensor>,
+) -> Result<Option<Kernel>> {
+    let (WeightMode::Train, Some(bits)) = (mode, layer.step_bits.as_ref()) else {
+        return Ok(None);
+    };
+    let step = step.expect("training networks have a step buffer");
+    Ok(Some(crate::kernels::mask::sample_step(
+        gpu,
+        layer.info.weights,
+        &layer.keep,
+        layer.weights.gen().mask_key,
+        step,
+        bits,
+    )?))
 }
 
 /// Records forward kernels and allocates what they write.
@@ -143,10 +166,11 @@ impl ForwardRecorder<'_> {
     }
 
     pub fn source(&self, layer: usize) -> MaskSource<'_> {
-        mask_source(self.opts.mode, &self.layers[layer], self.step.as_deref())
+        mask_source(self.opts.mode, &self.layers[layer])
     }
 
-    /// Allocates the buffers of the next masked layer; returns its index.
+    /// Allocates the buffers of the next masked layer and records the sampling of its step
+    /// mask (training networks); returns its index.
     pub fn new_masked(&mut self) -> Result<usize> {
         let idx = self.layers.len();
         let info = self.infos[idx];
@@ -156,8 +180,11 @@ impl ForwardRecorder<'_> {
             init: self.init,
             fan_in: info.fan_in,
         };
-        self.layers
-            .push(MaskedLayer::allocate(self.gpu, &self.opts, info, weights)?);
+        let layer = MaskedLayer::allocate(self.gpu, &self.opts, info, weights)?;
+        if let Some(k) = step_mask_kernel(self.gpu, self.opts.mode, &layer, self.step.as_deref())? {
+            self.forward.push(k);
+        }
+        self.layers.push(layer);
         Ok(idx)
     }
 
@@ -206,7 +233,7 @@ impl BackwardRecorder<'_, '_> {
     }
 
     pub fn source(&self, layer: usize) -> MaskSource<'_> {
-        mask_source(self.opts.mode, &self.layers[layer], self.step)
+        mask_source(self.opts.mode, &self.layers[layer])
     }
 
     /// Records the backward kernels of `tape` from `dy`, the gradient of its output; returns
