@@ -213,6 +213,7 @@ fn bench_training_matmuls(c: &mut Criterion) {
             ),
             "step mask of layer {l}: not timing a wrong kernel"
         );
+        group.throughput(Throughput::Elements(n as u64)); // weights sampled
         group.bench_with_input(
             BenchmarkId::new("step mask", format!("{batch}x{outputs}x{inputs}")),
             &sample,
