@@ -7,7 +7,8 @@
 //! element is one floating-point operation, so "Gelem/s" reads as GFLOP/s; a summary table with
 //! the masked/dense ratio measured in the same run is printed at the end.
 //!
-//! `PRISM_BENCH_QUICK=1` runs small sizes only (the smoke test of .ci/run).
+//! `PRISM_BENCH_QUICK=1` runs small sizes only (the smoke test of .ci/run); `PRISM_BENCH_MAX=N`
+//! takes the square matmuls up to N (default 1024).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -105,7 +106,16 @@ fn assert_near(what: &str, got: f32, want: f64) {
 fn bench_matmul(c: &mut Criterion) {
     let gpu = open_gpu();
     let mut rng = HostRng::new(1, &[]);
-    let sizes: &[usize] = if quick() { &[256] } else { &[256, 512, 1024] };
+    // Square sizes from 256, doubling up to PRISM_BENCH_MAX (default 1024; tools/gpu_check.sh
+    // asks for 4096 on a GPU, where 1024^3 is over in microseconds).
+    let max: usize = std::env::var("PRISM_BENCH_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let all: Vec<usize> = std::iter::successors(Some(256usize), |n| Some(n * 2))
+        .take_while(|&n| n <= max.max(256))
+        .collect();
+    let sizes: &[usize] = if quick() { &[256] } else { &all };
     let mut group = c.benchmark_group("matmul");
     for &n in sizes {
         let s = LinearShape {

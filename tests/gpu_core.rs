@@ -269,3 +269,36 @@ fn missing_or_unknown_bindings_are_clear_errors() {
         .to_string()
         .contains("no entry point named no_such_entry"));
 }
+
+/// The adapter matrix (`.ci/matrix`) runs the GPU tests once per adapter form and says which
+/// form it asked for: `PRISM_EXPECT_FORM=backend/row_share` (e.g. `Vulkan/shuffle`, `Gl/direct`).
+/// A form that silently fell back to another (an environment variable a driver ignored) would
+/// test the default twice; this fails instead. Without the variable there is nothing to check.
+#[test]
+fn the_adapter_form_is_the_one_the_matrix_asked_for() {
+    let gpu = common::gpu();
+    // Whatever the form: the row sharing is the one the selection rule gives for the
+    // adapter's subgroups (none where the device was opened portable).
+    let f = gpu.features();
+    assert_eq!(
+        f.row_share,
+        prism::gpu::RowShare::for_subgroups(f.subgroups),
+        "{:?}",
+        f.subgroups
+    );
+    let Ok(want) = std::env::var("PRISM_EXPECT_FORM") else {
+        return;
+    };
+    let got = format!(
+        "{:?}/{}",
+        gpu.info().backend,
+        gpu.features().row_share.as_str()
+    );
+    assert_eq!(
+        got,
+        want,
+        "adapter {} ({:?} subgroups)",
+        gpu.info().name,
+        gpu.features().subgroups
+    );
+}

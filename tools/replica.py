@@ -52,6 +52,8 @@ def main():
     ap.add_argument("--beta1", type=float, default=0.5, help="Adam's beta1")
     ap.add_argument("--gen-batch", type=int, default=0, help="latents per step (default --batch)")
     ap.add_argument("--cosine-lr", action="store_true", help="decay lr to 0 on a cosine")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device: cpu (the side-by-side) or cuda (tools/gpu_check.sh)")
     ap.add_argument("--arch", default="mlp", choices=["mlp", "resnet32"],
                     help="mlp: the MLP of --widths and --side (default); resnet32: prism's resnet32")
     a = ap.parse_args()
@@ -61,6 +63,7 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     lr = a.lr if a.lr is not None else (1e-3 if a.dense else 0.3)
     real = idx_images(os.path.join(a.data, "train-images-idx3-ubyte.gz")).reshape(-1, 784)
+    dev = torch.device(a.device)
     real = torch.tensor(real * 2 - 1)  # tanh range, as prism feeds the loss
     if a.arch == "resnet32":
         # prism pads 28x28 to 32x32 with black (-1 in tanh range)
@@ -130,12 +133,14 @@ def main():
         for i, o in zip(widths[:-1], widths[1:]):
             layers += [MaskedLinear(i, o), nn.BatchNorm1d(o, affine=False), nn.ReLU()]
         net = nn.Sequential(*layers, MaskedLinear(widths[-1], a.side * a.side))
-    blur = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]).view(1, 1, 3, 3) / 16
+    net = net.to(dev)
+    real = real.to(dev)
+    blur = (torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]).view(1, 1, 3, 3) / 16).to(dev)
 
     def generate(n):
         if a.arch == "resnet32":
-            return torch.tanh(net(torch.randn(n, a.latent))).view(n, side * side)
-        h = net(torch.randn(n, a.latent)).view(-1, 1, a.side, a.side)
+            return torch.tanh(net(torch.randn(n, a.latent, device=dev))).view(n, side * side)
+        h = net(torch.randn(n, a.latent, device=dev)).view(-1, 1, a.side, a.side)
         h = F.interpolate(h, size=(28, 28), mode="nearest")
         if not a.no_blur:
             h = F.conv2d(h, blur, padding=1)
@@ -153,7 +158,7 @@ def main():
     gen = torch.Generator().manual_seed(a.seed + 1000)
     enc = [torch.randint(0, 2, (32, 1, 4, 4), generator=gen).float() * 2 - 1,
            torch.randint(0, 2, (64, 32, 4, 4), generator=gen).float() * 2 - 1]
-    enc = [enc[0] * (2 / 16) ** 0.5, enc[1] * (2 / 512) ** 0.5]
+    enc = [(enc[0] * (2 / 16) ** 0.5).to(dev), (enc[1] * (2 / 512) ** 0.5).to(dev)]
 
     def encode(x):
         h = x.view(-1, 1, 28, 28)
@@ -174,7 +179,7 @@ def main():
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / a.steps))
         x = generate(a.gen_batch or a.batch)
-        y = real[torch.randint(0, len(real), (a.batch,))]
+        y = real[torch.randint(0, len(real), (a.batch,)).to(dev)]
         loss = mmd(x * 0.5, y * 0.5, sigmas)  # distances between pixels in [0, 1]
         if a.features:
             loss = loss + mmd(encode(x), encode(y), feature_sigmas)
@@ -183,10 +188,14 @@ def main():
         opt.step()
         if step % 100 == 0 or step == a.steps - 1:
             print(f"step {step}: loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    loop = time.time() - start
+    print(f"training loop: {loop:.2f} s, {1000 * loop / a.steps:.1f} ms a step on {dev}", flush=True)
     os.makedirs(a.out, exist_ok=True)
     with torch.no_grad():
         images = torch.cat([generate(250) for _ in range(4)])
-    for i, im in enumerate(((images + 1) * 127.5).round().clamp(0, 255).byte().view(-1, side, side)):
+    for i, im in enumerate(((images.cpu() + 1) * 127.5).round().clamp(0, 255).byte().view(-1, side, side)):
         Image.fromarray(im.numpy(), "L").save(os.path.join(a.out, f"{i:04}.png"))
     print(f"{a.steps} steps in {time.time() - start:.0f} s; 1000 samples in {a.out}")
 

@@ -9,7 +9,7 @@ ratio of their times is printed (issue 14's side-by-side goal: prism no slower t
 
 Both are timed as a user sees them (the process from start to end: data loading, set-up, the
 steps, writing samples) and by their own count of the training loop (prism's "time: local steps",
-the replica's "N steps in S s"). The machine's speed drifts, so --repeat N alternates the two
+the replica's "training loop: S s"). The machine's speed drifts, so --repeat N alternates the two
 N times and reports the median ratio. This script needs only Python's standard library; the
 replica needs PyTorch, numpy and pillow in the interpreter given by --python (default: this one,
 or tools/.venv when it exists). --install-torch creates that venv and installs them with pip;
@@ -117,7 +117,7 @@ def main():
         pw, pt = timed(prism_cmd, os.path.join(work, "prism.log"))
         rw, rt = timed(replica_cmd, os.path.join(work, "replica.log"))
         row = (pw, loop_seconds(r"time: local steps ([0-9.]+) s", pt),
-               rw, loop_seconds(r"steps in ([0-9.]+) s", rt))
+               rw, loop_seconds(r"training loop: ([0-9.]+) s", rt))
         rows.append(row)
         print(f"  try {i + 1}: prism {row[0]:.1f} s ({row[1]:.1f} s of steps), "
               f"PyTorch {row[2]:.1f} s ({row[3]:.1f} s of steps), ratio {row[0] / row[2]:.2f}",

@@ -38,6 +38,24 @@ pub enum RowShare {
 }
 
 impl RowShare {
+    /// The form for an adapter's subgroup sizes (min, max), None without subgroups. An octet's
+    /// 8 lanes must lie in one subgroup, at lanes 8k .. 8k+7 (the kernels place lanes by
+    /// subgroup id and lane): `subgroupBroadcast` with constant ids needs subgroups of exactly
+    /// 8; `subgroupShuffle` inside each group of 8 needs every size the adapter may pick to be
+    /// a multiple of 8 (Vulkan picks powers of two between min and max, so min >= 8 and both
+    /// multiples of 8 suffice; a subgroup larger than the 64-lane workgroup holds it whole).
+    /// Anything else (sizes 1 to 4, a range reaching below 8, sizes not multiples of 8) shares
+    /// nothing: every lane loads its rows itself, which is correct on any adapter.
+    pub fn for_subgroups(sizes: Option<(u32, u32)>) -> RowShare {
+        match sizes {
+            Some((8, 8)) => RowShare::Broadcast,
+            Some((min, max)) if min >= 8 && min <= max && min % 8 == 0 && max % 8 == 0 => {
+                RowShare::Shuffle
+            }
+            _ => RowShare::Direct,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RowShare::Broadcast => "broadcast",
@@ -304,11 +322,7 @@ impl Gpu {
         let subgroups = required
             .contains(wgpu::Features::SUBGROUP)
             .then_some((info.subgroup_min_size, info.subgroup_max_size));
-        let row_share = match subgroups {
-            Some((8, 8)) => RowShare::Broadcast,
-            Some((min, max)) if min >= 8 && max % 8 == 0 && min % 8 == 0 => RowShare::Shuffle,
-            _ => RowShare::Direct,
-        };
+        let row_share = RowShare::for_subgroups(subgroups);
         let features = KernelFeatures {
             subgroups,
             shader_f16: required.contains(wgpu::Features::SHADER_F16),
@@ -498,5 +512,78 @@ impl Drop for Gpu {
     fn drop(&mut self) {
         // Pooled buffers must go before the device; the pool holds the last references.
         self.pool.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowShare;
+
+    /// What `octet.wgsl` computes for an invocation: its octet, its lane in the octet, and
+    /// the subgroup lane that `subgroupShuffle(v, base + r)` reads for row r.
+    fn octet_of(sg_id: u32, sg_lane: u32, size: u32) -> (u32, u32, u32) {
+        ((sg_id * size + sg_lane) / 8, sg_lane % 8, sg_lane & !7)
+    }
+
+    /// Whether sharing by shuffle is sound for subgroups of `size` in a workgroup of 64: for
+    /// every invocation and row r, the lane it reads is in its subgroup, is an invocation of
+    /// the workgroup, and is lane r of the same octet.
+    fn shuffle_sound(size: u32) -> bool {
+        (0..64u32).all(|li| {
+            let (sg_id, sg_lane) = (li / size, li % size);
+            let (octet, _, base) = octet_of(sg_id, sg_lane, size);
+            (0..8).all(|r| {
+                let src = base + r;
+                let src_li = sg_id * size + src;
+                src < size && src_li < 64 && octet_of(sg_id, src, size) == (octet, r, base)
+            })
+        })
+    }
+
+    #[test]
+    fn row_sharing_is_chosen_only_where_it_is_sound() {
+        // Sizes real adapters report, and some they might: lavapipe 4/8/16, NVIDIA 32, AMD
+        // 64 (32 to 64 on RDNA), Intel 8 to 32, Apple 32, Mali 16, Adreno 64 to 128.
+        let cases = [
+            (None, RowShare::Direct),
+            (Some((1, 1)), RowShare::Direct),
+            (Some((4, 4)), RowShare::Direct),
+            (Some((4, 32)), RowShare::Direct),
+            (Some((8, 8)), RowShare::Broadcast),
+            (Some((8, 32)), RowShare::Shuffle),
+            (Some((16, 16)), RowShare::Shuffle),
+            (Some((32, 32)), RowShare::Shuffle),
+            (Some((32, 64)), RowShare::Shuffle),
+            (Some((64, 64)), RowShare::Shuffle),
+            (Some((64, 128)), RowShare::Shuffle),
+            (Some((12, 12)), RowShare::Direct),
+            (Some((24, 24)), RowShare::Shuffle),
+            (Some((20, 40)), RowShare::Direct),
+            (Some((16, 8)), RowShare::Direct),
+        ];
+        for (sizes, want) in cases {
+            assert_eq!(RowShare::for_subgroups(sizes), want, "{sizes:?}");
+        }
+        // Every size a chosen form may meet at run time is sound for it, and the sizes that
+        // get no sharing are the ones where shuffles would cross octets or subgroups.
+        for size in 1..=128u32 {
+            let shuffle = RowShare::for_subgroups(Some((size, size))) != RowShare::Direct;
+            if shuffle {
+                assert!(shuffle_sound(size), "shuffle chosen but unsound at {size}");
+            }
+            if size % 8 != 0 {
+                assert!(!shuffle, "size {size} must not share rows");
+            }
+        }
+        assert!(!shuffle_sound(4) && !shuffle_sound(12));
+        // Broadcast reads lane r of the subgroup itself: right only when the subgroup is the
+        // octet.
+        for size in [16u32, 32, 64] {
+            let (_, _, base) = octet_of(0, 9, size);
+            assert_ne!(
+                base, 0,
+                "at {size}, lane 9's octet does not start at lane 0"
+            );
+        }
     }
 }

@@ -31,10 +31,13 @@ fn open(portable: bool) -> Arc<Gpu> {
     }
 }
 
-/// The default device (subgroup kernels where the adapter has them).
+/// The default device (subgroup kernels where the adapter has them), or the portable one when
+/// `PRISM_TEST_PORTABLE=1` (the adapter matrix's `--portable` form, `.ci/matrix`). Which
+/// adapter: wgpu's own variables (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`) choose it.
 pub fn gpu() -> Arc<Gpu> {
     static G: OnceLock<Arc<Gpu>> = OnceLock::new();
-    G.get_or_init(|| open(false)).clone()
+    G.get_or_init(|| open(std::env::var("PRISM_TEST_PORTABLE").is_ok_and(|v| v == "1")))
+        .clone()
 }
 
 /// The same adapter restricted to the portable kernel forms (no subgroups, no f16), which is
