@@ -51,14 +51,16 @@ pub fn thresholds(gpu: &Gpu, scores: &Tensor, keep: &Tensor) -> Result<Kernel> {
         .build()?)
 }
 
-/// `bits` <- one Bernoulli sample of `n` weights from keep thresholds, with stream `key`.
-pub fn sample_packed(
-    gpu: &Gpu,
+/// The launch of a sampling entry point: `bits` <- a Bernoulli sample of `n` weights from the
+/// keep thresholds `keep`, stream `key`.
+fn sampler<'a>(
+    gpu: &'a Gpu,
+    entry: &str,
     n: usize,
-    keep: &Tensor,
+    keep: &'a Tensor,
     key: u32,
-    bits: &Tensor,
-) -> Result<Kernel> {
+    bits: &'a Tensor,
+) -> Result<crate::gpu::KernelBuilder<'a>> {
     check(keep, keep_words(n), DType::U32, "keep thresholds")?;
     check(bits, packed_words(n), DType::U32, "packed mask")?;
     let p = Params {
@@ -67,12 +69,22 @@ pub fn sample_packed(
         ..Default::default()
     };
     Ok(gpu
-        .kernel(shader(), "sample_packed")
+        .kernel(shader(), entry)
         .params(&p)
         .bind("keep_in", keep)
         .bind("bits", bits)
-        .groups(groups_for(packed_words(n), 256)?)
-        .build()?)
+        .groups(groups_for(packed_words(n), 256)?))
+}
+
+/// `bits` <- one Bernoulli sample of `n` weights from keep thresholds, with stream `key`.
+pub fn sample_packed(
+    gpu: &Gpu,
+    n: usize,
+    keep: &Tensor,
+    key: u32,
+    bits: &Tensor,
+) -> Result<Kernel> {
+    Ok(sampler(gpu, "sample_packed", n, keep, key, bits)?.build()?)
 }
 
 /// `bits` <- the training mask of the step in `step` ([`StepState`](super::StepState): client
@@ -86,20 +98,8 @@ pub fn sample_step(
     step: &Tensor,
     bits: &Tensor,
 ) -> Result<Kernel> {
-    check(keep, keep_words(n), DType::U32, "keep thresholds")?;
-    check(bits, packed_words(n), DType::U32, "packed mask")?;
-    let p = Params {
-        n: u32_of(n, "weights")?,
-        key: mask_key,
-        ..Default::default()
-    };
-    Ok(gpu
-        .kernel(shader(), "sample_step")
-        .params(&p)
-        .bind("keep_in", keep)
+    Ok(sampler(gpu, "sample_step", n, keep, mask_key, bits)?
         .bind("step", step)
-        .bind("bits", bits)
-        .groups(groups_for(packed_words(n), 256)?)
         .build()?)
 }
 
