@@ -130,11 +130,9 @@ pub fn read_file(path: &std::path::Path, magic: &[u8], max: u64, kind: &str) -> 
     if head != magic {
         return Err(Error::format(&what, format!("not a {kind} (wrong magic)")));
     }
-    crate::limits::check_host(
-        len,
-        &format!("reading {what}"),
-        "free memory or move the file",
-    )?;
+    crate::limits::check_host(len, &format!("reading {what}"), &|_| {
+        "free memory or move the file".into()
+    })?;
     let mut bytes = Vec::new();
     bytes
         .try_reserve_exact(len as usize)

@@ -18,10 +18,6 @@ pub const MAX_GRID_IMAGES: usize = 16_384;
 /// image indices are 32-bit latent counters.
 pub const MAX_IMAGES: usize = 1 << 32;
 
-/// Largest file a command reads whole (models, checkpoints, configurations and encoders are
-/// each bounded further by their format): 4 GiB.
-pub const MAX_FILE: u64 = 1 << 32;
-
 /// The product of user-given sizes, or an error naming them: `what` says what is counted.
 pub fn product(parts: &[(usize, &str)], what: &str) -> Result<usize> {
     parts
@@ -96,14 +92,15 @@ fn cgroup_left() -> Option<u64> {
 }
 
 /// Refuses a plan that needs `bytes` of host memory when less is available; `what` names
-/// the plan and `advice` what to change.
-pub fn check_host(bytes: u64, what: &str, advice: &str) -> Result<()> {
+/// the plan and `advice` says what to change, given the bytes this process may still take.
+pub fn check_host(bytes: u64, what: &str, advice: &dyn Fn(u64) -> String) -> Result<()> {
     match host_memory() {
         Some(left) if bytes > left => Err(Error::invalid(format!(
             "{what} needs {} of memory, and this process may take {} more \
-             (the least of available memory, ulimit -v and its cgroup's limit); {advice}",
+             (the least of available memory, ulimit -v and its cgroup's limit); {}",
             human_bytes(bytes),
-            human_bytes(left)
+            human_bytes(left),
+            advice(left)
         ))),
         _ => Ok(()),
     }
@@ -164,13 +161,13 @@ mod tests {
         if cfg!(target_os = "linux") {
             let m = host_memory().expect("Linux reports MemAvailable");
             assert!(m > 1 << 20, "{m}");
-            let e = check_host(u64::MAX, "a plan", "ask for less")
+            let e = check_host(u64::MAX, "a plan", &|_| "ask for less".into())
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("a plan needs 16777216.0 TiB of memory"), "{e}");
             assert!(e.contains("ask for less"), "{e}");
         }
-        assert!(check_host(1, "a byte", "").is_ok());
+        assert!(check_host(1, "a byte", &|_| String::new()).is_ok());
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(12), "12 B");
     }

@@ -410,20 +410,24 @@ impl Model {
     }
 
     /// The effective weights w * m of every masked layer, regenerated on the host.
+    /// How masked layer `info`'s frozen weights are generated from this model's seed.
+    fn layer_weights(&self, info: &crate::nn::arch::MaskedLayerInfo) -> LayerWeights {
+        LayerWeights {
+            seed: self.seed,
+            layer: info.index,
+            init: self.arch.init,
+            fan_in: info.fan_in,
+        }
+    }
+
     pub fn dense_weights(&self) -> Result<Vec<Vec<f32>>> {
         let infos = self.arch.masked_layers()?;
         Ok(infos
             .iter()
             .zip(&self.masks)
             .map(|(info, bits)| {
-                let lw = LayerWeights {
-                    seed: self.seed,
-                    layer: info.index,
-                    init: self.arch.init,
-                    fan_in: info.fan_in,
-                };
                 crate::kernels::weights::cpu::effective(
-                    &lw,
+                    &self.layer_weights(info),
                     info.weights,
                     &crate::kernels::weights::cpu::Source::Packed(bits),
                 )
@@ -442,7 +446,7 @@ impl Model {
         crate::limits::check_host(
             4 * largest,
             &format!("exporting a layer of {largest} weights as f32"),
-            "this model is too large to export on this machine",
+            &|_| "this model is too large to export on this machine".into(),
         )?;
         let views: Vec<(String, LazyLayer)> = infos
             .iter()
@@ -452,14 +456,8 @@ impl Model {
                     "linear" => info.dims[..2].to_vec(),
                     _ => info.dims.to_vec(),
                 };
-                let weights = LayerWeights {
-                    seed: self.seed,
-                    layer: info.index,
-                    init: self.arch.init,
-                    fan_in: info.fan_in,
-                };
                 let layer = LazyLayer {
-                    weights,
+                    weights: self.layer_weights(info),
                     count: info.weights,
                     bits,
                     shape,
@@ -477,12 +475,8 @@ impl Model {
         meta.insert("mask".to_string(), format!("{:?}", self.mask_kind));
         let tmp = path.with_extension("safetensors.part");
         let written = safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
-            .map_err(|e| Error::invalid(format!("safetensors: {e}")))
-            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
+            .map_err(|e| Error::invalid(format!("safetensors: {e}")));
+        crate::io::commit_part(&tmp, path, written)
     }
 }
 
@@ -544,14 +538,14 @@ impl safetensors::View for LazyLayer<'_> {
     }
 
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        // Straight into bytes (4 a weight, nothing else held), as weights::cpu::effective
-        // computes them for a packed mask.
+        // weights::cpu::effective's packed-mask rule, written straight into bytes so that
+        // only the 4 bytes a weight of the output are held (not a f32 copy beside them).
+        use crate::kernels::weights::cpu::{frozen, packed_keep};
         let g = self.weights.gen();
         let mut out = Vec::with_capacity(4 * self.count);
         for i in 0..self.count {
-            let kept = (self.bits[i >> 5] >> (i & 31)) & 1 == 1;
-            let w = if kept {
-                crate::kernels::weights::cpu::frozen(&g, i as u32)
+            let w = if packed_keep(self.bits, i) {
+                frozen(&g, i as u32)
             } else {
                 0.0
             };

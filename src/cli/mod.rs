@@ -146,7 +146,7 @@ fn sample(a: &SampleArgs, gpu_args: &GpuArgs) -> Result<(), Error> {
     crate::limits::check_host(
         ((in_grid + 2 * batch) * per * 4) as u64,
         &format!("a grid of {in_grid} images and batches of {batch}"),
-        "use fewer images (-n) or a smaller --batch",
+        &|_| "use fewer images (-n) or a smaller --batch".into(),
     )?;
     if a.f16 && gpu_args.portable {
         return Err(Error::invalid(

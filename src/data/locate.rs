@@ -263,15 +263,8 @@ fn verify_and_store(
         ));
     }
     let tmp = dest.join(format!(".{stem}.part"));
-    let written = std::fs::write(&tmp, bytes)
-        .map_err(|e| Error::io(&tmp, e))
-        .and_then(|()| {
-            std::fs::rename(&tmp, dest.join(stem)).map_err(|e| Error::io(dest.join(stem), e))
-        });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp); // no .part left behind
-    }
-    written
+    let written = std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e));
+    crate::io::commit_part(&tmp, &dest.join(stem), written)
 }
 
 fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {

@@ -216,14 +216,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let written = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        f.sync_all().map_err(|e| Error::io(&tmp, e))
     })();
-    if written.is_err() {
-        // No temporary file left behind by a failed write or rename.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
+    crate::io::commit_part(&tmp, path, written)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }

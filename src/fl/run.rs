@@ -83,31 +83,23 @@ pub struct Fit {
 /// a checkpoint gathers them all on the host twice (the values, then the encoded file). On a
 /// CPU adapter (lavapipe) the adapter's memory is the host's too.
 fn check_client_memory(gpu: &Gpu, cfg: &TrainConfig, weights: usize) -> Result<()> {
-    let per_client = 8 * weights as u64;
     let copies = if gpu.info().device_type == wgpu::DeviceType::Cpu {
         3
     } else {
         2
     };
-    let need = per_client
-        .saturating_mul(cfg.clients as u64)
-        .saturating_mul(copies);
-    let Some(left) = crate::limits::host_memory() else {
-        return Ok(());
-    };
-    if need > left {
-        let most = left / (per_client * copies).max(1);
-        return Err(Error::invalid(format!(
-            "{} clients of {weights} weights need {} for their Adam state ({} a client, {copies} \
-             copies), and this process may take {} (the least of available memory, ulimit -v \
-             and its cgroup's limit): at most {most} clients fit",
-            cfg.clients,
-            crate::limits::human_bytes(need),
-            crate::limits::human_bytes(per_client),
-            crate::limits::human_bytes(left)
-        )));
-    }
-    Ok(())
+    let per_client = 8 * weights as u64 * copies;
+    crate::limits::check_host(
+        per_client.saturating_mul(cfg.clients as u64),
+        &format!("{} clients of {weights} weights", cfg.clients),
+        &|left| {
+            format!(
+                "their Adam state takes {} a client with its {copies} copies: at most {} clients fit",
+                crate::limits::human_bytes(per_client),
+                left / per_client.max(1)
+            )
+        },
+    )
 }
 
 /// The mean of some values, None for none (an empty sum is -0.0, which is not a loss).
@@ -186,7 +178,8 @@ fn config_differences(old: &TrainConfig, new: &TrainConfig) -> Vec<String> {
 
 impl<'g> Run<'g> {
     /// Validates the configuration, loads the data, builds the trainer, server and clients,
-    /// and resumes from the output folder's checkpoint when `opts.resume` and there is one.
+    /// and resumes from the output folder's checkpoint when `opts.resume` (an error when there
+    /// is none); without it, a folder holding a run is refused unless `opts.overwrite`.
     pub fn start(gpu: &'g Gpu, cfg: &TrainConfig, opts: &RunOptions) -> Result<Run<'g>> {
         cfg.validate()?;
         let checkpoint_path = opts.out.join("checkpoint.bin");

@@ -75,12 +75,8 @@ fn write_tiled(
         colour,
         image::ImageFormat::Png,
     )
-    .map_err(|e| Error::io(&tmp, std::io::Error::other(e)))
-    .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp); // no .part left behind
-    }
-    written
+    .map_err(|e| Error::io(&tmp, std::io::Error::other(e)));
+    super::commit_part(&tmp, path, written)
 }
 
 /// Refuses, before anything is generated, images that a PNG cannot show: one channel (grey)
@@ -194,16 +190,8 @@ impl NpyStream {
             .out
             .take()
             .expect("an unfinished stream has its writer");
-        let done = out
-            .finish()
-            .map_err(|e| Error::io(&self.tmp, e))
-            .and_then(|()| {
-                std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
-            });
-        if done.is_err() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-        done
+        let written = out.finish().map_err(|e| Error::io(&self.tmp, e));
+        super::commit_part(&self.tmp, &self.path, written)
     }
 }
 

@@ -86,16 +86,8 @@ fn tensor_values(what: &str, name: &str, t: &safetensors::tensor::TensorView) ->
 impl Encoder {
     /// Reads an encoder file (see the module documentation for the layout).
     pub fn load(path: &Path) -> Result<Encoder> {
-        let len = std::fs::metadata(path)
-            .map_err(|e| Error::io(path, e))?
-            .len();
+        crate::limits::check_file_size(path, MAX_FILE_BYTES, "encoder file")?;
         let what = path.display().to_string();
-        if len > MAX_FILE_BYTES {
-            return Err(Error::format(
-                &what,
-                format!("{len} bytes: encoder files of at most {MAX_FILE_BYTES} bytes are read"),
-            ));
-        }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         Self::from_bytes(&bytes, &what)
     }
